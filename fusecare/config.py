@@ -1,0 +1,182 @@
+"""Typed, validated configuration objects saved as JSON beside what they produced.
+
+Each concern (model, simulator, training) has one frozen dataclass deriving from ``Config``.
+Fields are declared with ``param`` so that their documentation and valid range live next to
+the default; validation runs on construction, and ``from_dict`` rejects unknown keys, so a
+typo in a config file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Self
+
+from fusecare.errors import ConfigError
+
+
+def param(
+    default: Any,
+    *,
+    doc: str,
+    ge: float | None = None,
+    le: float | None = None,
+    gt: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """Declare a config field with its documentation and its valid range.
+
+    For ``tuple[float, float]`` fields (a range to sample from) the bounds apply to both ends
+    and the first end must not exceed the second.
+    """
+    metadata = {"doc": doc, "ge": ge, "le": le, "gt": gt, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _is_number_tuple(hint: Any) -> bool:
+    return typing.get_origin(hint) is tuple
+
+
+def _check_scalar(name: str, value: Any, hint: Any) -> Any:
+    """Coerce a JSON value to ``hint`` where lossless, else raise ``ConfigError``."""
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {name!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field {name!r} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field {name!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field {name!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _check_bounds(name: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"config field {name!r} must be one of {meta['choices']}, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise ConfigError(f"config field {name!r} must be >= {meta['ge']}, got {value!r}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise ConfigError(f"config field {name!r} must be <= {meta['le']}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(f"config field {name!r} must be > {meta['gt']}, got {value!r}")
+
+
+@typing.dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(param,))
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base class: validates every field on construction and round-trips through JSON.
+
+    Subclasses become frozen, keyword-only dataclasses by themselves (no decorator needed).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            hint = hints[field.name]
+            value = getattr(self, field.name)
+            meta = field.metadata
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+                args = [a for a in typing.get_args(hint) if a is not type(None)]
+                if value is None:
+                    continue
+                hint = args[0]
+            if _is_number_tuple(hint):
+                item_hints = typing.get_args(hint)
+                if not isinstance(value, (tuple, list)) or (
+                    Ellipsis not in item_hints and len(value) != len(item_hints)
+                ):
+                    raise ConfigError(
+                        f"config field {field.name!r} must be a list of "
+                        f"{len(item_hints)} values, got {value!r}"
+                    )
+                item_hint = item_hints[0]
+                value = tuple(_check_scalar(field.name, v, item_hint) for v in value)
+                for v in value:
+                    _check_bounds(field.name, v, meta)
+                if len(value) == 2 and item_hint in (int, float) and value[0] > value[1]:
+                    raise ConfigError(
+                        f"config field {field.name!r} is a range [low, high] with low > high: "
+                        f"{list(value)}"
+                    )
+            else:
+                value = _check_scalar(field.name, value, hint)
+                _check_bounds(field.name, value, meta)
+            object.__setattr__(self, field.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks; override in subclasses (raise ``ConfigError``)."""
+
+    @classmethod
+    def from_dict(cls, data: typing.Mapping[str, Any]) -> Self:
+        """Build from a mapping; unknown keys are an error that names them."""
+        if not isinstance(data, typing.Mapping):
+            raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per field: name, default, range and documentation (for --help texts)."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            bounds = ", ".join(
+                f"{k} {m[k]}" for k in ("ge", "gt", "le") if m.get(k) is not None
+            )
+            if m.get("choices") is not None:
+                bounds = f"one of {list(m['choices'])}"
+            lines.append(
+                f"{f.name} (default {f.default!r}{'; ' + bounds if bounds else ''}): {m.get('doc', '')}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Exceptions for expected failures.
+
+Every ``FuseCareError`` carries a one-line message meant for the user; entry points print it
+without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FuseCareError(Exception):
+    """An expected failure whose message is one line for the user."""
+
+
+class ConfigError(FuseCareError, ValueError):
+    """A configuration has an unknown key or a value of the wrong type or out of range."""
+
+
+class InputError(FuseCareError):
+    """An input file cannot be used (unreadable, wrong dimensionality, too large, ...)."""
+
+
+class WeightsError(FuseCareError):
+    """Model weights are missing, corrupt or do not match their manifest."""

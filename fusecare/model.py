@@ -1,0 +1,117 @@
+"""The CARE 3-D U-Net (Weigert et al., Nature Methods 2018), as CSBDeep defines it.
+
+Depth 2, 32 filters at the first level doubling per level, two 3x3x3 convolutions per level,
+ReLU, no batch norm, 2x max-pooling, nearest-neighbour up-sampling, concatenated skips, a 1x1
+linear head and a residual add of the input: 0.997 M parameters by default. The optional
+second head is the scale of a Laplace distribution (probabilistic CARE), made positive with
+softplus + 1e-3. This module knows nothing of files; depth and width are config.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fusecare.config import Config, param
+from fusecare.errors import ConfigError
+
+LAPLACE_SCALE_FLOOR = 1e-3
+
+
+class ModelConfig(Config):
+    """Hyper-parameters of one ensemble member; saved as ``config.json`` beside its weights."""
+
+    axes: str = param("ZYX", doc="Axis order of the volumes the net sees (CSBDeep writes it explicitly).",
+                      choices=("ZYX",))
+    depth: int = param(2, doc="U-Net levels below the first; each halves the resolution.", ge=1, le=5)
+    first_filters: int = param(32, doc="Filters at the first level; doubled at every level below.",
+                               ge=1, le=256)
+    kernel_size: int = param(3, doc="Convolution kernel size (odd), the same along Z, Y and X.",
+                             ge=1, le=7)
+    convs_per_level: int = param(2, doc="Convolutions per level, in encoder and decoder alike.",
+                                 ge=1, le=4)
+    residual: bool = param(True, doc="Add the input to the output: the net learns a correction.")
+    probabilistic: bool = param(False, doc="Second head: per-voxel Laplace scale (probabilistic CARE).")
+
+    def validate(self) -> None:
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"config field 'kernel_size' must be odd, got {self.kernel_size}")
+
+    @property
+    def alignment(self) -> int:
+        """Block sizes and tile offsets must be multiples of this (one per pooling)."""
+        return 2**self.depth
+
+    @property
+    def receptive_field_radius(self) -> int:
+        """Voxels of context on each side that influence an output voxel (an upper bound).
+
+        Each convolution at level ``l`` reaches ``kernel_size // 2`` voxels at scale ``2**l``;
+        pooling and nearest up-sampling add ``2**depth - 1`` more (measured by a gradient test:
+        23 for the default, one more than the 22 often quoted).
+        """
+        half = self.kernel_size // 2
+        convs = self.convs_per_level * half * (
+            2 * sum(2**level for level in range(self.depth)) + 2**self.depth
+        )
+        return convs + 2**self.depth - 1
+
+
+def _conv_stack(in_channels: int, out_channels: list[int], kernel_size: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for out in out_channels:
+        layers += [nn.Conv3d(in_channels, out, kernel_size, padding=kernel_size // 2), nn.ReLU(inplace=True)]
+        in_channels = out
+    return nn.Sequential(*layers)
+
+
+class CareUNet(nn.Module):
+    """CARE 3-D U-Net; input and output are (N, 1, Z, Y, X) with Z, Y, X multiples of 2**depth.
+
+    Returns one channel (the restored volume), or two when probabilistic: location and Laplace
+    scale.
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        c, k, n = config.first_filters, config.kernel_size, config.convs_per_level
+        self.encoders = nn.ModuleList(
+            _conv_stack(1 if level == 0 else c * 2 ** (level - 1), [c * 2**level] * n, k)
+            for level in range(config.depth)
+        )
+        # CSBDeep's bottom: n-1 convs at the widest level, the last one narrows for the way up.
+        bottom = c * 2**config.depth
+        self.bottom = _conv_stack(
+            c * 2 ** (config.depth - 1), [bottom] * (n - 1) + [c * 2 ** max(0, config.depth - 1)], k
+        )
+        self.decoders = nn.ModuleList(
+            _conv_stack(
+                c * 2**level * 2, [c * 2**level] * (n - 1) + [c * 2 ** max(0, level - 1)], k
+            )
+            for level in range(config.depth)
+        )
+        self.head = nn.Conv3d(c, 2 if config.probabilistic else 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        y = x
+        for encoder in self.encoders:
+            y = encoder(y)
+            skips.append(y)
+            y = F.max_pool3d(y, 2)
+        y = self.bottom(y)
+        for level in reversed(range(self.config.depth)):
+            y = F.interpolate(y, scale_factor=2, mode="nearest")
+            y = self.decoders[level](torch.cat([y, skips[level]], dim=1))
+        y = self.head(y)
+        location = y[:, :1] + x if self.config.residual else y[:, :1]
+        if not self.config.probabilistic:
+            return location
+        scale = F.softplus(y[:, 1:]) + LAPLACE_SCALE_FLOOR
+        return torch.cat([location, scale], dim=1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

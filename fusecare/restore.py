@@ -1,0 +1,372 @@
+"""Restore cases end to end: read, normalise, tiled ensemble prediction, gate, write uint16.
+
+Do no harm: a case that fails for any reason after it was read (no weights for its channel,
+a corrupt model, CUDA out of memory twice, a non-finite prediction, ...) gets its input written
+back unchanged, which scores exactly 0 where a missing output scores worse. Each such fallback
+is logged as one ERROR line naming the case and the reason; the folder run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
+from fusecare.errors import FuseCareError, InputError
+from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
+from fusecare.normalize import PercentileNorm, integer_histogram
+from fusecare.tiling import Region, predict_tiled
+
+log = logging.getLogger(__name__)
+
+UINT16_MAX = 65535
+HEADROOM = 0.25
+"""Fraction of the input's intensity span kept free above and below it in the uint16 output."""
+
+UNCERTAINTY_UNIT = 1e-4
+"""Uncertainty maps are uint16 in steps of 1e-4 normalised intensity (p2 -> 0, p99.8 -> 1)."""
+
+MODEL_OVERHEAD_BYTES = 1_500_000_000
+"""Host memory budgeted for torch, the members and one tile, on top of the per-voxel cost."""
+
+DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 160, 160)}
+
+
+class ConstantVolumeError(FuseCareError):
+    """p2 == p99.8: there is no structure to restore."""
+
+
+class NonFinitePredictionError(FuseCareError):
+    """The network produced NaN or Inf."""
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+@dataclass(frozen=True)
+class Uint16Map:
+    """Affine map from raw intensities to uint16: ``round(gain * v + offset)``, clipped.
+
+    The output keeps the input's own scale when the input's range, widened by ``HEADROOM`` on
+    both sides, fits in uint16; otherwise that widened range is stretched over 0..65535. So a
+    prediction that over- or undershoots the input's range is not clipped, and the scale is
+    positive-affine, to which the challenge's percentile normalisation is blind.
+    """
+
+    gain: float = 1.0
+    offset: float = 0.0
+
+    @classmethod
+    def for_input(cls, low: float, high: float) -> Uint16Map:
+        span = max(high - low, 1e-12)
+        lo, hi = low - HEADROOM * span, high + HEADROOM * span
+        if lo >= 0 and hi <= UINT16_MAX:
+            return cls()
+        gain = UINT16_MAX / (hi - lo)
+        return cls(gain=gain, offset=-lo * gain)
+
+    def apply(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """uint16 values and the number of voxels that had to be clipped."""
+        scaled = np.asarray(values, dtype=np.float32)
+        if self.gain != 1.0 or self.offset != 0.0:
+            scaled = scaled * np.float32(self.gain) + np.float32(self.offset)
+        rounded = np.rint(scaled)
+        clipped = int(np.count_nonzero((rounded < 0) | (rounded > UINT16_MAX)))
+        return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
+
+
+def intensity_range(volume: np.ndarray) -> tuple[float, float]:
+    """Minimum and maximum finite value, from a histogram for small integer types."""
+    if volume.dtype.kind in "ui" and volume.dtype.itemsize <= 2:
+        counts, offset = integer_histogram(volume)
+        nonzero = np.flatnonzero(counts)
+        return float(nonzero[0] + offset), float(nonzero[-1] + offset)
+    return float(np.nanmin(volume)), float(np.nanmax(volume))
+
+
+def input_as_uint16(volume: np.ndarray) -> np.ndarray:
+    """The input itself as uint16: unchanged values for uint16 (and any non-negative integer
+    that fits); other dtypes through ``Uint16Map`` (positive-affine, so it scores N-SSIM 0)."""
+    if volume.dtype == np.uint16:
+        return volume
+    low, high = intensity_range(volume)
+    if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
+        return volume.astype(np.uint16)
+    out, _ = Uint16Map.for_input(low, high).apply(volume)
+    return out
+
+
+def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
+    """NaN and -Inf -> the lowest finite value, +Inf -> the highest; one warning with counts."""
+    if volume.dtype.kind != "f":
+        return volume
+    finite = np.isfinite(volume)
+    bad = finite.size - int(np.count_nonzero(finite))
+    if not bad:
+        return volume
+    if not finite.any():
+        raise InputError(f"{name}: no finite voxel (all NaN/Inf)")
+    low, high = float(volume[finite].min()), float(volume[finite].max())
+    volume = np.array(volume, copy=True)
+    volume[np.isposinf(volume)] = high
+    volume[~np.isfinite(volume)] = low
+    log.warning("%s: %d non-finite voxel(s) (NaN/Inf) replaced by the finite min/max", name, bad)
+    return volume
+
+
+def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
+    """Weight of the prediction against the input: 1 where members agree, -> 0 as they disagree."""
+    ratio = spread / np.float32(spread_scale)
+    return 1.0 / (1.0 + ratio * ratio)
+
+
+# --------------------------------------------------------------------------- one volume
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore: tile, device, precision, gating, uncertainty output, memory budget."""
+
+    tile: tuple[int, int, int] | None = None
+    device: str = "auto"
+    fp16: bool = False
+    gate: bool = True
+    uncertainty_dir: Path | None = None
+    memory_limit: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class Restored:
+    output: np.ndarray
+    uncertainty: np.ndarray | None = None
+    clipped: int = 0
+    tile: tuple[int, int, int] | None = None
+
+
+def halve_tile(tile: tuple[int, int, int], *, align: int, minimum: int) -> tuple[int, int, int]:
+    """Half of each tile side, rounded down to ``align``, never below ``minimum``."""
+    return tuple(max(minimum, t // 2 // align * align) for t in tile)  # type: ignore[return-value]
+
+
+def restore_volume(
+    volume: np.ndarray,
+    predict_block: Callable[[np.ndarray], np.ndarray],
+    *,
+    tile: tuple[int, int, int],
+    margin: int,
+    align: int,
+    spread_scale: float | None = None,
+    with_uncertainty: bool = False,
+    progress: str | None = None,
+    max_oom_retries: int = 1,
+) -> Restored:
+    """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
+
+    Normalises with the challenge's percentiles, gates toward the input when ``spread_scale``
+    is given, maps back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
+    out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
+    """
+    norm = PercentileNorm.fit(volume)
+    if norm.is_degenerate:
+        raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
+    to_uint16 = Uint16Map.for_input(*intensity_range(volume))
+    output = np.empty(volume.shape, dtype=np.uint16)
+    uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
+    clipped = 0
+
+    def sink(region: Region, prediction: np.ndarray) -> None:
+        nonlocal clipped
+        mean, spread = prediction[0], prediction[1]
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        if spread_scale is not None:
+            x = norm.forward(volume[region])
+            mean = x + gate_weight(spread, spread_scale) * (mean - x)
+        output[region], n = to_uint16.apply(norm.inverse(mean))
+        clipped += n
+        if uncertainty is not None:
+            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+
+    minimum = 2 * margin + align
+    for attempt in range(max_oom_retries + 1):
+        try:
+            predict_tiled(volume, predict_block, tile=tile, margin=margin, align=align,
+                          transform=norm.forward, sink=sink, progress=progress)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            smaller = halve_tile(tile, align=align, minimum=minimum)
+            if attempt == max_oom_retries or smaller == tile:
+                raise
+            log.warning("CUDA out of memory with tile %s; retrying with tile %s", tile, smaller)
+            tile = smaller
+    if clipped:
+        log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)
+    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile)
+
+
+# --------------------------------------------------------------------------- cases and folders
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit if lower."""
+    available = math.inf
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return int(available) if math.isfinite(available) else 1 << 62
+
+
+def required_memory(info: CaseInfo, *, with_uncertainty: bool) -> int:
+    """Peak host bytes to restore a case: input + uint16 output (+ uncertainty) + overhead."""
+    voxels = math.prod(info.shape)
+    per_voxel = info.dtype.itemsize + 2 + (2 if with_uncertainty else 0)
+    if info.dtype.kind == "f":
+        per_voxel += info.dtype.itemsize  # a sanitised copy when NaN/Inf are present
+    return voxels * per_voxel + MODEL_OVERHEAD_BYTES
+
+
+CaseStatus = Literal["restored", "fallback", "failed"]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What happened to one case; ``failed`` means no output could be written."""
+
+    name: str
+    status: CaseStatus
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class EnsembleCache:
+    """Loads each channel's ensemble at most once per run; remembers load failures too."""
+
+    weights_dir: Path
+    device: torch.device
+    fp16: bool = False
+    _loaded: dict[str, Ensemble | FuseCareError] = field(default_factory=dict)
+
+    def get(self, channel: str) -> Ensemble:
+        if channel not in self._loaded:
+            try:
+                self._loaded[channel] = load_ensemble(self.weights_dir / channel, device=self.device,
+                                                      fp16=self.fp16)
+            except FuseCareError as exc:
+                self._loaded[channel] = exc
+        entry = self._loaded[channel]
+        if isinstance(entry, FuseCareError):
+            raise entry
+        return entry
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, FuseCareError) else f"{type(exc).__name__}: {text}"
+
+
+def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
+                 options: RestoreOptions) -> CaseResult:
+    """Restore one file into ``output_dir`` (same name), falling back to the input on failure."""
+    start = time.perf_counter()
+    name = path.name
+    try:
+        info = inspect_case(path)
+        limit = options.memory_limit if options.memory_limit is not None else available_memory()
+        need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
+        if need > limit:
+            raise InputError(
+                f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
+                f"{limit / 1e9:.1f} GB available; refusing before reading it"
+            )
+        case = read_case(path, info=info)
+    except FuseCareError as exc:
+        log.error("case %s FAILED, no output written: %s", name, _one_line(exc))
+        return CaseResult(name, "failed", _one_line(exc), time.perf_counter() - start)
+    for note in case.meta.notes:
+        log.warning("%s: %s", name, note)
+    volume = replace_non_finite(case.volume, name)
+    try:
+        restored = _predict_case(volume, case.meta, ensembles, options, name)
+        _write_outputs(output_dir / name, restored, case.meta, options)
+        status, message = "restored", f"restored with tile {restored.tile}"
+    except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
+        message = _one_line(exc)
+        log.error("case %s FALLBACK, wrote the input back unchanged (scores N-SSIM 0): %s", name, message)
+        log.debug("traceback of the fallback", exc_info=True)
+        try:
+            write_case(output_dir / name, input_as_uint16(volume), case.meta)
+        except OSError as write_exc:
+            log.error("case %s FAILED, cannot write output: %s", name, _one_line(write_exc))
+            return CaseResult(name, "failed", _one_line(write_exc), time.perf_counter() - start)
+        status = "fallback"
+    seconds = time.perf_counter() - start
+    log.info("case %s %s in %.1f s", name, status, seconds)
+    return CaseResult(name, status, message, seconds)
+
+
+def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
+                  options: RestoreOptions, name: str) -> Restored:
+    ensemble = ensembles.get(meta.channel)
+    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
+    gate = ensemble.gate if options.gate else None
+    log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
+             name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
+             tile, f"spread_scale={gate.spread_scale:g}" if gate else "off")
+    return restore_volume(
+        volume, ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
+        spread_scale=gate.spread_scale if gate else None,
+        with_uncertainty=options.uncertainty_dir is not None,
+        progress=name if options.progress else None,
+    )
+
+
+def _write_outputs(path: Path, restored: Restored, meta: CaseMeta, options: RestoreOptions) -> None:
+    write_case(path, restored.output, meta)
+    if options.uncertainty_dir is not None and restored.uncertainty is not None:
+        unc_meta = CaseMeta(voxel_size=meta.voxel_size, channel=meta.channel, study=meta.study,
+                            raw={**meta.raw, "content": "ensemble spread",
+                                 "uncertainty_unit": UNCERTAINTY_UNIT,
+                                 "uncertainty_scale": "normalised intensity (p2 -> 0, p99.8 -> 1)"})
+        write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta)
+
+
+def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: str | Path,
+                   options: RestoreOptions = RestoreOptions()) -> list[CaseResult]:
+    """Restore every case of ``input_dir`` into ``output_dir``; ``InputError`` if there is none."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    cases = list_cases(input_dir)
+    for folder in (output_dir, options.uncertainty_dir):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FuseCareError(f"cannot create output folder {folder}: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise FuseCareError(f"output folder {folder} is not writable")
+    ensembles = EnsembleCache(Path(weights_dir), resolve_device(options.device), fp16=options.fp16)
+    log.info("%d case(s) in %s -> %s (device %s)", len(cases), input_dir, output_dir, ensembles.device)
+    return [restore_case(p, output_dir, ensembles, options) for p in cases]

@@ -1,0 +1,89 @@
+"""Grand Challenge entry point: restore every single-view volume of a folder.
+
+With no arguments it follows the Fuse My Cells container contract: it reads
+/input/images/fluorescence-lightsheet-3D-microscopy/ and writes
+/output/images/fused-fluorescence-lightsheet-3D-microscopy/. Exit status 0 when every case got
+an output (restored, or its input written back after a failure), 1 when some case could not be
+read at all, 2 for a usage error or an empty input folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fusecare.ensemble import WEIGHTS_ENV
+from fusecare.errors import FuseCareError
+from fusecare.restore import RestoreOptions, restore_folder
+
+GC_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
+GC_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "model_weights"
+
+log = logging.getLogger("fusecare")
+
+
+def _tile(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile must be Z,Y,X integers, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"tile must be three positive integers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("input / output")
+    io.add_argument("--input", type=Path, default=GC_INPUT, help="folder of .tif/.tiff cases (default: %(default)s)")
+    io.add_argument("--output", type=Path, default=GC_OUTPUT, help="folder for predictions (default: %(default)s)")
+    io.add_argument("--uncertainty", type=Path, metavar="DIR",
+                    help="also write the per-voxel ensemble spread (uint16, unit 1e-4 normalised intensity) here")
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", type=Path, default=Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS)),
+                       help=f"folder with one ensemble per channel (nucleus/, membrane/); env {WEIGHTS_ENV} "
+                            "(default: %(default)s)")
+    model.add_argument("--no-gate", dest="gate", action="store_false",
+                       help="do not blend toward the input where members disagree")
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    hardware.add_argument("--tile", type=_tile, help="tile Z,Y,X in voxels (default: 96,256,256 on CUDA, 64,160,160 on CPU)")
+    hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
+    hardware.add_argument("--max-memory-gb", type=float, help="refuse cases needing more host memory than this")
+    misc = parser.add_argument_group("logging")
+    misc.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
+    misc.add_argument("--debug", action="store_true", help="debug logging, with tracebacks of fallbacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="fusecare %(levelname)s: %(message)s", stream=sys.stderr)
+    options = RestoreOptions(
+        tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
+        uncertainty_dir=args.uncertainty, progress=not args.quiet,
+        memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb else None,
+    )
+    try:
+        with logging_redirect_tqdm():
+            results = restore_folder(args.input, args.output, args.weights, options)
+    except FuseCareError as exc:
+        log.error("%s", exc)
+        return 2
+    counts = {s: sum(r.status == s for r in results) for s in ("restored", "fallback", "failed")}
+    log.info("done: %d restored, %d written back unchanged (fallback), %d failed",
+             counts["restored"], counts["fallback"], counts["failed"])
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
