@@ -22,3 +22,43 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip(f"real volumes not found at {SHARED_DATA} (only on development machines and CI)")
     return SHARED_DATA
+
+
+def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilistic: bool = False,
+                       first_filters: int = 4, gate_scale: float | None = None) -> Path:
+    """A randomly initialised ensemble folder (fast, for wiring tests; not a trained model)."""
+    import torch
+
+    from fusecare.ensemble import GateConfig, save_member, write_manifest
+    from fusecare.model import CareUNet, ModelConfig
+
+    folder = root / channel
+    for k in range(members):
+        torch.manual_seed(k)
+        model = CareUNet(ModelConfig(first_filters=first_filters, probabilistic=probabilistic))
+        save_member(folder / f"member_{k}", model)
+    gate = GateConfig(spread_scale=gate_scale) if gate_scale is not None else None
+    write_manifest(folder, channel, gate=gate)
+    return folder
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    """A weights folder with tiny random ensembles for both channels."""
+    root = tmp_path / "weights"
+    for channel in ("nucleus", "membrane"):
+        make_tiny_ensemble(root, channel)
+    return root
+
+
+def write_fmc_tif(path: Path, volume: np.ndarray, **metadata: object) -> Path:
+    """Write a volume the way Fuse My Cells inputs come: shaped JSON metadata."""
+    import tifffile
+
+    md = {"PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 1.0, "unit": "micron",
+          "axes": "ZYX", "channel": "nucleus", "study": 1}
+    md.update(metadata)
+    md = {k: v for k, v in md.items() if v is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, volume, metadata=md)
+    return path
