@@ -1,0 +1,140 @@
+"""Ensembles on disk: manifest checksums, member configs, mean and disagreement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_ensemble
+from fusecare.ensemble import (
+    MANIFEST,
+    Ensemble,
+    GateConfig,
+    load_ensemble,
+    resolve_device,
+    save_member,
+    write_manifest,
+)
+from fusecare.errors import FuseCareError, WeightsError
+from fusecare.model import CareUNet, ModelConfig
+
+
+def _member_outputs(ensemble: Ensemble, block: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(block)[None, None]
+    with torch.inference_mode():
+        return torch.stack([m.float()(x.contiguous())[0] for m in ensemble.members])
+
+
+def test_saved_members_reload_identically(tmp_path, rng):
+    torch.manual_seed(3)
+    model = CareUNet(ModelConfig(first_filters=4)).eval()
+    save_member(tmp_path / "nucleus" / "member_0", model)
+    write_manifest(tmp_path / "nucleus", "nucleus")
+    ensemble = load_ensemble(tmp_path / "nucleus")
+    block = rng.random((8, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(block)[None, None])[0, 0].numpy()
+    mean, spread = ensemble.predict_block(block)
+    np.testing.assert_allclose(mean, expected, atol=1e-5)
+    np.testing.assert_array_equal(spread, 0.0)  # one member: no disagreement
+    config = json.loads((tmp_path / "nucleus" / "member_0" / "config.json").read_text())
+    assert config["axes"] == "ZYX" and config["first_filters"] == 4
+
+
+def test_mean_and_spread_are_across_members(tmp_path, rng):
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus", members=3))
+    block = rng.random((8, 16, 24)).astype(np.float32)
+    outputs = _member_outputs(ensemble, block)[:, 0].numpy()
+    mean, spread = ensemble.predict_block(block)
+    np.testing.assert_allclose(mean, outputs.mean(0), atol=1e-5)
+    np.testing.assert_allclose(spread, outputs.std(0), atol=1e-4)
+    assert spread.max() > 0
+
+
+def test_probabilistic_spread_is_the_laplace_mixture_std(tmp_path, rng):
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "membrane", members=2, probabilistic=True))
+    block = rng.random((8, 16, 16)).astype(np.float32)
+    outputs = _member_outputs(ensemble, block).numpy()
+    loc, scale = outputs[:, 0], outputs[:, 1]
+    expected = np.sqrt(np.mean(2 * scale**2 + loc**2, axis=0) - loc.mean(0) ** 2)
+    np.testing.assert_allclose(ensemble.predict_block(block)[1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_gives_the_same_prediction(tmp_path, rng):
+    folder = make_tiny_ensemble(tmp_path, "nucleus")
+    block = rng.random((8, 16, 16)).astype(np.float32)
+    fast = load_ensemble(folder, channels_last=True).predict_block(block)
+    plain = load_ensemble(folder, channels_last=False).predict_block(block)
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
+def test_margin_is_receptive_field_rounded_to_alignment(tmp_path):
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus"))
+    assert (ensemble.receptive_field_radius, ensemble.alignment, ensemble.margin) == (23, 4, 24)
+
+
+def test_gate_is_read_from_the_manifest(tmp_path):
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus", gate_scale=0.2))
+    assert ensemble.gate == GateConfig(spread_scale=0.2)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_weights_fail_the_checksum(tmp_path):
+    folder = make_tiny_ensemble(tmp_path, "nucleus")
+    _flip_byte(folder / "member_1" / "weights.pt")
+    with pytest.raises(WeightsError, match="checksum mismatch.*member_1/weights.pt"):
+        load_ensemble(folder)
+
+
+def test_missing_member_file_is_named(tmp_path):
+    folder = make_tiny_ensemble(tmp_path, "nucleus")
+    (folder / "member_0" / "config.json").unlink()
+    with pytest.raises(WeightsError, match="missing weights file .*member_0/config.json"):
+        load_ensemble(folder)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "fragment"),
+    [("not json", "not valid JSON"), ('{"format": "other"}', "not a fusecare-ensemble/1 manifest"),
+     ('{"format": "fusecare-ensemble/1", "members": ["member_0"], "files": {}}', "is not listed")],
+)
+def test_bad_manifests_are_refused(tmp_path, manifest, fragment):
+    folder = make_tiny_ensemble(tmp_path, "nucleus")
+    (folder / MANIFEST).write_text(manifest)
+    with pytest.raises(WeightsError, match=fragment):
+        load_ensemble(folder)
+
+
+def test_member_config_with_unknown_key_is_refused_by_name(tmp_path):
+    folder = make_tiny_ensemble(tmp_path, "nucleus", members=1)
+    config_path = folder / "member_0" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dropout": 0.1}))
+    write_manifest(folder, "nucleus")
+    with pytest.raises(WeightsError, match=r"unknown ModelConfig key\(s\) \['dropout'\]"):
+        load_ensemble(folder)
+
+
+def test_missing_folder_and_manifest_are_weights_errors(tmp_path):
+    with pytest.raises(WeightsError, match="no weights folder"):
+        load_ensemble(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no manifest.json"):
+        load_ensemble(tmp_path / "empty")
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FuseCareError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(FuseCareError, match="unknown device"):
+        resolve_device("tpu9")

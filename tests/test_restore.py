@@ -1,0 +1,153 @@
+"""Restoring one volume: intensities back to uint16, gating, non-finite and OOM handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fusecare.io import CaseInfo, CaseMeta
+from fusecare.normalize import PercentileNorm
+from fusecare.restore import (
+    HEADROOM,
+    UNCERTAINTY_UNIT,
+    ConstantVolumeError,
+    NonFinitePredictionError,
+    Uint16Map,
+    gate_weight,
+    halve_tile,
+    input_as_uint16,
+    replace_non_finite,
+    required_memory,
+    restore_volume,
+)
+
+TILING = {"tile": (16, 32, 32), "margin": 4, "align": 4}
+
+
+def _with_spread(fn, spread=0.0):
+    return lambda x: np.stack([fn(x), np.full_like(x, spread)])
+
+
+@pytest.fixture
+def volume(rng) -> np.ndarray:
+    """Intensities with room for the output headroom, so the output keeps the input's scale."""
+    return rng.integers(2000, 5000, size=(20, 50, 40)).astype(np.uint16)
+
+
+def test_identity_predictor_gives_back_the_input_exactly(volume):
+    restored = restore_volume(volume, _with_spread(lambda x: x), **TILING)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert restored.clipped == 0
+
+
+def test_identity_without_headroom_is_an_exact_positive_affine_image(rng):
+    volume = rng.integers(100, 3000, size=(8, 32, 32)).astype(np.uint16)  # 25% below 100 < 0
+    out = restore_volume(volume, _with_spread(lambda x: x), **TILING).output
+    mapping = Uint16Map.for_input(float(volume.min()), float(volume.max()))
+    assert mapping.gain > 1  # stretched to use the uint16 range
+    expected, _ = mapping.apply(volume.astype(np.float32))
+    assert np.abs(out.astype(int) - expected).max() <= 1
+
+
+def test_prediction_is_mapped_back_to_the_input_scale(volume):
+    norm = PercentileNorm.fit(volume)
+    restored = restore_volume(volume, _with_spread(lambda x: x + 0.1), **TILING)
+    expected = volume.astype(np.float64) + 0.1 * (norm.high - norm.low)
+    assert np.abs(restored.output - expected).max() <= 0.51
+
+
+def test_output_range_keeps_headroom_instead_of_clipping(rng):
+    volume = rng.integers(0, 60000, size=(8, 32, 32)).astype(np.uint16)  # no room in uint16
+    restored = restore_volume(volume, _with_spread(lambda x: 1.15 * x - 0.05), **TILING)
+    assert restored.clipped == 0
+    # a positive affine image of the prediction: ranks are kept
+    corr = np.corrcoef(restored.output.ravel().astype(float), volume.ravel().astype(float))[0, 1]
+    assert corr > 0.9999
+
+
+def test_uint16_map_identity_when_room_else_stretch():
+    assert Uint16Map.for_input(1000, 2000) == Uint16Map()
+    stretched = Uint16Map.for_input(0, 60000)
+    low, high = -HEADROOM * 60000, 60000 * (1 + HEADROOM)
+    out, clipped = stretched.apply(np.array([low, high, high * 1.01]))
+    assert out.tolist()[:2] == [0, 65535] and clipped == 1
+
+
+def test_gate_blends_toward_the_input_where_members_disagree(volume):
+    shift = _with_spread(lambda x: x + 0.5, spread=10.0)
+    unsure = restore_volume(volume, shift, spread_scale=0.01, **TILING)
+    assert np.abs(unsure.output.astype(int) - volume).max() <= 1  # w ~ 1e-6: the input
+    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), spread_scale=0.01, **TILING)
+    ungated = restore_volume(volume, shift, **TILING)
+    np.testing.assert_array_equal(sure.output, ungated.output)
+    np.testing.assert_allclose(gate_weight(np.array([0.0, 0.05, 0.1]), 0.05), [1.0, 0.5, 0.2])
+
+
+def test_uncertainty_is_the_spread_in_fixed_units(volume):
+    restored = restore_volume(volume, _with_spread(lambda x: x, spread=0.0123), with_uncertainty=True, **TILING)
+    assert restored.uncertainty.dtype == np.uint16
+    assert np.all(restored.uncertainty == round(0.0123 / UNCERTAINTY_UNIT))
+
+
+def test_non_finite_prediction_is_an_error(volume):
+    with pytest.raises(NonFinitePredictionError):
+        restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING)
+
+
+def test_constant_volume_is_refused():
+    with pytest.raises(ConstantVolumeError, match="constant volume"):
+        restore_volume(np.full((8, 16, 16), 5, np.uint16), _with_spread(lambda x: x), **TILING)
+
+
+def _oom_above(limit: int):
+    calls = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        if x.size > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return np.stack([x, np.zeros_like(x)])
+    return predict, calls
+
+
+def test_out_of_memory_halves_the_tile_once(volume):
+    predict, calls = _oom_above(16 * 24 * 24)
+    restored = restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert restored.tile == (12, 24, 24) and calls[0] == (16, 48, 40)
+
+
+def test_out_of_memory_twice_raises(volume):
+    predict, _ = _oom_above(100)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
+
+
+def test_halve_tile_respects_alignment_and_minimum():
+    assert halve_tile((96, 256, 256), align=4, minimum=52) == (52, 128, 128)
+    assert halve_tile((52, 52, 52), align=4, minimum=52) == (52, 52, 52)
+
+
+def test_input_as_uint16_keeps_values_or_maps_positively(rng):
+    u16 = rng.integers(0, 65535, size=(3, 8, 8)).astype(np.uint16)
+    assert input_as_uint16(u16) is u16
+    u8 = rng.integers(0, 255, size=(3, 8, 8)).astype(np.uint8)
+    np.testing.assert_array_equal(input_as_uint16(u8), u8)
+    f32 = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    mapped = input_as_uint16(f32)
+    assert mapped.dtype == np.uint16
+    assert np.corrcoef(mapped.ravel(), f32.ravel())[0, 1] > 0.9999
+
+
+def test_non_finite_voxels_are_replaced_with_finite_extremes(caplog):
+    volume = np.array([[[1.0, np.nan, np.inf, -np.inf, 3.0]]], dtype=np.float32)
+    fixed = replace_non_finite(volume, "x.tif")
+    np.testing.assert_array_equal(fixed, [[[1.0, 1.0, 3.0, 1.0, 3.0]]])
+    assert "3 non-finite voxel(s)" in caplog.text
+
+
+def test_required_memory_counts_input_output_and_uncertainty():
+    info = CaseInfo(path=None, shape=(10, 100, 100), dtype=np.dtype(np.uint16), meta=CaseMeta())  # type: ignore[arg-type]
+    base = required_memory(info, with_uncertainty=False)
+    assert required_memory(info, with_uncertainty=True) - base == 2 * 100_000
