@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RestoreOptions(
         tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
         uncertainty_dir=args.uncertainty, progress=not args.quiet,
-        memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb else None,
+        memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,
     )
     try:
         with logging_redirect_tqdm():

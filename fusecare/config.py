@@ -99,7 +99,15 @@ class Config:
                 if value is None:
                     continue
                 hint = args[0]
-            if _is_number_tuple(hint):
+            if isinstance(hint, type) and issubclass(hint, Config):
+                if isinstance(value, typing.Mapping):
+                    try:
+                        value = hint.from_dict(value)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{field.name}: {exc}") from None
+                elif not isinstance(value, hint):
+                    raise ConfigError(f"config field {field.name!r} must be a {hint.__name__} object")
+            elif _is_number_tuple(hint):
                 item_hints = typing.get_args(hint)
                 if not isinstance(value, (tuple, list)) or (
                     Ellipsis not in item_hints and len(value) != len(item_hints)
@@ -140,10 +148,11 @@ class Config:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-            for f in dataclasses.fields(self)
-        }
+        def plain(value: Any) -> Any:
+            if isinstance(value, Config):
+                return value.to_dict()
+            return list(value) if isinstance(value, tuple) else value
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> Self:
         return dataclasses.replace(self, **changes)

@@ -12,12 +12,13 @@ This module knows nothing of torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,23 @@ def _squeezed_3d_shape(series_shape: tuple[int, ...], axes: str, path: Path) -> 
     return shape  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def _tifffile_quiet(path: Path) -> Iterator[None]:
+    """Demote tifffile's own ERROR lines about a damaged file (they do not name it) to DEBUG;
+    the one-line ``InputError`` raised by the caller says it, naming the file."""
+    logger = logging.getLogger("tifffile")
+
+    def to_debug(record: logging.LogRecord) -> bool:
+        log.debug("%s: tifffile: %s", path.name, record.getMessage())
+        return False
+
+    logger.addFilter(to_debug)
+    try:
+        yield
+    finally:
+        logger.removeFilter(to_debug)
+
+
 def _open(path: Path) -> tifffile.TiffFile:
     try:
         if path.stat().st_size == 0:
@@ -210,7 +228,7 @@ def _open(path: Path) -> tifffile.TiffFile:
 def inspect_case(path: str | Path) -> CaseInfo:
     """Read a case's header and metadata without reading its pixels."""
     path = Path(path)
-    with _open(path) as tif:
+    with _tifffile_quiet(path), _open(path) as tif:
         if not tif.series:
             raise InputError(f"{path.name}: TIFF holds no image")
         series = tif.series[0]
@@ -224,7 +242,7 @@ def read_case(path: str | Path, *, info: CaseInfo | None = None) -> Case:
     path = Path(path)
     info = info or inspect_case(path)
     try:
-        with _open(path) as tif:
+        with _tifffile_quiet(path), _open(path) as tif:
             volume = tif.series[0].asarray()
     except InputError:
         raise

@@ -154,8 +154,8 @@ class Restored:
 
 
 def halve_tile(tile: tuple[int, int, int], *, align: int, minimum: int) -> tuple[int, int, int]:
-    """Half of each tile side, rounded down to ``align``, never below ``minimum``."""
-    return tuple(max(minimum, t // 2 // align * align) for t in tile)  # type: ignore[return-value]
+    """Half of each tile side, rounded down to ``align``, not below ``minimum`` nor above ``t``."""
+    return tuple(min(t, max(minimum, t // 2 // align * align)) for t in tile)  # type: ignore[return-value]
 
 
 def restore_volume(
@@ -302,12 +302,12 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
                 f"{limit / 1e9:.1f} GB available; refusing before reading it"
             )
         case = read_case(path, info=info)
+        for note in case.meta.notes:
+            log.warning("%s: %s", name, note)
+        volume = replace_non_finite(case.volume, name)
     except FuseCareError as exc:
         log.error("case %s FAILED, no output written: %s", name, _one_line(exc))
         return CaseResult(name, "failed", _one_line(exc), time.perf_counter() - start)
-    for note in case.meta.notes:
-        log.warning("%s: %s", name, note)
-    volume = replace_non_finite(case.volume, name)
     try:
         restored = _predict_case(volume, case.meta, ensembles, options, name)
         _write_outputs(output_dir / name, restored, case.meta, options)

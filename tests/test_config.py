@@ -66,3 +66,19 @@ def test_describe_lists_every_field_with_its_range():
     text = Example.describe()
     assert "count (default 2; ge 1, le 5): a count" in text
     assert "name (default 'a'; one of ['a', 'b'])" in text
+
+
+class Outer(Config):
+    inner: Example = param(Example(), doc="a nested config")
+    seed: int = param(0, doc="a seed", ge=0)
+
+
+def test_nested_configs_validate_and_round_trip(tmp_path):
+    path = tmp_path / "outer.json"
+    Outer(inner=Example(count=4)).save(path)
+    assert json.loads(path.read_text())["inner"]["count"] == 4
+    assert Outer.load(path).inner == Example(count=4)
+    with pytest.raises(ConfigError, match="inner: config field 'count' must be <= 5"):
+        Outer.from_dict({"inner": {"count": 9}})
+    with pytest.raises(ConfigError, match=r"inner: unknown Example key\(s\) \['nope'\]"):
+        Outer.from_dict({"inner": {"nope": 1}})

@@ -127,6 +127,7 @@ def test_out_of_memory_twice_raises(volume):
 def test_halve_tile_respects_alignment_and_minimum():
     assert halve_tile((96, 256, 256), align=4, minimum=52) == (52, 128, 128)
     assert halve_tile((52, 52, 52), align=4, minimum=52) == (52, 52, 52)
+    assert halve_tile((16, 256, 256), align=4, minimum=52) == (16, 128, 128)  # never grows
 
 
 def test_input_as_uint16_keeps_values_or_maps_positively(rng):

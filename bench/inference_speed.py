@@ -1,0 +1,194 @@
+"""Benchmark: inference speed (voxels/s per member) and peak host memory (bytes/voxel).
+
+Each measurement runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
+Modes: ``tiled`` (the production path: ``restore_volume`` with the ensemble) and ``whole``
+(one forward pass of the whole volume per member, skipped when it would not fit in memory).
+Target while tiling: peak RSS <= 6 bytes/voxel + 1.5 GB.
+
+    python bench/inference_speed.py                      # 128x512x512, 1 default-size member
+    python bench/inference_speed.py --shape 64,256,256 --modes tiled,whole --members 2
+    python bench/inference_speed.py --end-to-end --shape 309,1920,1920 --members 4 --device cuda
+
+Weights are random (speed does not depend on their values) unless ``--weights`` names an
+ensemble folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGET_BYTES_PER_VOXEL = 6.0
+TARGET_OVERHEAD = 1.5e9
+WHOLE_BYTES_PER_VOXEL = 1100  # measured order of magnitude for the default net on CPU
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError("shape is Z,Y,X")
+    return values  # type: ignore[return-value]
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ensemble(args: argparse.Namespace, tmp: Path):
+    import torch
+
+    from fusecare.ensemble import load_ensemble, save_member, write_manifest
+    from fusecare.model import CareUNet, ModelConfig
+
+    folder = args.weights
+    if folder is None:
+        folder = tmp / "nucleus"
+        for k in range(args.members):
+            torch.manual_seed(k)
+            save_member(folder / f"member_{k}", CareUNet(ModelConfig()))
+        write_manifest(folder, "nucleus")
+    return load_ensemble(folder, device=args.device, fp16=args.fp16)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this process; returns a JSON-able row."""
+    import numpy as np
+    import torch
+
+    from fusecare.restore import DEFAULT_TILE, restore_volume
+    from fusecare.tiling import pad_to_multiple
+
+    torch.set_num_threads(torch.get_num_threads())
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        ensemble = _ensemble(args, Path(tmp))
+        volume = rng.integers(100, 4000, size=args.shape, dtype=np.uint16)
+        voxels = volume.size
+        baseline = _peak_rss()
+        start = time.perf_counter()
+        if args.worker == "whole":
+            block = pad_to_multiple(volume.astype(np.float32) / 4000, ensemble.alignment)
+            for member in ensemble.members:
+                with torch.inference_mode():
+                    member(torch.from_numpy(block)[None, None].to(ensemble.device))
+            tile = "whole"
+        else:
+            tile = args.tile or DEFAULT_TILE[ensemble.device.type]
+            restore_volume(volume, ensemble.predict_block, tile=tile, margin=ensemble.margin,
+                           align=ensemble.alignment)
+        if ensemble.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        members = len(ensemble.members)
+    peak = _peak_rss()
+    return {
+        "mode": args.worker, "shape": "x".join(map(str, args.shape)), "tile": str(tile),
+        "members": members, "seconds": round(seconds, 2),
+        "voxels_per_s_per_member": voxels * members / seconds,
+        "peak_rss_gb": peak / 1e9, "bytes_per_voxel": peak / voxels,
+        "rss_before_predict_gb": baseline / 1e9,
+        "target_ok": peak <= TARGET_BYTES_PER_VOXEL * voxels + TARGET_OVERHEAD if args.worker == "tiled" else None,
+    }
+
+
+def end_to_end(args: argparse.Namespace) -> dict:
+    """Write a synthetic uint16 case, then time inference.py on it (read, predict, write)."""
+    import numpy as np
+
+    from fusecare.io import CaseMeta, VoxelSize, write_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "in").mkdir()
+        rng = np.random.default_rng(0)
+        volume = np.empty(args.shape, np.uint16)
+        for z in range(args.shape[0]):
+            volume[z] = rng.integers(100, 4000, size=args.shape[1:], dtype=np.uint16)
+        meta = CaseMeta(voxel_size=VoxelSize(1.01, 0.388, 0.388), channel="nucleus", raw={"channel": "nucleus"})
+        write_case(tmp_path / "in" / "case.tif", volume, meta)
+        del volume
+        weights = args.weights.parent if args.weights else None
+        if weights is None:
+            import torch
+
+            from fusecare.ensemble import save_member, write_manifest
+            from fusecare.model import CareUNet, ModelConfig
+            weights = tmp_path / "w"
+            for k in range(args.members):
+                torch.manual_seed(k)
+                save_member(weights / "nucleus" / f"member_{k}", CareUNet(ModelConfig()))
+            write_manifest(weights / "nucleus", "nucleus")
+        command = [sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path / "in"),
+                   "--output", str(tmp_path / "out"), "--weights", str(weights), "--device", args.device,
+                   "--quiet"] + (["--fp16"] if args.fp16 else []) + (
+                   ["--tile", ",".join(map(str, args.tile))] if args.tile else [])
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        seconds = time.perf_counter() - start
+    return {"mode": "end-to-end", "shape": "x".join(map(str, args.shape)), "tile": str(args.tile or "default"),
+            "members": args.members, "seconds": round(seconds, 1),
+            "voxels_per_s_per_member": math.prod(args.shape) * args.members / seconds,
+            "peak_rss_gb": float("nan"), "bytes_per_voxel": float("nan"), "target_ok": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=_shape, default=(128, 512, 512))
+    parser.add_argument("--tile", type=_shape)
+    parser.add_argument("--members", type=int, default=1)
+    parser.add_argument("--modes", default="tiled,whole")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--weights", type=Path, help="an ensemble folder (model_weights/<channel>)")
+    parser.add_argument("--end-to-end", action="store_true", help="time inference.py on a written case")
+    parser.add_argument("--worker", choices=("tiled", "whole"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if args.end_to_end:
+        rows = [end_to_end(args)]
+    else:
+        rows = []
+        voxels = math.prod(args.shape)
+        for mode in args.modes.split(","):
+            if mode == "whole" and args.device == "cpu":
+                from fusecare.restore import available_memory
+                need = voxels * WHOLE_BYTES_PER_VOXEL
+                if need > 0.8 * available_memory():
+                    print(f"whole: skipped, needs about {need / 1e9:.0f} GB ({WHOLE_BYTES_PER_VOXEL} B/voxel), "
+                          f"{available_memory() / 1e9:.0f} GB available", file=sys.stderr)
+                    continue
+            cmd = [sys.executable, __file__, "--worker", mode, "--shape", ",".join(map(str, args.shape)),
+                   "--members", str(args.members), "--device", args.device]
+            cmd += ["--tile", ",".join(map(str, args.tile))] if args.tile else []
+            cmd += ["--weights", str(args.weights)] if args.weights else []
+            cmd += ["--fp16"] if args.fp16 else []
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"\ndevice: {device}; torch {torch.__version__}")
+    header = f"{'mode':<11}{'shape':<15}{'tile':<16}{'members':>8}{'seconds':>9}{'Mvox/s/member':>15}{'peak GB':>9}{'B/voxel':>9}  target"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ok = {True: "ok", False: "MISSED", None: "-"}[r["target_ok"]]
+        print(f"{r['mode']:<11}{r['shape']:<15}{r['tile']:<16}{r['members']:>8}{r['seconds']:>9.1f}"
+              f"{r['voxels_per_s_per_member'] / 1e6:>15.3f}{r['peak_rss_gb']:>9.2f}{r['bytes_per_voxel']:>9.1f}  {ok}")
+
+
+if __name__ == "__main__":
+    main()

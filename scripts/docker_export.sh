@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Export the image for upload to Grand Challenge: docker save IMAGE | gzip -c > FILE.
+#
+# usage: scripts/docker_export.sh [IMAGE] [FILE]
+#   IMAGE defaults to fusecare:latest; FILE to IMAGE with ':' and '/' replaced by '-',
+#   plus .tar.gz (fusecare-latest.tar.gz). Written under a temporary name and renamed at
+#   the end, so a failed export never leaves a truncated archive behind.
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 [IMAGE] [FILE]   (default IMAGE: fusecare:latest, FILE: IMAGE.tar.gz)"
+}
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    usage
+    exit 0
+fi
+
+image="${1:-fusecare:latest}"
+name="${image//[:\/]/-}"
+file="${2:-${name}.tar.gz}"
+
+if ! docker image inspect "$image" > /dev/null 2>&1; then
+    echo "error: image $image not found; build it with scripts/docker_build.sh $image" >&2
+    exit 1
+fi
+
+partial="${file}.partial"
+trap 'rm -f "$partial"' EXIT
+docker save "$image" | gzip -c > "$partial"
+mv "$partial" "$file"
+trap - EXIT
+echo "wrote $file ($(du -h "$file" | cut -f1))"

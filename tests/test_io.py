@@ -1,0 +1,419 @@
+"""fusecare.io: metadata parsing, atomic template-style writing, listing and rejecting cases."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import write_fmc_tif
+
+from fusecare import io
+from fusecare.errors import InputError
+from fusecare.io import (
+    DEFAULT_VOXEL_SIZE_UM,
+    CaseMeta,
+    VoxelSize,
+    inspect_case,
+    list_cases,
+    parse_meta,
+    read_case,
+    write_case,
+)
+
+
+@pytest.fixture
+def volume(rng: np.random.Generator) -> np.ndarray:
+    """A small uint16 ZYX volume; Y and X not multiples of 128, so the last tiles are partial."""
+    return rng.integers(0, 60000, size=(5, 40, 150), dtype=np.uint16)
+
+
+def _resolution(page: tifffile.TiffPage, tag: str) -> float:
+    numerator, denominator = page.tags[tag].value
+    return numerator / denominator
+
+
+# --------------------------------------------------------------------------- reading metadata
+
+
+def test_shaped_json_metadata_gives_voxel_size_channel_study_unit(tmp_path, volume):
+    path = write_fmc_tif(tmp_path / "case.tif", volume, PhysicalSizeX=0.195, PhysicalSizeY=0.39,
+                         PhysicalSizeZ=1.01, channel="membrane", study=4, unit="um")
+    case = read_case(path)
+    assert case.volume.shape == volume.shape
+    np.testing.assert_array_equal(case.volume, volume)
+    assert case.meta.voxel_size == VoxelSize(z=1.01, y=0.39, x=0.195)
+    assert case.meta.channel == "membrane"
+    assert case.meta.study == 4
+    assert case.meta.unit == "um"
+    assert case.meta.raw["PhysicalSizeX"] == 0.195
+    assert case.meta.notes == ()
+
+
+def test_imagej_metadata_gives_z_from_spacing_and_yx_from_resolution_tags(tmp_path, volume):
+    path = tmp_path / "image_7_nucleus_angle.tif"
+    tifffile.imwrite(path, volume, imagej=True, resolution=(1 / 0.3, 1 / 0.25),
+                     metadata={"spacing": 2.5, "unit": "micron", "axes": "ZYX"})
+    info = inspect_case(path)
+    assert info.shape == volume.shape
+    assert info.meta.voxel_size.zyx == pytest.approx((2.5, 0.25, 0.3))
+    assert info.meta.unit == "micron"
+    assert info.meta.raw["spacing"] == 2.5
+    assert info.meta.channel == "nucleus"  # ImageJ metadata has no channel: the file name decides
+
+
+@pytest.mark.parametrize("spelling", ["PhysicalSize{}", "physicalsize{}", "physical_size_{}"])
+def test_every_spelling_of_physical_size_keys_is_read(tmp_path, volume, spelling):
+    sizes = {"X": 0.33, "Y": 0.34, "Z": 3.0}
+    md = {spelling.format(a if spelling.startswith("P") else a.lower()): v for a, v in sizes.items()}
+    keys = {"PhysicalSizeX": None, "PhysicalSizeY": None, "PhysicalSizeZ": None, **md}
+    path = write_fmc_tif(tmp_path / "case.tif", volume, **keys)
+    with tifffile.TiffFile(path) as tif:
+        assert set(md) <= set(tif.shaped_metadata[0])
+    meta = inspect_case(path).meta
+    assert meta.voxel_size == VoxelSize(z=3.0, y=0.34, x=0.33)
+    assert not any("voxel size" in n or "PhysicalSize" in n for n in meta.notes)
+
+
+def test_spacing_key_gives_z_when_physical_size_z_is_missing():
+    meta = parse_meta({"PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "spacing": 3.0, "channel": "nucleus"})
+    assert meta.voxel_size == VoxelSize(z=3.0, y=0.2, x=0.2)
+    assert meta.notes == ()
+
+
+def test_physical_size_z_wins_over_spacing():
+    meta = parse_meta({"PhysicalSizeZ": 1.5, "spacing": 3.0})
+    assert meta.voxel_size.z == 1.5
+
+
+def test_unit_defaults_to_micron_and_is_kept_as_given():
+    assert parse_meta({}).unit == "micron"
+    assert parse_meta({"unit": "nm"}).unit == "nm"
+
+
+@pytest.mark.parametrize("value", ["nucleus", "Nucleus", " NUCLEUS "])
+def test_channel_nucleus_in_any_case_is_nucleus(value):
+    meta = parse_meta({"channel": value})
+    assert meta.channel == "nucleus"
+    assert not any("channel" in n for n in meta.notes)
+
+
+def test_channel_membrane_is_membrane_without_note():
+    meta = parse_meta({"channel": "membrane"})
+    assert meta.channel == "membrane"
+    assert not any("channel" in n for n in meta.notes)
+
+
+def test_unknown_channel_is_treated_as_membrane_with_a_note():
+    meta = parse_meta({"channel": "cytoplasm"}, path=Path("image_1_nucleus_angle.tif"))
+    assert meta.channel == "membrane"  # the metadata wins over the file name
+    assert any("cytoplasm" in n and "membrane" in n for n in meta.notes)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("image_12_nucleus_angle.tif", "nucleus"),
+    ("image_12_membrane_angle.tif", "membrane"),
+    ("case.tif", "membrane"),
+])
+def test_missing_channel_comes_from_the_file_name_or_is_membrane(name, expected):
+    meta = parse_meta({"PhysicalSizeX": 0.2}, path=Path(name))
+    assert meta.channel == expected
+    assert any("no channel" in n for n in meta.notes)
+
+
+def test_missing_channel_without_a_path_is_membrane():
+    assert parse_meta({}).channel == "membrane"
+
+
+@pytest.mark.parametrize(("value", "expected"), [(3, 3), ("5", 5), (np.int64(2), 2)])
+def test_study_as_int_or_integer_string(value, expected):
+    meta = parse_meta({"study": value})
+    assert meta.study == expected
+    assert not any("study" in n for n in meta.notes)
+
+
+@pytest.mark.parametrize("value", ["drosophila", "", [1, 2]])
+def test_non_numeric_study_is_none_with_a_note(value):
+    meta = parse_meta({"study": value})
+    assert meta.study is None
+    assert any("study" in n for n in meta.notes)
+
+
+def test_missing_study_is_none_without_a_note():
+    meta = parse_meta({"channel": "nucleus"})
+    assert meta.study is None
+    assert not any("study" in n for n in meta.notes)
+
+
+@pytest.mark.parametrize("bad", ["abc", "", -0.2, 0, "nan", float("inf"), None, [0.2]])
+def test_bad_or_missing_physical_size_defaults_to_one_with_a_note(bad):
+    raw = {"PhysicalSizeX": bad, "PhysicalSizeY": 0.4, "PhysicalSizeZ": 2.0}
+    if bad is None:
+        del raw["PhysicalSizeX"]
+    meta = parse_meta(raw)
+    assert meta.voxel_size == VoxelSize(z=2.0, y=0.4, x=DEFAULT_VOXEL_SIZE_UM)
+    assert DEFAULT_VOXEL_SIZE_UM == 1.0
+    assert any("X" in n and "assuming 1.0" in n for n in meta.notes)
+
+
+def test_file_with_bad_physical_sizes_reads_with_defaults_and_notes(tmp_path, volume):
+    path = write_fmc_tif(tmp_path / "case.tif", volume, PhysicalSizeX="n/a", PhysicalSizeY=-1,
+                         PhysicalSizeZ=None)
+    case = read_case(path)
+    np.testing.assert_array_equal(case.volume, volume)
+    assert case.meta.voxel_size == VoxelSize(1.0, 1.0, 1.0)
+    assert any("'n/a'" in n for n in case.meta.notes)
+    assert any("-1" in n for n in case.meta.notes)
+
+
+def test_file_without_any_metadata_reads_with_defaults(tmp_path, volume):
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, volume, metadata=None)
+    case = read_case(path)
+    np.testing.assert_array_equal(case.volume, volume)
+    assert case.meta.voxel_size == VoxelSize()
+    assert case.meta.channel == "membrane"
+
+
+def test_singleton_axes_are_squeezed_to_zyx(tmp_path, volume):
+    path = tmp_path / "case.tif"
+    tifffile.imwrite(path, volume[:, None])  # Z, C=1, Y, X as ImageJ-like tools write it
+    case = read_case(path)
+    assert case.volume.shape == volume.shape
+    np.testing.assert_array_equal(case.volume, volume)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@pytest.fixture
+def written(tmp_path, volume):
+    """A case written by write_case from metadata carrying a stale 'shape' and odd values."""
+    raw = {"PhysicalSizeX": 0.195, "PhysicalSizeY": 0.39, "PhysicalSizeZ": 1.0, "unit": "micron",
+           "axes": "ZYX", "channel": "nucleus", "study": np.int64(3), "shape": [9, 9, 9],
+           "note": "keep me"}
+    meta = parse_meta(raw)
+    out = write_case(tmp_path / "case.tif", volume, meta)
+    return out, meta, raw
+
+
+def test_write_case_writes_uint16_bigtiff_with_128_tiles(written, volume):
+    path, _, _ = written
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff
+        page = tif.pages[0]
+        assert page.is_tiled
+        assert (page.tilelength, page.tilewidth) == (128, 128)
+        assert tif.series[0].dtype == np.uint16
+        assert tif.series[0].shape == volume.shape
+        np.testing.assert_array_equal(tif.asarray(), volume)
+
+
+def test_write_case_sets_resolution_to_inverse_physical_size(written):
+    path, _, _ = written
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert _resolution(page, "XResolution") == pytest.approx(1 / 0.195, rel=1e-6)
+        assert _resolution(page, "YResolution") == pytest.approx(1 / 0.39, rel=1e-6)
+
+
+def test_write_case_round_trips_input_metadata_despite_a_stale_shape(written, volume):
+    path, meta, raw = written
+    with tifffile.TiffFile(path) as tif:
+        md = tif.shaped_metadata[0]
+        assert tif.series[0].axes == "ZYX"
+    assert md["shape"] == list(volume.shape)  # tifffile's own, not the stale [9, 9, 9]
+    assert md["axes"] == "ZYX"
+    for key in ("PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeZ", "unit", "channel", "note"):
+        assert md[key] == raw[key]
+    assert md["study"] == 3
+    again = inspect_case(path).meta
+    assert again.voxel_size == meta.voxel_size
+    assert (again.channel, again.study) == ("nucleus", 3)
+
+
+def test_write_case_adds_the_voxel_size_used_when_the_input_had_none(tmp_path, volume):
+    meta = parse_meta({"channel": "membrane"})
+    path = write_case(tmp_path / "case.tif", volume, meta)
+    with tifffile.TiffFile(path) as tif:
+        md = tif.shaped_metadata[0]
+    assert (md["PhysicalSizeX"], md["PhysicalSizeY"], md["PhysicalSizeZ"]) == (1.0, 1.0, 1.0)
+
+
+def test_write_case_keeps_the_input_spelling_without_adding_a_duplicate(tmp_path, volume):
+    meta = parse_meta({"physical_size_x": 0.5, "physicalsizey": 0.5, "PhysicalSizeZ": 2.0})
+    path = write_case(tmp_path / "case.tif", volume, meta)
+    with tifffile.TiffFile(path) as tif:
+        md = tif.shaped_metadata[0]
+    assert md["physical_size_x"] == 0.5 and md["physicalsizey"] == 0.5
+    assert "PhysicalSizeX" not in md and "PhysicalSizeY" not in md
+
+
+def test_write_case_output_is_readable_by_others(written):
+    path, _, _ = written
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_write_case_leaves_no_temporary_file(written):
+    path, _, _ = written
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_write_case_replaces_an_existing_output(tmp_path, volume):
+    path = write_case(tmp_path / "case.tif", np.zeros_like(volume), CaseMeta())
+    write_case(path, volume, CaseMeta())
+    np.testing.assert_array_equal(tifffile.imread(path), volume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.tif"]
+
+
+def test_write_case_failure_leaves_no_partial_or_temporary_file(tmp_path, volume, monkeypatch):
+    def fail_midway(file, data, **kwargs):
+        Path(file).write_bytes(b"II*\x00" + b"\x00" * 1000)  # half a file, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        write_case(tmp_path / "case.tif", volume, CaseMeta())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_case_failure_keeps_a_previous_output_intact(tmp_path, volume, monkeypatch):
+    path = write_case(tmp_path / "case.tif", volume, CaseMeta())
+    before = path.read_bytes()
+
+    def interrupted(file, data, **kwargs):
+        Path(file).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_case(path, np.zeros_like(volume), CaseMeta())
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.tif"]
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 8, 8), np.float32), np.zeros((8, 8), np.uint16),
+                                 np.zeros((2, 4, 8, 8), np.uint16)])
+def test_write_case_refuses_anything_but_3d_uint16(tmp_path, bad):
+    with pytest.raises(ValueError, match="3-D uint16"):
+        write_case(tmp_path / "case.tif", bad, CaseMeta())
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_cases_sorted_tif_and_tiff_hidden_and_others_skipped(tmp_path):
+    for name in ("b.tiff", "a.tif", "C.TIF", ".hidden.tif", "notes.txt", "d.tif.bak"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.tif").mkdir()
+    assert [p.name for p in list_cases(tmp_path)] == ["C.TIF", "a.tif", "b.tiff"]
+
+
+def test_list_cases_empty_folder_is_an_input_error(tmp_path):
+    (tmp_path / ".hidden.tif").write_bytes(b"x")
+    with pytest.raises(InputError, match="no .tif/.tiff file"):
+        list_cases(tmp_path)
+
+
+def test_list_cases_missing_folder_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list_cases(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _make_bad(kind: str, path: Path, rng: np.random.Generator) -> Path:
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "not-a-tiff":
+        path.write_bytes(b"%PDF-1.7 this is not a TIFF at all\n" * 20)
+    elif kind == "truncated":
+        full = write_fmc_tif(path.with_name("full.tif"),
+                             rng.integers(0, 1000, (8, 64, 64), dtype=np.uint16))
+        data = full.read_bytes()
+        full.unlink()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "2-D":
+        tifffile.imwrite(path, np.zeros((32, 32), np.uint16))
+    elif kind == "4-D":
+        tifffile.imwrite(path, np.zeros((2, 6, 16, 16), np.uint16))
+    elif kind == "RGB":
+        tifffile.imwrite(path, np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+BAD_KINDS = ["zero-byte", "not-a-tiff", "truncated", "2-D", "4-D", "RGB"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_file_is_an_input_error_with_one_line_naming_it(tmp_path, rng, kind):
+    path = _make_bad(kind, tmp_path / f"bad_{kind}.tif", rng)
+    with pytest.raises(InputError) as excinfo:
+        read_case(path)
+    message = str(excinfo.value)
+    assert path.name in message
+    assert "\n" not in message
+    assert excinfo.value.__cause__ is None  # suppressed: the message says it all
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("zero-byte", "empty"), ("not-a-tiff", "not a readable TIFF"), ("truncated", "truncated"),
+    ("2-D", "2-D"), ("4-D", "4-D"), ("RGB", "RGB"),
+])
+def test_bad_file_message_says_what_is_wrong(tmp_path, rng, kind, words):
+    path = _make_bad(kind, tmp_path / "bad.tif", rng)
+    with pytest.raises(InputError, match=words):
+        read_case(path)
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "not-a-tiff", "2-D", "4-D", "RGB"])
+def test_bad_file_is_rejected_from_its_header_alone(tmp_path, rng, kind):
+    path = _make_bad(kind, tmp_path / "bad.tif", rng)
+    with pytest.raises(InputError):
+        inspect_case(path)
+
+
+def test_truncated_file_emits_no_stray_tifffile_log_lines(tmp_path, rng, caplog):
+    """A truncated case must be reported once, by us: tifffile's own complaints (which do not
+    name the file) must not reach the log as separate ERROR lines."""
+    path = _make_bad("truncated", tmp_path / "bad.tif", rng)
+    with pytest.raises(InputError):
+        read_case(path)
+    stray = [r for r in caplog.records if r.name.startswith("tifffile") and r.levelno >= 30]
+    assert stray == [], [r.getMessage() for r in stray]
+
+
+def test_inspect_case_reads_no_pixels(tmp_path, volume, monkeypatch):
+    path = write_fmc_tif(tmp_path / "case.tif", volume)
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("inspect_case read pixel data")
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", no_pixels)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", no_pixels)
+    info = inspect_case(path)
+    assert info.shape == volume.shape
+    assert info.dtype == np.uint16
+    assert info.nbytes == volume.nbytes
+
+
+def test_io_module_does_not_import_torch():
+    assert "torch" not in vars(io)
+    source = Path(io.__file__).read_text()
+    assert "import torch" not in source
+
+
+def test_output_file_mode_is_independent_of_umask(tmp_path, volume):
+    old = os.umask(0o077)
+    try:
+        path = write_case(tmp_path / "case.tif", volume, CaseMeta())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
