@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not blend toward the input where members disagree")
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    hardware.add_argument("--tile", type=_tile, help="tile Z,Y,X in voxels (default: 96,256,256 on CUDA, 64,160,160 on CPU)")
+    hardware.add_argument("--tile", type=_tile, help="tile Z,Y,X in voxels (default: 96,256,256 on CUDA, 64,128,128 on CPU)")
     hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
     hardware.add_argument("--max-memory-gb", type=float, help="refuse cases needing more host memory than this")
     misc = parser.add_argument_group("logging")

@@ -315,7 +315,7 @@ def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta) -> Path:
     tmp = Path(tmp_name)
     try:
         tifffile.imwrite(
-            tmp, volume, bigtiff=True, tile=OUTPUT_TILE,
+            tmp, volume, bigtiff=True, tile=OUTPUT_TILE, photometric="minisblack",
             resolution=(1.0 / vs.x, 1.0 / vs.y), metadata=output_metadata(meta),
         )
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the grader may read as another user

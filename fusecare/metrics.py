@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -91,7 +91,8 @@ def _gaussian_weights(sigma: float) -> tuple[float, ...]:
 
 
 def _make_spec(
-    window: Window, win_size: int | None, sigma: float, per_slice: bool, data_range: float
+    *, window: Window = "uniform", win_size: int | None = None, sigma: float = 1.5,
+    per_slice: bool = False, data_range: float = 1.0,
 ) -> _Spec:
     """Translate skimage's options into per-axis kernels, crops and constants."""
     ndim = 2 if per_slice else 3
@@ -312,7 +313,8 @@ def ssim(
     call), 'auto' picks CUDA when available. Inputs of any real dtype are converted a tile at a
     time to float32 (float64 if either input is float64, as skimage does).
     """
-    spec = _make_spec(window, win_size, sigma, per_slice, data_range)
+    spec = _make_spec(window=window, win_size=win_size, sigma=sigma, per_slice=per_slice,
+                      data_range=data_range)
     dtype = np.dtype(np.float64 if np.float64 in (reference.dtype, x.dtype) else np.float32)
     return _mean_ssim(reference, x, _to_float(dtype), _to_float(dtype), spec, slab, device)
 
@@ -322,16 +324,15 @@ def _fmc_ssim(
     target_norm: PercentileNorm,
     x: np.ndarray,
     *,
-    data_range: float = 1.0,
-    window: Window = "uniform",
-    win_size: int | None = None,
-    sigma: float = 1.5,
-    per_slice: bool = False,
     slab: int | None = None,
     device: str | torch.device | None = None,
+    **window_options: Any,
 ) -> float:
-    """``fmc_ssim`` with the target's normalisation already fitted (shared by both scores)."""
-    spec = _make_spec(window, win_size, sigma, per_slice, data_range)
+    """``fmc_ssim`` with the target's normalisation already fitted (shared by both scores).
+
+    ``window_options`` are ``ssim``'s window, win_size, sigma, per_slice and data_range.
+    """
+    spec = _make_spec(**window_options)
     x_norm = PercentileNorm.fit(x)
     if target_norm.is_degenerate or x_norm.is_degenerate:
         log.warning("constant volume in SSIM (p2 == p99.8): normalised with scale 1")

@@ -60,5 +60,5 @@ def write_fmc_tif(path: Path, volume: np.ndarray, **metadata: object) -> Path:
     md.update(metadata)
     md = {k: v for k, v in md.items() if v is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, volume, metadata=md)
+    tifffile.imwrite(path, volume, metadata=md, photometric="minisblack")
     return path

@@ -417,3 +417,14 @@ def test_output_file_mode_is_independent_of_umask(tmp_path, volume):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("z", [1, 3, 4])
+def test_thin_volumes_are_not_written_as_rgb(tmp_path, z):
+    """tifffile stores (3|4, Y, X) as planar RGB unless told otherwise: outputs must stay ZYX."""
+    volume = np.arange(z * 20 * 24, dtype=np.uint16).reshape(z, 20, 24)
+    write_case(tmp_path / "thin.tif", volume, CaseMeta())
+    with tifffile.TiffFile(tmp_path / "thin.tif") as tif:
+        assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
+    if z > 1:
+        np.testing.assert_array_equal(read_case(tmp_path / "thin.tif").volume, volume)

@@ -1,0 +1,420 @@
+"""Training CARE members on Fuse My Cells pairs, on pairs simulated from clean volumes, or both.
+
+One ``TrainConfig`` (validated, saved as ``config.json`` in the run folder and as
+``training.json`` beside each member's weights) describes a run. ``train_member`` trains one
+network and keeps the best (highest validation N-SSIM) and last checkpoints, resumable, with a
+CSV log; ``train_ensemble`` trains K members with different seeds into the layout inference
+reads. Under ``torchrun`` the same code runs DistributedDataParallel (gloo on CPU, NCCL on
+CUDA): every rank draws its own random patches from its own seed stream (the random-patch
+equivalent of a distributed sampler), rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from fusecare.config import Config, param
+from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, open_volume, split_by_study
+from fusecare.ensemble import resolve_device, save_member, write_manifest
+from fusecare.errors import ConfigError, InputError
+from fusecare.io import CHANNELS, NUCLEUS, list_cases, read_case
+from fusecare.metrics import score_ssim
+from fusecare.model import CareUNet, ModelConfig
+from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
+from fusecare.simulate import SimulatorConfig, simulate_single_view
+from fusecare.tiling import predict_tiled
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("mae", "mse", "laplace")
+VALIDATION_CROP = (64, 256, 256)
+"""Validation volumes are centre-cropped to this, so a validation pass stays short."""
+
+
+class TrainConfig(Config):
+    """Everything one training run needs; saved beside what it produced."""
+
+    channel: str = param(NUCLEUS, doc="Which ensemble this trains.", choices=CHANNELS)
+    model: ModelConfig = param(ModelConfig(), doc="Network of each member (see ModelConfig).")
+    fmc_dir: str = param("", doc="Folder of FMC pairs image_<id>_<channel>_angle/fused.tif ('' = none).")
+    validation_studies: tuple[int, ...] = param((), doc="FMC studies held out for validation.", ge=0)
+    clean_dir: str = param("", doc="Folder of clean volumes to simulate single views from ('' = none).")
+    phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
+                          ge=0, le=10_000)
+    phantom_shape: tuple[int, int, int] = param((48, 128, 128), doc="Shape of each phantom (Z, Y, X).",
+                                                ge=8, le=1024)
+    validation_phantoms: int = param(2, doc="Extra phantoms (unseen seeds) used only for validation.",
+                                     ge=0, le=100)
+    simulator: SimulatorConfig = param(SimulatorConfig(), doc="Ranges of the single-view simulator.")
+    resimulate_every: int = param(32, doc="Patches drawn from one simulated view before a new draw.",
+                                  ge=1, le=100_000)
+    patch: tuple[int, int, int] = param((32, 64, 64), doc="Training patch (Z, Y, X).", ge=4, le=1024)
+    batch_size: int = param(4, doc="Patches per step (per process under torchrun).", ge=1, le=1024)
+    steps: int = param(1000, doc="Optimiser steps.", ge=1, le=10_000_000)
+    learning_rate: float = param(4e-4, doc="Adam learning rate (CARE: 4e-4).", gt=0.0, le=1.0)
+    lr_patience: int = param(3, doc="Validations without improvement before the rate is halved.",
+                             ge=1, le=1000)
+    loss: str = param("mae", doc="Pixel loss: mae (CARE), mse, or laplace (needs a probabilistic model).",
+                      choices=LOSSES)
+    ssim_weight: float = param(0.0, doc="Weight of an added (1 - SSIM) term.", ge=0.0, le=10.0)
+    validate_every: int = param(100, doc="Steps between validations.", ge=1, le=1_000_000)
+    validation_patches: int = param(16, doc="Fixed patches for the validation loss.", ge=1, le=10_000)
+    foreground_fraction: float = param(0.9, doc="Share of patches centred on foreground.", ge=0.0, le=1.0)
+    pmin: tuple[float, float] = param((1.0, 3.0), doc="Low normalisation percentile, drawn per patch.",
+                                      ge=0.0, le=50.0)
+    pmax: tuple[float, float] = param((99.5, 99.9), doc="High normalisation percentile, drawn per patch.",
+                                      ge=50.0, le=100.0)
+    normalize_per_patch: bool = param(False, doc="Percentiles of the patch instead of the volume.")
+    seed: int = param(0, doc="Seed of member 0; member k uses seed + k.", ge=0)
+    device: str = param("auto", doc="auto, cpu, cuda or cuda:N.")
+
+    def validate(self) -> None:
+        if not (self.fmc_dir or self.clean_dir or self.phantoms):
+            raise ConfigError("no training data: set fmc_dir, clean_dir or phantoms")
+        if self.loss == "laplace" and not self.model.probabilistic:
+            raise ConfigError("loss 'laplace' needs model.probabilistic = true")
+        align = self.model.alignment
+        if any(p % align for p in self.patch):
+            raise ConfigError(f"config field 'patch' {list(self.patch)} must be multiples of {align} "
+                              f"(2**model.depth)")
+
+    def patch_settings(self) -> PatchConfigView:
+        return PatchConfigView(patch=self.patch, foreground_fraction=self.foreground_fraction,
+                               pmin=self.pmin, pmax=self.pmax,
+                               normalize_per_patch=self.normalize_per_patch)
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+class PatchSource(Protocol):
+    name: str
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class RealPairs:
+    """Patches of one real (input, target) pair, read lazily from memory maps."""
+
+    name: str
+    patches: PairPatches
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.patches.sample(rng)
+
+
+class SimulatedPairs:
+    """Patches of single views simulated from one clean volume, re-simulated every N draws."""
+
+    def __init__(self, name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
+                 config: TrainConfig) -> None:
+        self.name, self.clean, self.voxel_size, self.config = name, clean, voxel_size, config
+        self._patches: PairPatches | None = None
+        self._draws = 0
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self._patches is None or self._draws % self.config.resimulate_every == 0:
+            view, _ = simulate_single_view(self.clean, self.voxel_size, config=self.config.simulator,
+                                           seed=rng)
+            self._patches = PairPatches(view, self.clean, self.config.patch_settings())
+        self._draws += 1
+        return self._patches.sample(rng)
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """A whole (input, target) volume pair scored with N-SSIM during training."""
+
+    name: str
+    source: np.ndarray
+    target: np.ndarray
+
+
+def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    starts = [max(0, (n - s) // 2) for n, s in zip(volume.shape, shape)]
+    return np.asarray(volume[tuple(slice(a, a + s) for a, s in zip(starts, shape))])
+
+
+def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    make = nuclei_phantom if channel == NUCLEUS else membrane_phantom
+    return make(shape, rng=np.random.default_rng(seed))
+
+
+def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationCase]]:
+    """Training sources and validation cases from every data source the config names.
+
+    Raises ``InputError`` naming the file or folder before any training starts.
+    """
+    sources: list[PatchSource] = []
+    validation: list[ValidationCase] = []
+    settings = config.patch_settings()
+    if config.fmc_dir:
+        pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
+        train, held = split_by_study(pairs, config.validation_studies)
+        for p in train:
+            sources.append(RealPairs(p.angle.path.name, PairPatches(
+                open_volume(p.angle.path), open_volume(p.fused.path), settings)))
+        for p in held:
+            validation.append(ValidationCase(p.angle.path.name,
+                                             _centre_crop(open_volume(p.angle.path), VALIDATION_CROP),
+                                             _centre_crop(open_volume(p.fused.path), VALIDATION_CROP)))
+    if config.clean_dir:
+        cases = [read_case(path) for path in list_cases(config.clean_dir)]
+        chosen = [c for c in cases if c.meta.channel == config.channel]
+        if not chosen:
+            raise InputError(f"no clean volume of channel {config.channel!r} in {config.clean_dir} "
+                             f"(channels found: {sorted({c.meta.channel for c in cases})})")
+        for i, case in enumerate(chosen):
+            clean = case.volume.astype(np.float32)
+            sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
+            view, _ = simulate_single_view(clean, case.meta.voxel_size.zyx, config=config.simulator,
+                                           seed=10_000 + i)
+            validation.append(ValidationCase(f"{case.path.name} (simulated, seed {10_000 + i})",
+                                             _centre_crop(view, VALIDATION_CROP),
+                                             _centre_crop(clean, VALIDATION_CROP)))
+    for i in range(config.phantoms):
+        clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
+        sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
+    for i in range(config.validation_phantoms if (config.phantoms or config.clean_dir) else 0):
+        seed = 1_000_000_007 + i  # never a training phantom's seed
+        clean = _phantom(config.channel, config.phantom_shape, seed)
+        view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=config.simulator, seed=seed)
+        validation.append(ValidationCase(f"validation phantom {i}", view, clean))
+    if not sources:
+        raise InputError("no training source could be built from the config")
+    return sources, validation
+
+
+def draw_batch(sources: Sequence[PatchSource], batch_size: int, rng: np.random.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (input, target) patches, each from a source drawn uniformly."""
+    pairs = [sources[int(rng.integers(len(sources)))].sample(rng) for _ in range(batch_size)]
+    x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+    y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+    return x, y
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def ssim_torch(a: torch.Tensor, b: torch.Tensor, win: int = 7, data_range: float = 1.0) -> torch.Tensor:
+    """Differentiable mean 3-D SSIM with a uniform window (valid region, as skimage crops)."""
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    n = win**3
+    pool = lambda t: F.avg_pool3d(t, win, stride=1)  # noqa: E731
+    mu_a, mu_b = pool(a), pool(b)
+    cov = n / (n - 1)
+    var_a = cov * (pool(a * a) - mu_a * mu_a)
+    var_b = cov * (pool(b * b) - mu_b * mu_b)
+    cov_ab = cov * (pool(a * b) - mu_a * mu_b)
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean()
+
+
+def training_loss(output: torch.Tensor, target: torch.Tensor, *, loss: str, ssim_weight: float = 0.0
+                  ) -> torch.Tensor:
+    """MAE, MSE or Laplace negative log-likelihood (location, scale), plus (1 - SSIM) if weighted."""
+    location = output[:, :1]
+    if loss == "mae":
+        value = (location - target).abs().mean()
+    elif loss == "mse":
+        value = ((location - target) ** 2).mean()
+    elif loss == "laplace":
+        scale = output[:, 1:2]
+        value = (torch.log(2 * scale) + (location - target).abs() / scale).mean()
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    if ssim_weight:
+        value = value + ssim_weight * (1 - ssim_torch(location, target))
+    return value
+
+
+# --------------------------------------------------------------------------- one member
+
+
+def _is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _setup_distributed(device: torch.device) -> tuple[int, int]:
+    if not _is_distributed():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
+    """Normalised float32 prediction of a whole validation volume (tiled)."""
+    from fusecare.normalize import PercentileNorm
+
+    norm = PercentileNorm.fit(volume)
+    config = model.config
+    margin = -(-config.receptive_field_radius // config.alignment) * config.alignment
+
+    @torch.inference_mode()
+    def predict(block: np.ndarray) -> np.ndarray:
+        out = model(torch.from_numpy(block)[None, None].to(device))
+        return out[0, 0].float().cpu().numpy()
+
+    return predict_tiled(volume, predict, tile=(64, 128, 128), margin=margin, align=config.alignment,
+                         transform=norm.forward)  # type: ignore[return-value]
+
+
+def validate(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],
+             config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss and MAE on fixed patches, and N-SSIM per validation volume."""
+    model.eval()
+    with torch.inference_mode():
+        x, y = patches[0].to(device), patches[1].to(device)
+        out = model(x)
+        result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
+                  "val_mae": float((out[:, :1] - y).abs().mean())}
+    scores = [score_ssim(c.target, _predict_volume(model, c.source, device), c.source).n_ssim for c in cases]
+    if scores:
+        result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
+    model.train()
+    return result
+
+
+CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    run_dir: Path
+    best: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """Higher is better: mean validation N-SSIM where there is any, else minus the loss."""
+    return metrics.get("val_nssim_mean", -metrics["val_loss"])
+
+
+def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 progress: bool = True, data: tuple[list[PatchSource], list[ValidationCase]] | None = None
+                 ) -> MemberResult:
+    """Train one member into ``run_dir`` (config.json, best.pt, last.pt, log.csv)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    rank, world = _setup_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    sources, cases = data if data is not None else build_data(config)
+    rng = np.random.default_rng([config.seed, rank])
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = CareUNet(config.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                           patience=config.lr_patience)
+    val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]))
+    start_step, best_score, best = 0, -np.inf, {}
+    last_path = run_dir / CHECKPOINT_LAST
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
+        start_step, best_score, best = state["step"], state["best_score"], state["best"]
+        log.info("resumed %s at step %d", run_dir, start_step)
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+    started = time.perf_counter()
+
+    def checkpoint(done: int, loss: float) -> None:
+        """Validate (rank 0), step the schedule (every rank), log, keep best and last."""
+        nonlocal best_score, best
+        metrics = validate(model, val_patches, cases, config, device) if rank == 0 else {"val_loss": 0.0}
+        if world > 1:  # every rank steps its scheduler alike
+            shared = torch.tensor([metrics["val_loss"]], device=device)
+            dist.broadcast(shared, 0)
+            metrics["val_loss"] = float(shared)
+        if done > 0:
+            scheduler.step(metrics["val_loss"])
+        if rank != 0:
+            return
+        row = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - started, 1), **metrics}
+        _append_csv(run_dir / LOG_NAME, row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+        if _score(metrics) > best_score:
+            best_score, best = _score(metrics), dict(row)
+            torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
+                    "best": best, "rng": [rng.bit_generator.state]}, last_path)
+
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               desc=f"train {run_dir.name}", disable=not progress or rank != 0, unit="step")
+    if start_step == 0:
+        checkpoint(0, float("nan"))  # the untrained baseline: step 0 of the log
+    model.train()
+    for step in bar:
+        x, y = draw_batch(sources, config.batch_size, rng)
+        loss = training_loss(net(x.to(device)), y.to(device), loss=config.loss, ssim_weight=config.ssim_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        if done % config.validate_every == 0 or done == config.steps:
+            checkpoint(done, float(loss.detach()))
+    return MemberResult(run_dir=run_dir, best=best, steps=config.steps, seconds=time.perf_counter() - started)
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min"]
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
+    """Best checkpoint of a run -> ``member_dir`` (config.json, weights.pt, training.json)."""
+    state = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=False)
+    model = CareUNet(config.model)
+    model.load_state_dict(state["model"])
+    save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(),
+                                                                   "best": state["metrics"]}})
+
+
+def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
+                   resume: bool = False, progress: bool = True) -> list[MemberResult]:
+    """Train ``members`` members (seeds seed, seed+1, ...) and write ``weights_dir/<channel>/``."""
+    runs_dir, weights_dir = Path(runs_dir), Path(weights_dir)
+    data = build_data(config)
+    results = []
+    for k in range(members):
+        member_config = config.replace(seed=config.seed + k)
+        result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
+                              data=data)
+        results.append(result)
+        if not _is_distributed() or dist.get_rank() == 0:
+            export_member(result.run_dir, weights_dir / config.channel / f"member_{k}", member_config)
+    if not _is_distributed() or dist.get_rank() == 0:
+        write_manifest(weights_dir / config.channel, config.channel,
+                       info={"members": members, "best": [r.best for r in results]})
+    return results

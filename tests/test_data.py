@@ -1,0 +1,139 @@
+"""Training data: FMC pair discovery and validation, study split, patch sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import write_fmc_tif
+from fusecare.data import (
+    PairPatches,
+    PatchConfigView,
+    augment,
+    discover_fmc_pairs,
+    foreground_blocks,
+    open_volume,
+    split_by_study,
+)
+from fusecare.errors import InputError
+
+
+def _pair(folder, case_id, channel, study, shape=(4, 16, 16), fused_shape=None):
+    volume = np.ones(shape, np.uint16)
+    write_fmc_tif(folder / f"image_{case_id}_{channel}_angle.tif", volume, channel=channel, study=study)
+    write_fmc_tif(folder / f"image_{case_id}_{channel}_fused.tif", np.ones(fused_shape or shape, np.uint16),
+                  channel=channel, study=study)
+
+
+def test_pairs_are_found_by_name_and_filtered_by_channel(tmp_path):
+    _pair(tmp_path, 0, "nucleus", 1)
+    _pair(tmp_path, 5, "membrane", 2)
+    _pair(tmp_path, 12, "nucleus", 3)
+    (tmp_path / "notes.tif").write_bytes(b"")  # not an FMC name: ignored
+    pairs = discover_fmc_pairs(tmp_path)
+    assert [(p.case_id, p.channel, p.study) for p in pairs] == [(0, "nucleus", 1), (5, "membrane", 2),
+                                                              (12, "nucleus", 3)]
+    assert [p.case_id for p in discover_fmc_pairs(tmp_path, channel="nucleus")] == [0, 12]
+
+
+def test_unpaired_file_is_named(tmp_path):
+    _pair(tmp_path, 0, "nucleus", 1)
+    write_fmc_tif(tmp_path / "image_3_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
+    with pytest.raises(InputError, match="image_3_nucleus_angle.tif has no fused partner"):
+        discover_fmc_pairs(tmp_path)
+
+
+def test_shape_mismatch_names_both_files(tmp_path):
+    _pair(tmp_path, 7, "membrane", 1, shape=(4, 16, 16), fused_shape=(4, 16, 12))
+    with pytest.raises(InputError, match=r"image_7_membrane_angle.tif is \(4, 16, 16\), "
+                                         r"image_7_membrane_fused.tif is \(4, 16, 12\)"):
+        discover_fmc_pairs(tmp_path)
+
+
+def test_metadata_disagreement_alone_is_accepted(tmp_path):
+    """Nucleus ids 213..399 have angle/fused metadata that disagree: shapes decide."""
+    write_fmc_tif(tmp_path / "image_213_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16), PhysicalSizeX=0.39)
+    write_fmc_tif(tmp_path / "image_213_nucleus_fused.tif", np.ones((4, 8, 8), np.uint16), PhysicalSizeX=0.195)
+    assert len(discover_fmc_pairs(tmp_path)) == 1
+
+
+def test_empty_or_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="no FMC pair"):
+        discover_fmc_pairs(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        discover_fmc_pairs(tmp_path / "absent")
+
+
+def test_split_holds_whole_studies_out(tmp_path):
+    for i, study in enumerate([1, 1, 2, 3]):
+        _pair(tmp_path, i, "nucleus", study)
+    train, validation = split_by_study(discover_fmc_pairs(tmp_path), [2])
+    assert {p.study for p in train} == {1, 3} and [p.case_id for p in validation] == [2]
+    with pytest.raises(InputError, match=r"no pair of validation studies \[5\]; studies present: \[1, 2, 3\]"):
+        split_by_study(discover_fmc_pairs(tmp_path), [5])
+
+
+def test_uncompressed_volumes_are_memory_mapped(tmp_path, rng):
+    volume = rng.integers(0, 100, (4, 16, 16)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "raw.tif", volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "zip.tif", volume, compression="zlib", photometric="minisblack")
+    assert isinstance(open_volume(tmp_path / "raw.tif"), np.memmap)
+    np.testing.assert_array_equal(open_volume(tmp_path / "zip.tif"), volume)
+
+
+def test_foreground_blocks_equal_a_direct_block_maximum(rng):
+    target = rng.random((10, 21, 19)).astype(np.float32) ** 8
+    blocks = foreground_blocks(target, (4, 8, 8))
+    level = 0.4 * np.percentile(target, 99.9)
+    expected = np.zeros(blocks.shape, bool)
+    for idx in np.ndindex(blocks.shape):
+        region = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, (4, 8, 8)))
+        expected[idx] = target[region].max() > level
+    np.testing.assert_array_equal(blocks, expected)
+
+
+def _sparse_pair(rng):
+    target = np.zeros((20, 64, 64), np.uint16)
+    target[5:9, 10:18, 40:48] = 1000  # 0.3 % of the volume
+    source = (target // 2 + rng.integers(0, 50, target.shape)).astype(np.uint16)
+    return source, target
+
+
+def test_patches_are_drawn_from_foreground_as_configured(rng):
+    source, target = _sparse_pair(rng)
+    for fraction, low, high in [(0.9, 0.8, 1.0), (0.0, 0.0, 0.25)]:
+        patches = PairPatches(source, target, PatchConfigView(patch=(8, 16, 16), foreground_fraction=fraction))
+        hits = np.mean([patches.sample(rng)[1].max() > 0.5 for _ in range(200)])
+        assert low <= hits <= high, (fraction, hits)
+
+
+def test_patches_use_jittered_volume_percentiles(rng):
+    source = rng.integers(100, 1100, (16, 32, 32)).astype(np.uint16)
+    settings = PatchConfigView(patch=(16, 32, 32), pmin=(2.0, 2.0), pmax=(99.8, 99.8))
+    x, y = PairPatches(source, source, settings).sample(rng)
+    low, high = np.percentile(source, (2, 99.8))
+    np.testing.assert_allclose(np.sort(x.ravel()), np.sort((source.ravel() - low) / (high - low)), atol=1e-5)
+    np.testing.assert_array_equal(x, y)  # the same augmentation on both
+
+
+def test_augment_applies_the_same_transform_to_both(rng):
+    x = rng.random((4, 8, 8)).astype(np.float32)
+    seen = set()
+    for _ in range(40):
+        a, b = augment(x, x + 1, rng)
+        np.testing.assert_allclose(b, a + 1)
+        seen.add(a.tobytes())
+    assert len(seen) > 8  # flips and rotations vary
+
+
+def test_sampling_never_modifies_the_volumes(rng):
+    """Normalisation is in place on the patch: a float32 volume must not be a view of it."""
+    source = rng.random((8, 32, 32)).astype(np.float32)
+    target = source.copy()
+    before = source.copy()
+    patches = PairPatches(source, target, PatchConfigView(patch=(8, 16, 16)))
+    for _ in range(20):
+        patches.sample(rng)
+    np.testing.assert_array_equal(source, before)
+    np.testing.assert_array_equal(target, before)

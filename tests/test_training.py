@@ -1,0 +1,143 @@
+"""Training: config validation, losses, a tiny member end to end, resume, ensembles, CLI, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, write_fmc_tif
+from fusecare.data import PairPatches, PatchConfigView
+from fusecare.ensemble import load_ensemble
+from fusecare.errors import ConfigError
+from fusecare.metrics import ssim
+from fusecare.model import ModelConfig
+from fusecare.training import (
+    RealPairs,
+    TrainConfig,
+    ssim_torch,
+    train_ensemble,
+    train_member,
+    training_loss,
+)
+
+TINY = {"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16], "batch_size": 2,
+        "phantoms": 1, "phantom_shape": [12, 32, 32], "validation_phantoms": 1, "validation_patches": 2,
+        "device": "cpu"}
+
+
+def tiny(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, **changes})
+
+
+def test_config_needs_data_and_consistent_loss():
+    with pytest.raises(ConfigError, match="no training data"):
+        TrainConfig()
+    with pytest.raises(ConfigError, match="needs model.probabilistic"):
+        tiny(loss="laplace")
+    with pytest.raises(ConfigError, match="must be multiples of 2"):
+        tiny(patch=[8, 16, 15])
+    with pytest.raises(ConfigError, match=r"unknown TrainConfig key\(s\) \['stpes'\]"):
+        TrainConfig.from_dict({**TINY, "stpes": 3})
+    assert tiny(loss="laplace", model={"probabilistic": True, "first_filters": 4}).loss == "laplace"
+
+
+def test_losses_match_their_formulas():
+    torch.manual_seed(0)
+    out, y = torch.randn(2, 2, 8, 12, 12), torch.randn(2, 1, 8, 12, 12)
+    out[:, 1] = out[:, 1].abs() + 0.1
+    d = out[:, :1] - y
+    torch.testing.assert_close(training_loss(out, y, loss="mae"), d.abs().mean())
+    torch.testing.assert_close(training_loss(out, y, loss="mse"), (d**2).mean())
+    b = out[:, 1:2]
+    torch.testing.assert_close(training_loss(out, y, loss="laplace"), (torch.log(2 * b) + d.abs() / b).mean())
+    with_ssim = training_loss(out, y, loss="mae", ssim_weight=0.5)
+    torch.testing.assert_close(with_ssim, d.abs().mean() + 0.5 * (1 - ssim_torch(out[:, :1], y)))
+
+
+def test_differentiable_ssim_equals_the_metric(rng):
+    a = rng.random((12, 20, 18)).astype(np.float32)
+    b = (a + 0.3 * rng.random(a.shape)).astype(np.float32)
+    expected = ssim(a, b, data_range=1.0)
+    got = float(ssim_torch(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]))
+    assert abs(got - expected) < 1e-5
+
+
+def _halving_source(rng) -> RealPairs:
+    """Target = a smoothed copy of the input: a correction a tiny net starts to learn in 60 steps."""
+    from scipy import ndimage
+
+    source = rng.integers(0, 1000, (16, 32, 32)).astype(np.float32)
+    target = ndimage.uniform_filter(source, 3)
+    return RealPairs("toy", PairPatches(source, target, PatchConfigView(patch=(8, 16, 16))))
+
+
+def test_a_tiny_member_learns_and_keeps_checkpoints(tmp_path, rng):
+    config = tiny(steps=60, validate_every=20, learning_rate=3e-3)
+    data = ([_halving_source(rng)], [])
+    result = train_member(config, tmp_path / "run", progress=False, data=data)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 20, 40, 60]  # step 0: the untrained baseline
+    assert float(rows[-1]["val_loss"]) < 0.9 * float(rows[0]["val_loss"])
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json", "best.pt", "last.pt", "log.csv"}
+    assert TrainConfig.load(tmp_path / "run" / "config.json") == config
+    assert result.best["step"] in (20, 40, 60)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, rng):
+    data = ([_halving_source(rng)], [])
+    train_member(tiny(steps=4, validate_every=2), tmp_path / "run", progress=False, data=data)
+    train_member(tiny(steps=8, validate_every=2), tmp_path / "run", resume=True, progress=False, data=data)
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())]
+    assert steps == [0, 2, 4, 6, 8]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_ensemble_on_simulated_phantoms_loads_for_inference(tmp_path):
+    results = train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "runs",
+                             weights_dir=tmp_path / "weights", members=2, progress=False)
+    assert len(results) == 2 and "val_nssim_mean" in results[0].best
+    ensemble = load_ensemble(tmp_path / "weights" / "nucleus")
+    assert len(ensemble.members) == 2 and ensemble.members[0].config == ModelConfig(first_filters=4, depth=1)
+    training = json.loads((tmp_path / "weights" / "nucleus" / "member_1" / "training.json").read_text())
+    assert training["config"]["seed"] == 1
+
+
+def _run_train(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "batch_sise": 2}))
+    result = _run_train("--config", config)
+    assert result.returncode == 2 and "unknown TrainConfig key(s) ['batch_sise']" in result.stderr
+    assert "Traceback" not in result.stderr
+    fmc = tmp_path / "fmc"
+    write_fmc_tif(fmc / "image_4_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
+    config.write_text(json.dumps({**TINY, "phantoms": 0, "fmc_dir": str(fmc)}))
+    result = _run_train("--config", config, "--runs", tmp_path / "runs")
+    assert result.returncode == 2 and "image_4_nucleus_angle.tif has no fused partner" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_trains_one_member(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "train", "--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w", "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "w" / "nucleus" / "manifest.json").is_file()
+    assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 1
