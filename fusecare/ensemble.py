@@ -177,9 +177,8 @@ class Ensemble:
 
     @property
     def margin(self) -> int:
-        """Context margin for tiling: the receptive field rounded up to the alignment."""
-        a = self.alignment
-        return -(-self.receptive_field_radius // a) * a
+        """Context margin for tiling: the widest member's (see ``ModelConfig.tiling_margin``)."""
+        return max(m.config.tiling_margin for m in self.members)
 
     @torch.inference_mode()
     def predict_block(self, block: np.ndarray) -> np.ndarray:

@@ -57,6 +57,11 @@ class ModelConfig(Config):
         )
         return convs + 2**self.depth - 1
 
+    @property
+    def tiling_margin(self) -> int:
+        """Context margin for tiled prediction: the receptive field rounded up to the alignment."""
+        return -(-self.receptive_field_radius // self.alignment) * self.alignment
+
 
 def _conv_stack(in_channels: int, out_channels: list[int], kernel_size: int) -> nn.Sequential:
     layers: list[nn.Module] = []

@@ -22,6 +22,7 @@ import torch
 
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
 from fusecare.errors import FuseCareError, InputError
+from fusecare.gate import gated
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
 from fusecare.normalize import PercentileNorm, integer_histogram
 from fusecare.tiling import Region, predict_tiled
@@ -125,12 +126,6 @@ def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
     return volume
 
 
-def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
-    """Weight of the prediction against the input: 1 where members agree, -> 0 as they disagree."""
-    ratio = spread / np.float32(spread_scale)
-    return 1.0 / (1.0 + ratio * ratio)
-
-
 # --------------------------------------------------------------------------- one volume
 
 
@@ -192,8 +187,7 @@ def restore_volume(
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
         if spread_scale is not None:
-            x = norm.forward(volume[region])
-            mean = x + gate_weight(spread, spread_scale) * (mean - x)
+            mean = gated(norm.forward(volume[region]), mean, spread, spread_scale)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
         if uncertainty is not None:

@@ -15,7 +15,7 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
 from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, open_volume, split_by_study
-from fusecare.ensemble import resolve_device, save_member, write_manifest
+from fusecare.ensemble import Ensemble, GateConfig, load_ensemble, resolve_device, save_member, write_manifest
+from fusecare.gate import GateCandidate, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
 from fusecare.io import CHANNELS, NUCLEUS, list_cases, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
+from fusecare.normalize import PercentileNorm
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
 from fusecare.simulate import SimulatorConfig, simulate_single_view
 from fusecare.tiling import predict_tiled
@@ -52,6 +54,7 @@ class TrainConfig(Config):
     fmc_dir: str = param("", doc="Folder of FMC pairs image_<id>_<channel>_angle/fused.tif ('' = none).")
     validation_studies: tuple[int, ...] = param((), doc="FMC studies held out for validation.", ge=0)
     clean_dir: str = param("", doc="Folder of clean volumes to simulate single views from ('' = none).")
+    clean_files: tuple[str, ...] = param((), doc="Clean volume files, beside or instead of clean_dir.")
     phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
                           ge=0, le=10_000)
     phantom_shape: tuple[int, int, int] = param((48, 128, 128), doc="Shape of each phantom (Z, Y, X).",
@@ -82,8 +85,8 @@ class TrainConfig(Config):
     device: str = param("auto", doc="auto, cpu, cuda or cuda:N.")
 
     def validate(self) -> None:
-        if not (self.fmc_dir or self.clean_dir or self.phantoms):
-            raise ConfigError("no training data: set fmc_dir, clean_dir or phantoms")
+        if not (self.fmc_dir or self.clean_dir or self.clean_files or self.phantoms):
+            raise ConfigError("no training data: set fmc_dir, clean_dir, clean_files or phantoms")
         if self.loss == "laplace" and not self.model.probabilistic:
             raise ConfigError("loss 'laplace' needs model.probabilistic = true")
         align = self.model.alignment
@@ -172,12 +175,17 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
             validation.append(ValidationCase(p.angle.path.name,
                                              _centre_crop(open_volume(p.angle.path), VALIDATION_CROP),
                                              _centre_crop(open_volume(p.fused.path), VALIDATION_CROP)))
-    if config.clean_dir:
-        cases = [read_case(path) for path in list_cases(config.clean_dir)]
+    clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
+        Path(f) for f in config.clean_files]
+    if clean_paths:
+        cases = [read_case(path) for path in clean_paths]
         chosen = [c for c in cases if c.meta.channel == config.channel]
         if not chosen:
-            raise InputError(f"no clean volume of channel {config.channel!r} in {config.clean_dir} "
-                             f"(channels found: {sorted({c.meta.channel for c in cases})})")
+            raise InputError(f"no clean volume of channel {config.channel!r} among {len(cases)} clean "
+                             f"file(s) (channels found: {sorted({c.meta.channel for c in cases})})")
+        for c in cases:
+            if c.meta.channel != config.channel:
+                log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, config.channel)
         for i, case in enumerate(chosen):
             clean = case.volume.astype(np.float32)
             sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
@@ -189,7 +197,7 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
     for i in range(config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
         sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
-    for i in range(config.validation_phantoms if (config.phantoms or config.clean_dir) else 0):
+    for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
         seed = 1_000_000_007 + i  # never a training phantom's seed
         clean = _phantom(config.channel, config.phantom_shape, seed)
         view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=config.simulator, seed=seed)
@@ -258,21 +266,23 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
-    """Normalised float32 prediction of a whole validation volume (tiled)."""
-    from fusecare.normalize import PercentileNorm
-
+def predict_normalised(volume: np.ndarray, predict_block: Callable[[np.ndarray], np.ndarray], *,
+                       margin: int, align: int) -> np.ndarray:
+    """A whole volume predicted on the challenge's normalised scale (tiled, exact stitching)."""
     norm = PercentileNorm.fit(volume)
+    return predict_tiled(volume, predict_block, tile=(64, 128, 128), margin=margin, align=align,
+                         transform=norm.forward)  # type: ignore[return-value]
+
+
+def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
+    """One member's normalised prediction of a validation volume."""
     config = model.config
-    margin = -(-config.receptive_field_radius // config.alignment) * config.alignment
 
     @torch.inference_mode()
     def predict(block: np.ndarray) -> np.ndarray:
-        out = model(torch.from_numpy(block)[None, None].to(device))
-        return out[0, 0].float().cpu().numpy()
+        return model(torch.from_numpy(block)[None, None].to(device))[0, 0].float().cpu().numpy()
 
-    return predict_tiled(volume, predict, tile=(64, 128, 128), margin=margin, align=config.alignment,
-                         transform=norm.forward)  # type: ignore[return-value]
+    return predict_normalised(volume, predict, margin=config.tiling_margin, align=config.alignment)
 
 
 def validate(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],
@@ -415,6 +425,31 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
         if not _is_distributed() or dist.get_rank() == 0:
             export_member(result.run_dir, weights_dir / config.channel / f"member_{k}", member_config)
     if not _is_distributed() or dist.get_rank() == 0:
-        write_manifest(weights_dir / config.channel, config.channel,
-                       info={"members": members, "best": [r.best for r in results]})
+        folder = weights_dir / config.channel
+        write_manifest(folder, config.channel, info={"members": members, "best": [r.best for r in results]})
+        _, validation = data
+        if validation:
+            gate, table = calibrate_ensemble_gate(folder, validation, device=config.device)
+            write_manifest(folder, config.channel, gate=gate, info={
+                "members": members, "best": [r.best for r in results],
+                "gate_calibration": [{"spread_scale": c.spread_scale, "n_ssim_mean": c.mean,
+                                      "n_ssim_worst": c.worst, "n_ssim": list(c.n_ssim)} for c in table]})
     return results
+
+
+def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
+    """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume."""
+    return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin, align=ensemble.alignment)
+
+
+def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu"
+                            ) -> tuple[GateConfig, list[GateCandidate]]:
+    """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
+    ensemble = load_ensemble(folder, device=device)
+    predictions = [predict_validation(c.name, c.source, c.target,
+                                      lambda v: predict_ensemble_volume(ensemble, v)) for c in cases]
+    gate, table = calibrate_gate(predictions)
+    for c in table:
+        log.info("gate spread_scale=%s: N-SSIM mean %.4f, worst %.4f", c.spread_scale, c.mean, c.worst)
+    log.info("chosen gate: spread_scale=%g", gate.spread_scale)
+    return gate, table

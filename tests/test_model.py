@@ -50,6 +50,7 @@ def test_receptive_field_radius_matches_gradient(config):
 def test_default_receptive_field_and_alignment():
     assert ModelConfig().receptive_field_radius == 23
     assert ModelConfig().alignment == 4
+    assert ModelConfig().tiling_margin == 24
 
 
 def test_residual_net_with_zero_weights_is_identity_and_scale_is_positive():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fusecare.gate import gate_weight
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restore import (
@@ -14,7 +15,6 @@ from fusecare.restore import (
     ConstantVolumeError,
     NonFinitePredictionError,
     Uint16Map,
-    gate_weight,
     halve_tile,
     input_as_uint16,
     replace_non_finite,

@@ -89,7 +89,7 @@ def test_tiled_equals_untiled_for_the_care_net(rng, shape):
     predict = _net_predictor(model)
     volume = rng.random(shape).astype(np.float32)
     untiled = predict(pad_to_multiple(volume, config.alignment))[tuple(slice(n) for n in shape)]
-    margin = -(-config.receptive_field_radius // config.alignment) * config.alignment
+    margin = config.tiling_margin
     tiled = predict_tiled(volume, predict, tile=(56, 56, 64), margin=margin, align=config.alignment)
     assert np.abs(tiled - untiled).max() < 1e-4
 

@@ -108,6 +108,11 @@ def test_ensemble_on_simulated_phantoms_loads_for_inference(tmp_path):
     assert len(ensemble.members) == 2 and ensemble.members[0].config == ModelConfig(first_filters=4, depth=1)
     training = json.loads((tmp_path / "weights" / "nucleus" / "member_1" / "training.json").read_text())
     assert training["config"]["seed"] == 1
+    # the do-no-harm gate was calibrated on the validation phantom and written to the manifest
+    manifest = json.loads((tmp_path / "weights" / "nucleus" / "manifest.json").read_text())
+    table = manifest["info"]["gate_calibration"]
+    assert table[0]["spread_scale"] is None and len(table) > 5
+    assert ensemble.gate is not None and ensemble.gate.spread_scale == manifest["gate"]["spread_scale"]
 
 
 def _run_train(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -141,3 +146,15 @@ def test_ddp_with_two_gloo_processes_trains_one_member(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "w" / "nucleus" / "manifest.json").is_file()
     assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 1
+
+
+def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
+    nuc = write_fmc_tif(tmp_path / "n.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    mem = write_fmc_tif(tmp_path / "m.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="membrane")
+    from fusecare.training import build_data
+
+    sources, validation = build_data(tiny(phantoms=0, validation_phantoms=0, clean_files=[str(nuc), str(mem)]))
+    assert [s.name for s in sources] == ["n.tif"]
+    assert len(validation) == 1 and validation[0].name.startswith("n.tif (simulated")
+    with pytest.raises(Exception, match="no clean volume of channel 'nucleus'"):
+        build_data(tiny(phantoms=0, clean_files=[str(mem)]))
