@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import gated  # noqa: E402
+from fusecare.gate import gated, smooth_spread  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
 from fusecare.metrics import score_ssim  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
@@ -88,23 +88,24 @@ def main() -> None:
     for channel in VOLUMES:
         sigma = tune_sigma(simulated_cases(channel, args.data, range(TUNING_SEED, TUNING_SEED + 2), 0, 0))
         ensemble = load_ensemble(args.weights / channel, device=args.device)
-        scale = ensemble.gate.spread_scale if ensemble.gate else None
+        gate = ensemble.gate
         rows = []
         for case in simulated_cases(channel, args.data, range(HELD_OUT_SEED, HELD_OUT_SEED + args.seeds),
                                     args.phantoms, 40_000):
-            mean, spread = predict_ensemble_volume(ensemble, case.source)
+            prediction = predict_ensemble_volume(ensemble, case.source)
+            mean, spread = smooth_spread(prediction, gate.spread_sigma if gate else 0.0)
             x = PercentileNorm.fit(case.source).forward(case.source)
             scores = [score_ssim(case.target, p, case.source).n_ssim
-                      for p in (x, gaussian(case, sigma), mean, gated(x, mean, spread, scale))]
+                      for p in (x, gaussian(case, sigma), prediction[0], gated(x, mean, spread, gate))]
             rows.append(scores)
             print(f"{channel:<9}{case.name:<40}" + "".join(f"{v:>9.3f}" for v in scores))
         table = np.array(rows)
-        summary.append((channel, sigma, scale, table.mean(0), table.min(0), len(rows)))
+        summary.append((channel, sigma, gate, table.mean(0), table.min(0), len(rows)))
     print("\nsummary (mean N-SSIM; worst case in brackets)")
-    print(f"{'channel':<9}{'sigma':>6}{'gate':>7}{'n':>4}{'identity':>16}{'gaussian':>16}{'ensemble':>16}{'gated':>16}")
-    for channel, sigma, scale, means, worst, n in summary:
+    print(f"{'channel':<9}{'sigma':>6}{'n':>4}{'identity':>16}{'gaussian':>16}{'ensemble':>16}{'gated':>16}  gate")
+    for channel, sigma, gate, means, worst, n in summary:
         cells = "".join(f"{m:>8.3f} ({w:>5.2f})" for m, w in zip(means, worst))
-        print(f"{channel:<9}{sigma:>6.2f}{scale if scale is not None else 'off':>7}{n:>4}{cells}")
+        print(f"{channel:<9}{sigma:>6.2f}{n:>4}{cells}  {gate.to_dict() if gate else 'off'}")
     for channel, _, _, means, worst, _ in summary:
         ratio = means[3] / means[1] if means[1] > 0 else float("inf")
         print(f"{channel}: gated ensemble / gaussian = {ratio:.2f}x (target >= 3x); "

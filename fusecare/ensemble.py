@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusecare.config import Config, param
 from fusecare.errors import ConfigError, FuseCareError, WeightsError
+from fusecare.gate import GateConfig
 from fusecare.model import CareUNet, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -36,17 +36,6 @@ MEMBER_WEIGHTS = "weights.pt"
 MANIFEST_FORMAT = "fusecare-ensemble/1"
 WEIGHTS_ENV = "FUSECARE_WEIGHTS"
 """Environment variable naming the weights folder (default: ``model_weights`` beside the code)."""
-
-
-class GateConfig(Config):
-    """Do-no-harm gate: blend each voxel toward the input where the members disagree.
-
-    ``output = input + w * (prediction - input)`` with ``w = 1 / (1 + (spread / spread_scale)**2)``
-    (spread in normalised intensity units). Calibrated on validation data by training.
-    """
-
-    spread_scale: float = param(0.05, doc="Spread (normalised units) at which the prediction "
-                                "and the input get equal weight.", gt=0.0, le=10.0)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import gated
+from fusecare.gate import GateConfig, gated, smooth_spread
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
 from fusecare.normalize import PercentileNorm, integer_histogram
 from fusecare.tiling import Region, predict_tiled
@@ -162,15 +162,15 @@ def restore_volume(
     tile: tuple[int, int, int],
     margin: int,
     align: int,
-    spread_scale: float | None = None,
+    gate: GateConfig | None = None,
     with_uncertainty: bool = False,
     progress: str | None = None,
     max_oom_retries: int = 1,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
-    Normalises with the challenge's percentiles, gates toward the input when ``spread_scale``
-    is given, maps back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
+    Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
+    given (its spread smoothing runs on whole tiles, before their margins are cropped), maps back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
     out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
     """
     norm = PercentileNorm.fit(volume)
@@ -186,17 +186,19 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if spread_scale is not None:
-            mean = gated(norm.forward(volume[region]), mean, spread, spread_scale)
+        if gate is not None:
+            mean = gated(norm.forward(volume[region]), mean, spread, gate)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     minimum = 2 * margin + align
+    sigma = gate.spread_sigma if gate is not None else 0.0
+    predictor = predict_block if sigma == 0 else (lambda block: smooth_spread(predict_block(block), sigma))
     for attempt in range(max_oom_retries + 1):
         try:
-            predict_tiled(volume, predict_block, tile=tile, margin=margin, align=align,
+            predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,
                           transform=norm.forward, sink=sink, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
@@ -330,10 +332,10 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     gate = ensemble.gate if options.gate else None
     log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
-             tile, f"spread_scale={gate.spread_scale:g}" if gate else "off")
+             tile, gate.to_dict() if gate else "off")
     return restore_volume(
         volume, ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
-        spread_scale=gate.spread_scale if gate else None,
+        gate=gate,
         with_uncertainty=options.uncertainty_dir is not None,
         progress=name if options.progress else None,
     )

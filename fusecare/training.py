@@ -12,6 +12,7 @@ equivalent of a distributed sampler), rank 0 validates and writes.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import time
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
 from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, open_volume, split_by_study
-from fusecare.ensemble import Ensemble, GateConfig, load_ensemble, resolve_device, save_member, write_manifest
-from fusecare.gate import GateCandidate, calibrate_gate, predict_validation
+from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
+from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
 from fusecare.io import CHANNELS, NUCLEUS, list_cases, read_case
 from fusecare.metrics import score_ssim
@@ -426,15 +427,24 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
             export_member(result.run_dir, weights_dir / config.channel / f"member_{k}", member_config)
     if not _is_distributed() or dist.get_rank() == 0:
         folder = weights_dir / config.channel
-        write_manifest(folder, config.channel, info={"members": members, "best": [r.best for r in results]})
+        info = {"members": members, "best": [r.best for r in results]}
+        write_manifest(folder, config.channel, info=info)
         _, validation = data
         if validation:
-            gate, table = calibrate_ensemble_gate(folder, validation, device=config.device)
-            write_manifest(folder, config.channel, gate=gate, info={
-                "members": members, "best": [r.best for r in results],
-                "gate_calibration": [{"spread_scale": c.spread_scale, "n_ssim_mean": c.mean,
-                                      "n_ssim_worst": c.worst, "n_ssim": list(c.n_ssim)} for c in table]})
+            recalibrate_gate(folder, validation, device=config.device, info=info)
     return results
+
+
+def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, device: str = "cpu",
+                     info: dict[str, Any] | None = None) -> GateConfig:
+    """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table."""
+    if info is None:
+        info = json.loads((folder / "manifest.json").read_text()).get("info", {})
+    gate, table = calibrate_ensemble_gate(folder, validation, device=device)
+    write_manifest(folder, folder.name, gate=gate, info={
+        **info, "gate_cases": [v.name for v in validation],
+        "gate_calibration": [c.to_dict() for c in table]})
+    return gate
 
 
 def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
@@ -449,7 +459,8 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
     predictions = [predict_validation(c.name, c.source, c.target,
                                       lambda v: predict_ensemble_volume(ensemble, v)) for c in cases]
     gate, table = calibrate_gate(predictions)
-    for c in table:
-        log.info("gate spread_scale=%s: N-SSIM mean %.4f, worst %.4f", c.spread_scale, c.mean, c.worst)
-    log.info("chosen gate: spread_scale=%g", gate.spread_scale)
+    ungated = table[0]
+    chosen = next(c for c in table if c.gate == gate)
+    log.info("validation N-SSIM ungated: mean %.4f, worst %.4f; gated %s: mean %.4f, worst %.4f",
+             ungated.mean, ungated.worst, gate.to_dict(), chosen.mean, chosen.worst)
     return gate, table

@@ -29,7 +29,8 @@ def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilis
     """A randomly initialised ensemble folder (fast, for wiring tests; not a trained model)."""
     import torch
 
-    from fusecare.ensemble import GateConfig, save_member, write_manifest
+    from fusecare.ensemble import save_member, write_manifest
+    from fusecare.gate import GateConfig
     from fusecare.model import CareUNet, ModelConfig
 
     folder = root / channel

@@ -12,13 +12,13 @@ from conftest import make_tiny_ensemble
 from fusecare.ensemble import (
     MANIFEST,
     Ensemble,
-    GateConfig,
     load_ensemble,
     resolve_device,
     save_member,
     write_manifest,
 )
 from fusecare.errors import FuseCareError, WeightsError
+from fusecare.gate import GateConfig
 from fusecare.model import CareUNet, ModelConfig
 
 

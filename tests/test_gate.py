@@ -1,38 +1,69 @@
-"""Do-no-harm gate: weights, candidates and the choice rule."""
+"""Do-no-harm gate: weights, smoothing, candidates and the choice rule."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from fusecare.gate import GateCandidate, ValidationPrediction, calibrate_gate, choose_gate, gate_weight, gated
+from fusecare.gate import (
+    INPUT_ONLY,
+    GateCandidate,
+    GateConfig,
+    ValidationPrediction,
+    calibrate_gate,
+    choose_gate,
+    default_candidates,
+    gate_weight,
+    gated,
+    smooth_spread,
+)
+from fusecare.normalize import PercentileNorm
 
 
 def test_gate_weight_and_blend():
     np.testing.assert_allclose(gate_weight(np.array([0.0, 0.05, 0.1]), 0.05), [1.0, 0.5, 0.2])
     x, mean, spread = np.zeros(3), np.ones(3), np.array([0.0, 0.05, 1e6])
-    np.testing.assert_allclose(gated(x, mean, spread, 0.05), [1.0, 0.5, 0.0], atol=1e-9)
+    np.testing.assert_allclose(gated(x, mean, spread, GateConfig(spread_scale=0.05)), [1.0, 0.5, 0.0], atol=1e-9)
+    np.testing.assert_allclose(gated(x, mean, spread, GateConfig(spread_scale=0.05, blend=0.5)),
+                               [0.5, 0.25, 0.0], atol=1e-9)
     np.testing.assert_array_equal(gated(x, mean, spread, None), mean)
+    np.testing.assert_array_equal(gated(x, mean, spread, INPUT_ONLY), x)
+
+
+def test_smoothing_touches_only_the_spread(rng):
+    prediction = rng.random((2, 6, 10, 10)).astype(np.float32)
+    smoothed = smooth_spread(prediction, 2.0)
+    np.testing.assert_array_equal(smoothed[0], prediction[0])
+    np.testing.assert_allclose(smoothed[1], ndimage.gaussian_filter(prediction[1], 2.0, truncate=4.0), atol=1e-6)
+    assert smooth_spread(prediction, 0.0) is prediction
+
+
+def _gc(n_ssim, **gate):
+    return GateCandidate(GateConfig(**gate) if gate else None, tuple(n_ssim))
 
 
 def test_choice_prefers_best_mean_among_safe_candidates():
-    table = [GateCandidate(None, (0.5, -0.3)), GateCandidate(0.1, (0.4, -0.01)),
-             GateCandidate(0.05, (0.3, 0.01)), GateCandidate(0.02, (0.1, 0.02))]
-    assert choose_gate(table).spread_scale == 0.05
-    unsafe = [GateCandidate(0.1, (0.4, -0.2)), GateCandidate(0.01, (0.1, -0.05))]
-    assert choose_gate(unsafe).spread_scale == 0.01  # the most cautious when none is safe
+    table = [_gc((0.5, -0.3)), _gc((0.4, -0.01), spread_scale=0.1), _gc((0.3, 0.01), spread_scale=0.05),
+             _gc((0.1, 0.02), spread_scale=0.02), _gc((0.0, 0.0), blend=0.0)]
+    assert choose_gate(table).gate == GateConfig(spread_scale=0.05)
+    unsafe = [_gc((0.4, -0.2), spread_scale=0.1), _gc((0.1, -0.05), spread_scale=0.01)]
+    assert choose_gate(unsafe).gate == GateConfig(spread_scale=0.01)  # the most cautious when none is safe
+
+
+def test_candidates_include_the_input_itself():
+    candidates = default_candidates()
+    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates)
 
 
 def _case(rng, *, good: bool) -> ValidationPrediction:
-    """A case where the 'ensemble' is right (good) or confidently-looking wrong but disagreeing."""
-    from scipy import ndimage
-
+    """A case where the 'ensemble' is right (good), or wrong and with members disagreeing."""
     target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
     source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
-    from fusecare.normalize import PercentileNorm
-
-    t = PercentileNorm.fit(target).forward(target)
-    mean = t if good else PercentileNorm.fit(source).forward(source) + rng.standard_normal(target.shape).astype(np.float32)
+    if good:
+        mean = PercentileNorm.fit(target).forward(target)
+    else:
+        mean = PercentileNorm.fit(source).forward(source) + rng.standard_normal(target.shape).astype(np.float32)
     spread = np.full(target.shape, 0.01 if good else 1.0, np.float32)
     return ValidationPrediction("c", source, target, mean, spread)
 
@@ -41,8 +72,16 @@ def test_calibration_keeps_every_case_at_or_above_zero(rng):
     cases = [_case(rng, good=True), _case(rng, good=False)]
     gate, table = calibrate_gate(cases)
     ungated = table[0]
-    assert ungated.spread_scale is None and ungated.worst < 0  # ungated, the bad case hurts
-    chosen = next(c for c in table if c.spread_scale == gate.spread_scale)
-    assert chosen.worst >= 0 and chosen.mean > 0
+    assert ungated.gate is None and ungated.worst < 0  # ungated, the bad case hurts
+    chosen = next(c for c in table if c.gate == gate)
+    assert chosen.worst >= 0 and chosen.mean > 0 and gate.blend > 0
     with pytest.raises(ValueError):
         calibrate_gate([])
+
+
+def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
+    bad = _case(rng, good=False)
+    bad = ValidationPrediction("bad", bad.source, bad.target, bad.mean, np.zeros_like(bad.spread))  # confident
+    gate, table = calibrate_gate([bad])
+    assert gate == INPUT_ONLY
+    assert next(c for c in table if c.gate == gate).worst == 0.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusecare.gate import gate_weight
+from fusecare.gate import GateConfig, gate_weight
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restore import (
@@ -76,9 +76,9 @@ def test_uint16_map_identity_when_room_else_stretch():
 
 def test_gate_blends_toward_the_input_where_members_disagree(volume):
     shift = _with_spread(lambda x: x + 0.5, spread=10.0)
-    unsure = restore_volume(volume, shift, spread_scale=0.01, **TILING)
+    unsure = restore_volume(volume, shift, gate=GateConfig(spread_scale=0.01), **TILING)
     assert np.abs(unsure.output.astype(int) - volume).max() <= 1  # w ~ 1e-6: the input
-    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), spread_scale=0.01, **TILING)
+    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), gate=GateConfig(spread_scale=0.01), **TILING)
     ungated = restore_volume(volume, shift, **TILING)
     np.testing.assert_array_equal(sure.output, ungated.output)
     np.testing.assert_allclose(gate_weight(np.array([0.0, 0.05, 0.1]), 0.05), [1.0, 0.5, 0.2])

@@ -111,8 +111,8 @@ def test_ensemble_on_simulated_phantoms_loads_for_inference(tmp_path):
     # the do-no-harm gate was calibrated on the validation phantom and written to the manifest
     manifest = json.loads((tmp_path / "weights" / "nucleus" / "manifest.json").read_text())
     table = manifest["info"]["gate_calibration"]
-    assert table[0]["spread_scale"] is None and len(table) > 5
-    assert ensemble.gate is not None and ensemble.gate.spread_scale == manifest["gate"]["spread_scale"]
+    assert table[0]["gate"] is None and len(table) > 5  # the ungated row first
+    assert ensemble.gate is not None and ensemble.gate.to_dict() == manifest["gate"]
 
 
 def _run_train(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -158,3 +158,23 @@ def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
     assert len(validation) == 1 and validation[0].name.startswith("n.tif (simulated")
     with pytest.raises(Exception, match="no clean volume of channel 'nucleus'"):
         build_data(tiny(phantoms=0, clean_files=[str(mem)]))
+
+
+def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))
+    from train.train import main
+
+    assert main(["--config", str(config), "--runs", str(tmp_path / "runs"), "--weights", str(tmp_path / "w"),
+                 "--quiet"]) == 0
+    manifest_path = tmp_path / "w" / "nucleus" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["gate"] = None
+    manifest["info"].pop("gate_calibration")
+    manifest_path.write_text(json.dumps(manifest))
+    weights_before = (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes()
+    assert main(["--config", str(config), "--weights", str(tmp_path / "w"), "--calibrate-only"]) == 0
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["gate"] is not None and manifest["info"]["members"] == 1
+    assert manifest["info"]["gate_cases"] == ["validation phantom 0"]
+    assert (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes() == weights_before

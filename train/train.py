@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fusecare.errors import FuseCareError  # noqa: E402
-from fusecare.training import TrainConfig, train_ensemble  # noqa: E402
+from fusecare.training import TrainConfig, build_data, recalibrate_gate, train_ensemble  # noqa: E402
 
 log = logging.getLogger("fusecare")
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", type=Path, default=REPO / "model_weights",
                      help="the ensemble is written to WEIGHTS/<channel>/")
     run.add_argument("--resume", action="store_true", help="continue each member from its last.pt")
+    run.add_argument("--calibrate-only", action="store_true",
+                     help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = merged_config(args)
+        if args.calibrate_only:
+            gate = recalibrate_gate(args.weights / config.channel, build_data(config)[1], device=config.device)
+            log.info("gate of %s: %s", args.weights / config.channel, gate.to_dict())
+            return 0
         run_dir = args.runs / config.channel
         results = train_ensemble(config, runs_dir=run_dir, weights_dir=args.weights, members=args.members,
                                  resume=args.resume, progress=not args.quiet)
