@@ -1,0 +1,354 @@
+"""Score predictions the way the Fuse My Cells leaderboard does: N-SSIM and N-IoU per case.
+
+``evaluate_folder`` pairs the cases of a prediction, a target and an input folder by file name,
+scores each and returns one ``CaseResult`` per case; a case that cannot be scored (missing
+partner, shapes that differ, unreadable file) gets its one-line reason and the others are
+still scored. ``score_volumes`` scores arrays already in memory: training's validation and the
+benchmarks call it so that they report the very same numbers as ``evaluation/score.py``.
+
+Pairing: names are compared without their ``.tif``/``.tiff`` suffix and without a trailing
+``_angle`` or ``_fused`` (the challenge's input and target names), case-insensitively. The
+channel comes from the input's metadata (``nucleus``, anything else membrane), else the
+target's, else the file name; ``EvalOptions.channel`` overrides it. Voxel sizes come from the
+target (the metadata of some challenge inputs disagree with their target's).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import FuseCareError, InputError
+from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, inspect_case, read_case
+from .metrics import SsimScores, Window, score_ssim
+from .normalize import PercentileNorm
+from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
+
+log = logging.getLogger(__name__)
+
+ROLES = ("pred", "target", "input")
+_ROLE_NAMES = {"pred": "prediction", "target": "target", "input": "input"}
+_KEY_SUFFIX = re.compile(r"_(angle|fused)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SsimOptions:
+    """The unpublished SSIM choices; defaults: 3-D, 7-voxel uniform window, data_range 1."""
+
+    window: Window = "uniform"
+    per_slice: bool = False
+    data_range: float | Literal["target"] = 1.0
+    """A number, or "target": max - min of the normalised target."""
+    win_size: int | None = None
+    sigma: float = 1.5
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Everything ``evaluate_folder`` and ``score_volumes`` can be told."""
+
+    ssim: SsimOptions = SsimOptions()
+    segment: bool = True
+    seg: SegOptions = SegOptions()
+    channel: str | None = None
+    """Force every case to this channel (``nucleus`` or ``membrane``)."""
+    device: str = "auto"
+    """SSIM and cellpose device: auto (CUDA when present), cpu, cuda, cuda:N."""
+    cellpose_models: Mapping[str, str | Path] = field(default_factory=dict)
+    """Channel (or "*") -> cellpose model path; default the built-in nuclei / cyto3."""
+    allow_download: bool = True
+    png_dir: Path | None = None
+    uncertainty_dir: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.channel is not None and self.channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {CHANNELS}, got {self.channel!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The choices that change the numbers, for the report."""
+        out: dict[str, Any] = {"ssim": asdict(self.ssim), "segment": self.segment,
+                               "channel_override": self.channel}
+        if self.segment:
+            out["iou"] = asdict(self.seg)
+            out["cellpose_models"] = {ch: str(SegmenterCache(self.cellpose_models).model_for(ch)) for ch in CHANNELS}
+        return out
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    """One case's files; ``problem`` says why it cannot be scored (then some path may be None)."""
+
+    name: str
+    pred: Path | None
+    target: Path | None
+    input: Path | None
+    problem: str | None = None
+
+
+@dataclass
+class CaseResult:
+    """The scores of one case, or the reason it has none."""
+
+    case: str
+    channel: str | None = None
+    study: int | None = None
+    ssim: SsimScores | None = None
+    seg: SegScores | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    png: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+def case_key(name: str) -> str:
+    """Pairing key: lower case, no TIFF suffix, no trailing ``_angle``/``_fused``."""
+    stem = name
+    for suffix in TIFF_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return _KEY_SUFFIX.sub("", stem).lower()
+
+
+def _tiffs(folder: Path) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise InputError(f"folder not found: {folder}")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in TIFF_SUFFIXES and not path.name.startswith(".") and path.is_file():
+            found.setdefault(case_key(path.name), []).append(path)
+    return found
+
+
+def pair_cases(pred_dir: str | Path, target_dir: str | Path, input_dir: str | Path) -> list[CasePaths]:
+    """Every case of the three folders, matched by name (see the module doc), sorted.
+
+    ``InputError`` when a folder is missing or the target folder holds no TIFF; a case missing
+    from some folder, or ambiguous in one, is returned with its ``problem``.
+    """
+    folders = {"pred": Path(pred_dir), "target": Path(target_dir), "input": Path(input_dir)}
+    listed = {role: _tiffs(folder) for role, folder in folders.items()}
+    if not listed["target"]:
+        raise InputError(f"no .tif/.tiff file in target folder {folders['target']}")
+    cases = []
+    for key in sorted(set().union(*listed.values())):
+        found = {role: listed[role].get(key, []) for role in ROLES}
+        problems = []
+        for role in ROLES:
+            if not found[role]:
+                problems.append(f"no {_ROLE_NAMES[role]} in {folders[role]}")
+            elif len(found[role]) > 1:
+                problems.append(f"ambiguous {_ROLE_NAMES[role]}: {', '.join(p.name for p in found[role])}")
+        paths = {role: found[role][0] if len(found[role]) == 1 else None for role in ROLES}
+        shown = next((p.name for role in ("input", "pred", "target") for p in found[role]), key)
+        cases.append(CasePaths(name=shown, problem="; ".join(problems) or None, **paths))
+    return cases
+
+
+def _inspect(case: CasePaths) -> dict[str, CaseInfo]:
+    """Headers of the three files; InputError naming the file, or when shapes differ."""
+    infos = {}
+    for role in ROLES:
+        try:
+            infos[role] = inspect_case(getattr(case, role))
+        except InputError as exc:
+            raise InputError(f"{_ROLE_NAMES[role]} {exc}") from None
+    shapes = {infos[role].shape for role in ROLES}
+    if len(shapes) > 1:
+        raise InputError("shapes differ: " + ", ".join(
+            f"{_ROLE_NAMES[r]} {'x'.join(map(str, infos[r].shape))}" for r in ROLES))
+    return infos
+
+
+def _has_channel_key(info: CaseInfo) -> bool:
+    return any(str(k).lower() == "channel" for k in info.meta.raw)
+
+
+def case_channel(infos: Mapping[str, CaseInfo], override: str | None = None) -> str:
+    """``override``, else the input's metadata channel, else the target's, else from the file name."""
+    if override is not None:
+        return override
+    for role in ("input", "target"):
+        if _has_channel_key(infos[role]):
+            return infos[role].meta.channel
+    return infos["input"].meta.channel
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _ssim_kwargs(options: SsimOptions, target: np.ndarray, device: str) -> dict[str, Any]:
+    data_range = options.data_range
+    if data_range == "target":
+        norm = PercentileNorm.fit(target)
+        data_range = (float(target.max()) - float(target.min())) / norm.scale
+        if not data_range > 0:
+            data_range = 1.0
+    return {"window": options.window, "per_slice": options.per_slice, "data_range": float(data_range),
+            "win_size": options.win_size, "sigma": options.sigma, "device": device}
+
+
+def score_volumes(
+    target: np.ndarray, pred: np.ndarray, input: np.ndarray, *, channel: str,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0), options: EvalOptions = EvalOptions(),
+    segmenters: SegmenterCache | None = None, step: Callable[[str], None] | None = None,
+) -> tuple[SsimScores, SegScores | None]:
+    """N-SSIM (and N-IoU unless ``options.segment`` is off) of one case held in memory.
+
+    ``segmenters`` caches the cellpose models across calls (made from ``options`` when None).
+    """
+    if step is not None:
+        step("ssim")
+    ssim = score_ssim(target, pred, input, **_ssim_kwargs(options.ssim, target, options.device))
+    if not options.segment:
+        return ssim, None
+    if segmenters is None:
+        segmenters = make_segmenters(options)
+    seg = score_segmentation(target, pred, input, voxel_size=voxel_size, segmenter=segmenters.get(channel),
+                             options=options.seg, step=step)
+    return ssim, seg
+
+
+def make_segmenters(options: EvalOptions) -> SegmenterCache:
+    return SegmenterCache(models=dict(options.cellpose_models), device=options.device,
+                          allow_download=options.allow_download)
+
+
+def _uncertainty(options: EvalOptions, case: CasePaths, shape: tuple[int, ...]) -> np.ndarray | None:
+    if options.uncertainty_dir is None:
+        return None
+    matches = _tiffs(options.uncertainty_dir).get(case_key(case.name), [])
+    if len(matches) != 1:
+        log.warning("%s: %s uncertainty file in %s, drawn without it", case.name,
+                    "no" if not matches else "more than one", options.uncertainty_dir)
+        return None
+    try:
+        volume = read_case(matches[0]).volume
+    except InputError as exc:
+        log.warning("%s: uncertainty %s; drawn without it", case.name, exc)
+        return None
+    if volume.shape != shape:
+        log.warning("%s: uncertainty has shape %s, not %s; drawn without it", case.name, volume.shape, shape)
+        return None
+    return volume
+
+
+def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache | None = None,
+               infos: Mapping[str, CaseInfo] | None = None,
+               step: Callable[[str], None] | None = None) -> CaseResult:
+    """Read and score one case; every expected failure becomes ``CaseResult.error``."""
+    start = time.perf_counter()
+    result = CaseResult(case=case.name)
+    try:
+        if case.problem:
+            raise InputError(case.problem)
+        infos = infos or _inspect(case)
+        result.channel = case_channel(infos, options.channel)
+        result.study = infos["input"].meta.study if infos["input"].meta.study is not None else infos["target"].meta.study
+        if step is not None:
+            step("reading")
+        volumes = {}
+        for role in ROLES:
+            try:
+                volumes[role] = read_case(getattr(case, role), info=infos[role]).volume
+            except InputError as exc:
+                raise InputError(f"{_ROLE_NAMES[role]} {exc}") from None
+        voxel_size = infos["target"].meta.voxel_size.zyx
+        if infos["input"].meta.voxel_size.zyx != voxel_size:
+            log.debug("%s: input voxel size %s differs from the target's %s; using the target's",
+                      case.name, infos["input"].meta.voxel_size.zyx, voxel_size)
+        result.ssim, result.seg = score_volumes(
+            volumes["target"], volumes["pred"], volumes["input"], channel=result.channel,
+            voxel_size=voxel_size, options=options, segmenters=segmenters, step=step)
+        if options.png_dir is not None:
+            if step is not None:
+                step("png")
+            try:
+                result.png = _draw(case, volumes, voxel_size, options)
+            except (OSError, ValueError) as exc:  # the scores stand without their picture
+                log.warning("%s: no PNG (%s)", case.name, exc)
+    except FuseCareError as exc:
+        result.error = str(exc)
+    except MemoryError:
+        result.error = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - a scoring run must go on with the other cases
+        log.debug("%s: unexpected failure", case.name, exc_info=True)
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (--debug for the traceback)"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _draw(case: CasePaths, volumes: Mapping[str, np.ndarray], voxel_size: Sequence[float],
+          options: EvalOptions) -> Path:
+    from .report import write_case_png
+
+    assert options.png_dir is not None
+    uncertainty = _uncertainty(options, case, volumes["target"].shape)
+    return write_case_png(Path(options.png_dir) / f"{case_key(case.name)}.png", volumes["input"],
+                          volumes["pred"], volumes["target"], voxel_size, uncertainty=uncertainty)
+
+
+def _describe(result: CaseResult) -> str:
+    if not result.ok:
+        return f"FAILED {result.case}: {result.error}"
+    text = f"{result.case} ({result.channel}): N-SSIM {result.ssim.n_ssim:+.4f}" if result.ssim else result.case
+    if result.seg is not None:
+        text += (f", N-IoU {result.seg.n_iou:+.4f} (IoU input {result.seg.iou_input:.4f}, "
+                 f"prediction {result.seg.iou_pred:.4f})")
+    return text + f" [{result.seconds:.1f} s]"
+
+
+def evaluate_folder(pred_dir: str | Path, target_dir: str | Path, input_dir: str | Path,
+                    options: EvalOptions = EvalOptions()) -> list[CaseResult]:
+    """Score every case of the three folders; one ``CaseResult`` per case, failures included.
+
+    Raises ``InputError`` for a missing folder or an empty target folder, ``WeightsError``
+    when a cellpose model a case needs cannot be had (before any case is scored).
+    """
+    cases = pair_cases(pred_dir, target_dir, input_dir)
+    if options.uncertainty_dir is not None and not Path(options.uncertainty_dir).is_dir():
+        raise InputError(f"uncertainty folder not found: {options.uncertainty_dir}")
+    plans: list[tuple[CasePaths, dict[str, CaseInfo] | None, CaseResult | None]] = []
+    for case in cases:
+        try:
+            if case.problem:
+                raise InputError(case.problem)
+            plans.append((case, _inspect(case), None))
+        except FuseCareError as exc:
+            plans.append((case, None, CaseResult(case=case.name, error=str(exc))))
+    segmenters = make_segmenters(options) if options.segment else None
+    if segmenters is not None:
+        for channel in sorted({case_channel(infos, options.channel) for _, infos, _ in plans if infos}):
+            segmenters.get(channel)  # WeightsError now, not once per case
+    results: list[CaseResult] = []
+    with tqdm(plans, desc="scoring", unit="case", disable=not options.progress, dynamic_ncols=True) as bar:
+        for case, infos, failed in bar:
+            bar.set_postfix_str(case.name)
+
+            def step(stage: str, name: str = case.name) -> None:
+                bar.set_postfix_str(f"{name}: {stage}")
+
+            result = failed or score_case(case, options, segmenters, infos, step)
+            (log.error if not result.ok else log.info)("%s", _describe(result))
+            results.append(result)
+    return results
+
+
+def all_scored(results: Sequence[CaseResult]) -> bool:
+    return all(r.ok for r in results)
+

@@ -1,0 +1,242 @@
+"""The scoring report: per-case CSV, per-channel summary (JSON and a printed table), PNG per case.
+
+The summary holds the four leaderboard numbers (N_SSIM_nucleus, N_SSIM_membrane,
+N_IOU_nucleus, N_IOU_membrane: the mean over the cases of each channel, as the challenge ranks)
+and, per channel and metric, the mean, median, minimum and count, so one bad case that drags a
+mean down is visible. Cases that could not be scored are listed with their one-line reason.
+
+PNGs are drawn with Pillow (a scikit-image dependency): maximum-intensity projections along Z
+(XY) and Y (XZ, stretched to physical aspect) of the percentile-normalised input, prediction and
+target, of |prediction - target|, and of the ensemble's uncertainty when one is given. The
+projections are accumulated slab by slab, so no float copy of a whole volume is made.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from statistics import median
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .io import CHANNELS
+from .normalize import PercentileNorm
+
+if TYPE_CHECKING:
+    from .evaluate import CaseResult
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "case", "channel", "study", "ssim_input", "ssim_pred", "n_ssim",
+    "iou_input", "iou_pred", "n_iou", "seconds", "status", "error",
+)
+LEADERBOARD: tuple[str, ...] = ("N_SSIM_nucleus", "N_SSIM_membrane", "N_IOU_nucleus", "N_IOU_membrane")
+_METRICS = (("n_ssim", "N_SSIM"), ("n_iou", "N_IOU"))
+
+PANEL_MAX, PANEL_MIN = 256, 128
+"""Longest panel side in pixels: projections are shrunk to PANEL_MAX, small ones enlarged to PANEL_MIN."""
+TITLE_H, GAP = 14, 4
+_SLAB_VOXELS = 1 << 23
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def result_row(result: CaseResult) -> dict[str, Any]:
+    """One CSV row: empty cells for what was not computed (no segmentation, failed case)."""
+    ssim, seg = result.ssim, result.seg
+    return {
+        "case": result.case, "channel": result.channel or "", "study": "" if result.study is None else result.study,
+        "ssim_input": ssim.ssim_input if ssim else "", "ssim_pred": ssim.ssim_pred if ssim else "",
+        "n_ssim": ssim.n_ssim if ssim else "",
+        "iou_input": seg.iou_input if seg else "", "iou_pred": seg.iou_pred if seg else "",
+        "n_iou": seg.n_iou if seg else "",
+        "seconds": round(result.seconds, 3), "status": "ok" if result.ok else "failed",
+        "error": result.error or "",
+    }
+
+
+def write_csv(results: Iterable[CaseResult], path: str | Path) -> Path:
+    """Per-case scores, one row per case (failed ones included), columns ``CSV_COLUMNS``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for result in results:
+            writer.writerow(result_row(result))
+    return path
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"mean": None, "median": None, "min": None, "count": 0}
+    return {"mean": _finite_or_none(float(np.mean(values))), "median": _finite_or_none(float(median(values))),
+            "min": _finite_or_none(float(min(values))), "count": len(values)}
+
+
+def summarize(results: Sequence[CaseResult], settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per-channel statistics, the leaderboard numbers, the failures and the settings used.
+
+    Non-finite values (an N-score of -inf when the input was already perfect) count in the
+    statistics but are written as null.
+    """
+    channels: dict[str, dict[str, Any]] = {}
+    leaderboard: dict[str, float | None] = {key: None for key in LEADERBOARD}
+    for channel in CHANNELS:
+        scored = [r for r in results if r.ok and r.channel == channel]
+        entry: dict[str, Any] = {}
+        for attr, label in _METRICS:
+            values = [getattr(getattr(r, "ssim" if attr == "n_ssim" else "seg"), attr) for r in scored
+                      if getattr(r, "ssim" if attr == "n_ssim" else "seg") is not None]
+            entry[attr] = _stats(values)
+            leaderboard[f"{label}_{channel}"] = entry[attr]["mean"]
+        channels[channel] = entry
+    failed = [r for r in results if not r.ok]
+    return {
+        "leaderboard": leaderboard,
+        "channels": channels,
+        "cases": {"total": len(results), "scored": len(results) - len(failed), "failed": len(failed)},
+        "errors": [{"case": r.case, "error": r.error} for r in failed],
+        "settings": dict(settings or {}),
+    }
+
+
+def write_json(summary: Mapping[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:+.4f}"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary as a fixed-width text table, then the leaderboard numbers and failures."""
+    lines = [f"{'channel':<9} {'metric':<7} {'mean':>8} {'median':>8} {'min':>8} {'count':>5}"]
+    for channel, entry in summary["channels"].items():
+        for attr, label in _METRICS:
+            s = entry[attr]
+            lines.append(f"{channel:<9} {label:<7} {_fmt(s['mean']):>8} {_fmt(s['median']):>8} "
+                         f"{_fmt(s['min']):>8} {s['count']:>5}")
+    lines.append("")
+    lines.extend(f"{key:<16} {_fmt(value)}" for key, value in summary["leaderboard"].items())
+    cases = summary["cases"]
+    lines.append(f"\n{cases['scored']} of {cases['total']} cases scored")
+    lines.extend(f"FAILED {e['case']}: {e['error']}" for e in summary["errors"])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def projections(volume: np.ndarray, norm: PercentileNorm | None = None,
+                other: tuple[np.ndarray, PercentileNorm] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum projections (XY over Z, XZ over Y) of ``norm(volume)``, slab by slab.
+
+    With ``other`` = (volume2, norm2) they are of ``|norm(volume) - norm2(volume2)|`` instead.
+    ``norm`` None projects the raw values.
+    """
+    n_z, n_y, n_x = volume.shape
+    xy = np.full((n_y, n_x), -np.inf, dtype=np.float32)
+    xz = np.empty((n_z, n_x), dtype=np.float32)
+    step = max(1, _SLAB_VOXELS // max(1, n_y * n_x))
+    for z0 in range(0, n_z, step):
+        block = volume[z0:z0 + step]
+        block = norm.forward(block) if norm is not None else np.asarray(block, dtype=np.float32)
+        if other is not None:
+            block = np.abs(block - other[1].forward(other[0][z0:z0 + step]))
+        np.maximum(xy, block.max(axis=0), out=xy)
+        xz[z0:z0 + block.shape[0]] = block.max(axis=1)
+    return xy, xz
+
+
+def panel_sizes(shape: Sequence[int], voxel_size: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(height, width) of the XY and of the XZ panel (see ``PANEL_MAX``), XZ at true aspect."""
+    n_z, n_y, n_x = shape
+    vz, _, vx = voxel_size
+    side = max(n_y, n_x)
+    scale = min(PANEL_MAX / side, max(1.0, PANEL_MIN / side))
+    width = max(1, round(n_x * scale))
+    xz_height = max(1, min(PANEL_MAX, round(n_z * vz / vx * scale)))
+    return (max(1, round(n_y * scale)), width), (xz_height, width)
+
+
+def png_size(shape: Sequence[int], voxel_size: Sequence[float], columns: int) -> tuple[int, int]:
+    """(width, height) of the PNG ``write_case_png`` draws for a volume of ``shape``."""
+    (h_xy, w), (h_xz, _) = panel_sizes(shape, voxel_size)
+    return columns * (w + GAP) + GAP, TITLE_H + h_xy + GAP + h_xz + GAP
+
+
+def _grey(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    scaled = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return np.repeat((scaled * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def _hot(values: np.ndarray, high: float) -> np.ndarray:
+    """Black-red-yellow-white colour map on [0, high]."""
+    v = np.clip(values / max(high, 1e-12), 0.0, 1.0)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def _upper(values: np.ndarray, q: float = 99.9) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.percentile(finite, q)) if finite.size else 1.0
+
+
+def _lower(values: np.ndarray) -> float:
+    return _upper(values, 0.5)
+
+
+def write_case_png(
+    path: str | Path, input: np.ndarray, pred: np.ndarray, target: np.ndarray,
+    voxel_size: Sequence[float], *, uncertainty: np.ndarray | None = None,
+) -> Path:
+    """Draw the case's projections (see the module doc) into ``path``; returns ``path``.
+
+    Intensity panels share one grey scale: each volume normalised by its own percentiles 2 /
+    99.8 (the metric's view), shown between percentiles 0.5 and 99.9 of the target's
+    projection. The difference and uncertainty panels use a colour
+    map up to their 99.9th percentile, written in their title.
+    """
+    from PIL import Image, ImageDraw
+
+    volumes = {"input": input, "prediction": pred, "target": target}
+    norms = {name: PercentileNorm.fit(v) for name, v in volumes.items()}
+    mips = {name: projections(v, norms[name]) for name, v in volumes.items()}
+    ranges = [(_lower(p), _upper(p)) for p in mips["target"]]  # one grey scale for all three
+    panels: list[tuple[str, np.ndarray, np.ndarray]] = [
+        (name, _grey(xy, *ranges[0]), _grey(xz, *ranges[1])) for name, (xy, xz) in mips.items()]
+    xy, xz = projections(pred, norms["prediction"], other=(target, norms["target"]))
+    high = _upper(xy)
+    panels.append((f"|pred-target| 0-{high:.2g}", _hot(xy, high), _hot(xz, high)))
+    if uncertainty is not None:
+        xy, xz = projections(uncertainty)
+        high = _upper(xy)
+        panels.append((f"uncertainty 0-{high:.3g}", _hot(xy, high), _hot(xz, high)))
+
+    (h_xy, w), (h_xz, _) = panel_sizes(target.shape, voxel_size)
+    size = png_size(target.shape, voxel_size, len(panels))
+    canvas = Image.new("RGB", size, (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    for k, (name, rgb_xy, rgb_xz) in enumerate(panels):
+        x0 = GAP + k * (w + GAP)
+        draw.text((x0, 1), name, fill=(230, 230, 230))
+        canvas.paste(Image.fromarray(rgb_xy).resize((w, h_xy), Image.BILINEAR), (x0, TITLE_H))
+        canvas.paste(Image.fromarray(rgb_xz).resize((w, h_xz), Image.BILINEAR), (x0, TITLE_H + h_xy + GAP))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
