@@ -95,8 +95,11 @@ def main() -> None:
             prediction = predict_ensemble_volume(ensemble, case.source)
             mean, spread = smooth_spread(prediction, gate.spread_sigma if gate else 0.0)
             x = PercentileNorm.fit(case.source).forward(case.source)
+            # identity and an input-only gate are the input itself: scored as such, exactly 0
+            keep_input = gate is not None and gate.blend == 0
             scores = [score_ssim(case.target, p, case.source).n_ssim
-                      for p in (x, gaussian(case, sigma), prediction[0], gated(x, mean, spread, gate))]
+                      for p in (case.source, gaussian(case, sigma), prediction[0],
+                                case.source if keep_input else gated(x, mean, spread, gate))]
             rows.append(scores)
             print(f"{channel:<9}{case.name:<40}" + "".join(f"{v:>9.3f}" for v in scores))
         table = np.array(rows)

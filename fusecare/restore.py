@@ -52,6 +52,10 @@ class NonFinitePredictionError(FuseCareError):
     """The network produced NaN or Inf."""
 
 
+class InputOnlyGateError(FuseCareError):
+    """The ensemble's calibrated gate keeps the input: predicting would change nothing."""
+
+
 # --------------------------------------------------------------------------- intensities
 
 
@@ -330,6 +334,10 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     ensemble = ensembles.get(meta.channel)
     tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
+    if gate is not None and gate.blend == 0:
+        raise InputOnlyGateError(
+            f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
+            "correction that kept every case >= 0); --no-gate runs the ensemble anyway")
     log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
              tile, gate.to_dict() if gate else "off")

@@ -492,3 +492,24 @@ def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, tiny_we
     message = record.getMessage()
     assert "huge.tif" in message and "memory" in message and "refusing before reading" in message
     assert list(out.iterdir()) == []
+
+
+def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_path):
+    from conftest import make_tiny_ensemble
+    from fusecare.ensemble import write_manifest
+    from fusecare.gate import INPUT_ONLY
+
+    weights = tmp_path / "weights"
+    folder = make_tiny_ensemble(weights, "nucleus")
+    write_manifest(folder, "nucleus", gate=INPUT_ONLY)
+    inp = tmp_path / "in"
+    original = volume(11)
+    write_fmc_tif(inp / "nuc.tif", original, channel="nucleus")
+    gated_run = run_inference("--input", inp, "--output", tmp_path / "out", "--weights", weights)
+    assert gated_run.returncode == 0 and "Traceback" not in gated_run.stderr
+    [line] = [x for x in lines_naming(gated_run.stderr, "nuc.tif") if "ERROR" in x]
+    assert "FALLBACK" in line and "input-only" in line
+    np.testing.assert_array_equal(read(tmp_path / "out" / "nuc.tif")[0], original)
+    forced = run_inference("--input", inp, "--output", tmp_path / "out2", "--weights", weights, "--no-gate")
+    assert forced.returncode == 0 and "FALLBACK" not in forced.stderr
+    assert not np.array_equal(read(tmp_path / "out2" / "nuc.tif")[0], original)
