@@ -119,7 +119,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction],
             if (i, sigma) not in smoothed:
                 smoothed[i, sigma] = smooth_spread(np.stack([case.mean, case.spread]), sigma)[1]
             # blend 0 is the input: score the raw input itself, so it is exactly 0
-            pred = case.source if gate is not None and gate.blend == 0 else gated(x, case.mean, smoothed[i, sigma], gate)
+            keep_input = gate is not None and gate.blend == 0
+            pred = case.source if keep_input else gated(x, case.mean, smoothed[i, sigma], gate)
             scores.append(score_ssim(case.target, pred, case.source).n_ssim)
         results.append(GateCandidate(gate, tuple(scores)))
     return results

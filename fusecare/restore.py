@@ -174,7 +174,8 @@ def restore_volume(
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
     Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
-    given (its spread smoothing runs on whole tiles, before their margins are cropped), maps back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
+    given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
+    back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
     out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
     """
     norm = PercentileNorm.fit(volume)
@@ -197,9 +198,13 @@ def restore_volume(
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
-    minimum = 2 * margin + align
     sigma = gate.spread_sigma if gate is not None else 0.0
-    predictor = predict_block if sigma == 0 else (lambda block: smooth_spread(predict_block(block), sigma))
+    predictor = predict_block
+    if sigma > 0:
+        # the smoothed spread reaches 4 sigma further: widen the context so tiles stay exact
+        margin += math.ceil(4 * sigma / align) * align
+        predictor = lambda block: smooth_spread(predict_block(block), sigma)  # noqa: E731
+    minimum = 2 * margin + align
     for attempt in range(max_oom_retries + 1):
         try:
             predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,

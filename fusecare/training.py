@@ -347,7 +347,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         log.info("resumed %s at step %d", run_dir, start_step)
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
