@@ -497,10 +497,15 @@ def test_docker_build_script_builds_the_tag_from_the_repository(fake_docker):
     assert builds == [["build", "--tag", "fusecare:test", "--pull", "."]]
 
 
-def test_docker_build_script_refuses_an_image_without_weights(fake_docker):
-    if list((REPO / "model_weights").glob("*/manifest.json")):
-        pytest.skip("model_weights/ holds weights in this checkout")
-    result = subprocess.run([str(REPO / "scripts" / "docker_build.sh")], capture_output=True, text=True,
+def test_docker_build_script_refuses_an_image_without_weights(fake_docker, tmp_path):
+    """Run on a copy of the script in a repository whose model_weights/ holds no ensemble."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "model_weights").mkdir()
+    (repo / "model_weights" / "README.md").write_text("no weights\n")
+    script = repo / "scripts" / "docker_build.sh"
+    shutil.copy2(REPO / "scripts" / "docker_build.sh", script)
+    result = subprocess.run([str(script)], capture_output=True, text=True,
                             env={k: v for k, v in os.environ.items() if k != "ALLOW_NO_WEIGHTS"})
     assert result.returncode == 1
     assert "no model_weights" in result.stderr
