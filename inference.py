@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fusecare.cli import add_logging_arguments, configure_logging
 from fusecare.ensemble import WEIGHTS_ENV
 from fusecare.errors import FuseCareError
 from fusecare.restore import RestoreOptions, restore_folder
@@ -58,16 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument("--tile", type=_tile, help="tile Z,Y,X in voxels (default: 96,256,256 on CUDA, 64,128,128 on CPU)")
     hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
     hardware.add_argument("--max-memory-gb", type=float, help="refuse cases needing more host memory than this")
-    misc = parser.add_argument_group("logging")
-    misc.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
-    misc.add_argument("--debug", action="store_true", help="debug logging, with tracebacks of fallbacks")
+    add_logging_arguments(parser.add_argument_group("logging"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="fusecare %(levelname)s: %(message)s", stream=sys.stderr)
+    configure_logging(quiet=args.quiet, debug=args.debug)
     options = RestoreOptions(
         tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
         uncertainty_dir=args.uncertainty, progress=not args.quiet,

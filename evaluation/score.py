@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from fusecare.cli import add_logging_arguments, configure_logging  # noqa: E402
 from fusecare.errors import FuseCareError  # noqa: E402
 from fusecare.evaluate import EvalOptions, SsimOptions, all_scored, evaluate_folder  # noqa: E402
 from fusecare.io import CHANNELS  # noqa: E402
@@ -97,15 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     misc.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
     misc.add_argument("--threads", type=int, metavar="N",
                       help="torch CPU threads (default: torch's); 1 is often faster when other processes share the cores")
-    misc.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
-    misc.add_argument("--debug", action="store_true", help="debug logging, tracebacks of unexpected failures")
+    add_logging_arguments(misc)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="fusecare %(levelname)s: %(message)s", stream=sys.stderr)
+    configure_logging(quiet=args.quiet, debug=args.debug)
     if not args.debug:
         logging.getLogger("cellpose").setLevel(logging.WARNING)
     if args.threads is not None:

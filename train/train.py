@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fusecare.cli import configure_logging  # noqa: E402
 from fusecare.errors import FuseCareError  # noqa: E402
 from fusecare.training import TrainConfig, build_data, recalibrate_gate, train_ensemble  # noqa: E402
 
@@ -64,7 +65,7 @@ def merged_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="fusecare %(levelname)s: %(message)s", stream=sys.stderr)
+    configure_logging()
     if args.describe:
         print(TrainConfig.describe())
         return 0
