@@ -34,18 +34,6 @@ from fusecare.segment import IOU_MODES, MODELS_ENV, SegOptions  # noqa: E402
 log = logging.getLogger("fusecare")
 
 
-def _data_range(text: str) -> float | str:
-    if text == "target":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"data range must be a number or 'target', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"data range must be > 0, got {text!r}")
-    return value
-
-
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -54,6 +42,11 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value
+
+
+def _data_range(text: str) -> float | str:
+    """``target`` (the target's own range) or a positive number."""
+    return text if text == "target" else _positive(text)
 
 
 def _model(text: str) -> tuple[str, Path]:
