@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import gated, smooth_spread  # noqa: E402
+from fusecare.gate import score_gate, smooth_spread  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
-from fusecare.metrics import score_ssim  # noqa: E402
+from fusecare.metrics import fmc_ssim, score_ssim  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
 from fusecare.simulate import simulate_single_view  # noqa: E402
@@ -93,13 +93,14 @@ def main() -> None:
         for case in simulated_cases(channel, args.data, range(HELD_OUT_SEED, HELD_OUT_SEED + args.seeds),
                                     args.phantoms, 40_000):
             prediction = predict_ensemble_volume(ensemble, case.source)
-            mean, spread = smooth_spread(prediction, gate.spread_sigma if gate else 0.0)
+            _, smoothed = smooth_spread(prediction, gate.spread_sigma if gate else 0.0)
             x = PercentileNorm.fit(case.source).forward(case.source)
-            # identity and an input-only gate are the input itself: scored as such, exactly 0
-            keep_input = gate is not None and gate.blend == 0
-            scores = [score_ssim(case.target, p, case.source).n_ssim
-                      for p in (case.source, gaussian(case, sigma), prediction[0],
-                                case.source if keep_input else gated(x, mean, spread, gate))]
+            target_norm = PercentileNorm.fit(case.target)
+            ssim_input = fmc_ssim(case.target, case.source, target_norm=target_norm)
+            scores = [score_ssim(case.target, case.source, case.source).n_ssim,  # identity: 0
+                      score_ssim(case.target, gaussian(case, sigma), case.source).n_ssim,
+                      score_gate(case.target, target_norm, ssim_input, x, *prediction, None),
+                      score_gate(case.target, target_norm, ssim_input, x, prediction[0], smoothed, gate)]
             rows.append(scores)
             print(f"{channel:<9}{case.name:<40}" + "".join(f"{v:>9.3f}" for v in scores))
         table = np.array(rows)

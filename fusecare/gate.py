@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from fusecare.config import Config, param
-from fusecare.metrics import score_ssim
+from fusecare.metrics import fmc_ssim, n_ssim
 from fusecare.normalize import PercentileNorm
 
 
@@ -105,23 +105,40 @@ class ValidationPrediction:
     spread: np.ndarray
 
 
+def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, x: np.ndarray,
+               mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> float:
+    """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
+
+    The input-only gate is the input itself: exactly 0, without scoring it again.
+    """
+    if gate is not None and gate.blend == 0:
+        return 0.0
+    return n_ssim(fmc_ssim(target, gated(x, mean, spread, gate), target_norm=target_norm), ssim_input)
+
+
 def evaluate_candidates(cases: Sequence[ValidationPrediction],
                         candidates: Sequence[GateConfig] | None = None) -> list[GateCandidate]:
-    """N-SSIM of every case without a gate and with each candidate gate."""
+    """N-SSIM of every case without a gate and with each candidate gate.
+
+    Per case, the target's normalisation, the input's SSIM and each smoothing of the spread
+    are computed once, not once per candidate.
+    """
     candidates = default_candidates() if candidates is None else candidates
-    results = []
-    inputs = [PercentileNorm.fit(c.source).forward(c.source) for c in cases]
+    prepared = []
+    for case in cases:
+        target_norm = PercentileNorm.fit(case.target)
+        prepared.append((target_norm, fmc_ssim(case.target, case.source, target_norm=target_norm),
+                         PercentileNorm.fit(case.source).forward(case.source)))
     smoothed: dict[tuple[int, float], np.ndarray] = {}
+    results = []
     for gate in (None, *candidates):
+        sigma = gate.spread_sigma if gate else 0.0
         scores = []
-        for i, (case, x) in enumerate(zip(cases, inputs)):
-            sigma = gate.spread_sigma if gate else 0.0
+        for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
             if (i, sigma) not in smoothed:
                 smoothed[i, sigma] = smooth_spread(np.stack([case.mean, case.spread]), sigma)[1]
-            # blend 0 is the input: score the raw input itself, so it is exactly 0
-            keep_input = gate is not None and gate.blend == 0
-            pred = case.source if keep_input else gated(x, case.mean, smoothed[i, sigma], gate)
-            scores.append(score_ssim(case.target, pred, case.source).n_ssim)
+            scores.append(score_gate(case.target, target_norm, ssim_input, x, case.mean,
+                                     smoothed[i, sigma], gate))
         results.append(GateCandidate(gate, tuple(scores)))
     return results
 

@@ -339,13 +339,16 @@ def _fmc_ssim(
     return _mean_ssim(target, x, target_norm.forward, x_norm.forward, spec, slab, device)
 
 
-def fmc_ssim(target: np.ndarray, x: np.ndarray, **ssim_kwargs) -> float:
+def fmc_ssim(target: np.ndarray, x: np.ndarray, *, target_norm: PercentileNorm | None = None,
+             **ssim_kwargs) -> float:
     """SSIM after the challenge's normalisation of each volume (percentiles 2 / 99.8, no clip).
 
     Each tile is normalised as it is read, so no float copy of either volume is made.
+    ``target_norm``: the target's fitted normalisation, when scoring many volumes against it.
     ``ssim_kwargs`` are those of ``ssim``.
     """
-    return _fmc_ssim(target, PercentileNorm.fit(target), x, **ssim_kwargs)
+    norm = target_norm if target_norm is not None else PercentileNorm.fit(target)
+    return _fmc_ssim(target, norm, x, **ssim_kwargs)
 
 
 def n_ssim(ssim_pred: float, ssim_input: float) -> float:

@@ -24,7 +24,7 @@ from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
 from fusecare.errors import FuseCareError, InputError
 from fusecare.gate import GateConfig, gated, smooth_spread
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
-from fusecare.normalize import PercentileNorm, integer_histogram
+from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from fusecare.tiling import Region, predict_tiled
 
 log = logging.getLogger(__name__)
@@ -91,21 +91,12 @@ class Uint16Map:
         return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
 
 
-def intensity_range(volume: np.ndarray) -> tuple[float, float]:
-    """Minimum and maximum finite value, from a histogram for small integer types."""
-    if volume.dtype.kind in "ui" and volume.dtype.itemsize <= 2:
-        counts, offset = integer_histogram(volume)
-        nonzero = np.flatnonzero(counts)
-        return float(nonzero[0] + offset), float(nonzero[-1] + offset)
-    return float(np.nanmin(volume)), float(np.nanmax(volume))
-
-
 def input_as_uint16(volume: np.ndarray) -> np.ndarray:
     """The input itself as uint16: unchanged values for uint16 (and any non-negative integer
     that fits); other dtypes through ``Uint16Map`` (positive-affine, so it scores N-SSIM 0)."""
     if volume.dtype == np.uint16:
         return volume
-    low, high = intensity_range(volume)
+    low, high = percentiles(volume, (0.0, 100.0))
     if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
         return volume.astype(np.uint16)
     out, _ = Uint16Map.for_input(low, high).apply(volume)
@@ -178,10 +169,12 @@ def restore_volume(
     back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
     out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
     """
-    norm = PercentileNorm.fit(volume)
+    # one histogram pass gives the range for the uint16 map and the challenge's percentiles
+    minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
+    norm = PercentileNorm(low=p_low, high=p_high)
     if norm.is_degenerate:
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
-    to_uint16 = Uint16Map.for_input(*intensity_range(volume))
+    to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
     output = np.empty(volume.shape, dtype=np.uint16)
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
@@ -191,19 +184,23 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:
-            mean = gated(norm.forward(volume[region]), mean, spread, gate)
+        if gate is not None:  # the normalised input rides along as channel 2 (see below)
+            mean = gated(prediction[2], mean, spread, gate)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
-    sigma = gate.spread_sigma if gate is not None else 0.0
     predictor = predict_block
-    if sigma > 0:
-        # the smoothed spread reaches 4 sigma further: widen the context so tiles stay exact
-        margin += math.ceil(4 * sigma / align) * align
-        predictor = lambda block: smooth_spread(predict_block(block), sigma)  # noqa: E731
+    if gate is not None:
+        sigma = gate.spread_sigma
+        if sigma > 0:
+            # the smoothed spread reaches 4 sigma further: widen the context so tiles stay exact
+            margin += math.ceil(4 * sigma / align) * align
+
+        def predictor(block: np.ndarray) -> np.ndarray:
+            """(mean, smoothed spread, the normalised input block) for the gate in the sink."""
+            return np.concatenate([smooth_spread(predict_block(block), sigma), block[None]])
     minimum = 2 * margin + align
     for attempt in range(max_oom_retries + 1):
         try:
