@@ -2,8 +2,8 @@
 
 FMC pairs are found by name (``image_{i}_{nucleus|membrane}_{angle|fused}.tif``) and checked
 before any training starts: an unpaired file or an angle/fused shape mismatch is an error that
-names the files (header reads only, no pixels). Volumes are opened memory-mapped where
-tifffile can, so a folder of 2 GB volumes is never all in RAM.
+names the files (header reads only, no pixels). Volumes are opened with ``io.open_volume``
+(memory-mapped, or read a z-plane page at a time), so a folder of 2 GB volumes is never all in RAM.
 
 Patches: foreground is found once per volume on a block-max downsampled target (streamed over
 z-slabs), and patch corners are drawn from foreground blocks with probability
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from fusecare.errors import InputError
 from fusecare.io import CaseInfo, inspect_case
@@ -100,14 +99,6 @@ def split_by_study(pairs: Sequence[FmcPair], validation_studies: Sequence[int]
     if not train:
         raise InputError("every pair is in a validation study: nothing left to train on")
     return train, validation
-
-
-def open_volume(path: Path) -> np.ndarray:
-    """A memory map of the volume when tifffile can (uncompressed, contiguous), else a read."""
-    try:
-        return tifffile.memmap(path, mode="r")
-    except (ValueError, tifffile.TiffFileError):
-        return tifffile.imread(path)
 
 
 # --------------------------------------------------------------------------- patches

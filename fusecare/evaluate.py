@@ -15,10 +15,11 @@ target (the metadata of some challenge inputs disagree with their target's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,9 +28,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FuseCareError, InputError
-from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, inspect_case, read_case
+from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, PagedVolume, Volume, inspect_case, open_volume
 from .metrics import SsimScores, Window, score_ssim
-from .normalize import PercentileNorm
+from .normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
 
 log = logging.getLogger(__name__)
@@ -192,11 +193,11 @@ def case_channel(infos: Mapping[str, CaseInfo], override: str | None = None) -> 
 # --------------------------------------------------------------------------- scoring
 
 
-def _ssim_kwargs(options: SsimOptions, target: np.ndarray, device: str) -> dict[str, Any]:
+def _ssim_kwargs(options: SsimOptions, target: Volume, device: str) -> dict[str, Any]:
     data_range = options.data_range
     if data_range == "target":
-        norm = PercentileNorm.fit(target)
-        data_range = (float(target.max()) - float(target.min())) / norm.scale
+        low, p_low, p_high, high = percentiles(target, (0.0, *FMC_PERCENTILES, 100.0))
+        data_range = (high - low) / PercentileNorm(p_low, p_high).scale
         if not data_range > 0:
             data_range = 1.0
     return {"window": options.window, "per_slice": options.per_slice, "data_range": float(data_range),
@@ -204,13 +205,15 @@ def _ssim_kwargs(options: SsimOptions, target: np.ndarray, device: str) -> dict[
 
 
 def score_volumes(
-    target: np.ndarray, pred: np.ndarray, input: np.ndarray, *, channel: str,
+    target: Volume, pred: Volume, input: Volume, *, channel: str,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0), options: EvalOptions = EvalOptions(),
     segmenters: SegmenterCache | None = None, step: Callable[[str], None] | None = None,
 ) -> tuple[SsimScores, SegScores | None]:
-    """N-SSIM (and N-IoU unless ``options.segment`` is off) of one case held in memory.
+    """N-SSIM (and N-IoU unless ``options.segment`` is off) of one case.
 
-    ``segmenters`` caches the cellpose models across calls (made from ``options`` when None).
+    The volumes are arrays or ``io.PagedVolume``s: the SSIM reads the latter a z-slab at a time,
+    segmentation reads them whole. ``segmenters`` caches the cellpose models across calls (made
+    from ``options`` when None).
     """
     if step is not None:
         step("ssim")
@@ -219,6 +222,7 @@ def score_volumes(
         return ssim, None
     if segmenters is None:
         segmenters = make_segmenters(options)
+    target, pred, input = (np.asarray(v) for v in (target, pred, input))  # cellpose needs them whole
     seg = score_segmentation(target, pred, input, voxel_size=voxel_size, segmenter=segmenters.get(channel),
                              options=options.seg, step=step)
     return ssim, seg
@@ -229,7 +233,8 @@ def make_segmenters(options: EvalOptions) -> SegmenterCache:
                           allow_download=options.allow_download)
 
 
-def _uncertainty(options: EvalOptions, case: CasePaths, shape: tuple[int, ...]) -> np.ndarray | None:
+def _uncertainty(options: EvalOptions, case: CasePaths, shape: tuple[int, ...],
+                 files: contextlib.ExitStack) -> Volume | None:
     if options.uncertainty_dir is None:
         return None
     matches = _tiffs(options.uncertainty_dir).get(case_key(case.name), [])
@@ -238,14 +243,25 @@ def _uncertainty(options: EvalOptions, case: CasePaths, shape: tuple[int, ...]) 
                     "no" if not matches else "more than one", options.uncertainty_dir)
         return None
     try:
-        volume = read_case(matches[0]).volume
+        info = inspect_case(matches[0])
+        if info.shape != shape:
+            log.warning("%s: uncertainty has shape %s, not %s; drawn without it", case.name, info.shape, shape)
+            return None
+        return files.enter_context(_opened(matches[0], info))
     except InputError as exc:
         log.warning("%s: uncertainty %s; drawn without it", case.name, exc)
         return None
-    if volume.shape != shape:
-        log.warning("%s: uncertainty has shape %s, not %s; drawn without it", case.name, volume.shape, shape)
-        return None
-    return volume
+
+
+@contextlib.contextmanager
+def _opened(path: Path, info: CaseInfo) -> Iterator[Volume]:
+    """The volume read lazily where the file allows (three whole 1.1 G-voxel volumes are 6.6 GB)."""
+    volume = open_volume(path, info=info)
+    try:
+        yield volume
+    finally:
+        if isinstance(volume, PagedVolume):
+            volume.close()
 
 
 def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache | None = None,
@@ -254,6 +270,7 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
     """Read and score one case; every expected failure becomes ``CaseResult.error``."""
     start = time.perf_counter()
     result = CaseResult(case=case.name)
+    files = contextlib.ExitStack()
     try:
         if case.problem:
             raise InputError(case.problem)
@@ -265,7 +282,7 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
         volumes = {}
         for role in ROLES:
             try:
-                volumes[role] = read_case(getattr(case, role), info=infos[role]).volume
+                volumes[role] = files.enter_context(_opened(getattr(case, role), infos[role]))
             except InputError as exc:
                 raise InputError(f"{_ROLE_NAMES[role]} {exc}") from None
         voxel_size = infos["target"].meta.voxel_size.zyx
@@ -279,8 +296,8 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
             if step is not None:
                 step("png")
             try:
-                result.png = _draw(case, volumes, voxel_size, options)
-            except (OSError, ValueError) as exc:  # the scores stand without their picture
+                result.png = _draw(case, volumes, voxel_size, options, files)
+            except (OSError, ValueError, InputError) as exc:  # the scores stand without their picture
                 log.warning("%s: no PNG (%s)", case.name, exc)
     except FuseCareError as exc:
         result.error = str(exc)
@@ -289,16 +306,18 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
     except Exception as exc:  # noqa: BLE001 - a scoring run must go on with the other cases
         log.debug("%s: unexpected failure", case.name, exc_info=True)
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (--debug for the traceback)"
+    finally:
+        files.close()
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _draw(case: CasePaths, volumes: Mapping[str, np.ndarray], voxel_size: Sequence[float],
-          options: EvalOptions) -> Path:
+def _draw(case: CasePaths, volumes: Mapping[str, Volume], voxel_size: Sequence[float],
+          options: EvalOptions, files: contextlib.ExitStack) -> Path:
     from .report import write_case_png
 
     assert options.png_dir is not None
-    uncertainty = _uncertainty(options, case, volumes["target"].shape)
+    uncertainty = _uncertainty(options, case, volumes["target"].shape, files)
     return write_case_png(Path(options.png_dir) / f"{case_key(case.name)}.png", volumes["input"],
                           volumes["pred"], volumes["target"], voxel_size, uncertainty=uncertainty)
 

@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import tifffile
@@ -237,6 +238,10 @@ def inspect_case(path: str | Path) -> CaseInfo:
         return CaseInfo(path=path, shape=shape, dtype=np.dtype(series.dtype), meta=meta)
 
 
+_PIXEL_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError, RuntimeError)
+"""What decoding damaged pixels raises; imagecodecs' codec errors (e.g. DeflateError) are RuntimeErrors."""
+
+
 def read_case(path: str | Path, *, info: CaseInfo | None = None) -> Case:
     """Read a 3-D volume and its metadata; ``InputError`` for anything that is not one."""
     path = Path(path)
@@ -246,10 +251,129 @@ def read_case(path: str | Path, *, info: CaseInfo | None = None) -> Case:
             volume = tif.series[0].asarray()
     except InputError:
         raise
-    except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError) as exc:
+    except _PIXEL_ERRORS as exc:
         raise InputError(f"{path.name}: truncated or corrupt TIFF ({exc})") from None
     volume = volume.reshape(info.shape)
     return Case(path=path, volume=volume, meta=info.meta)
+
+
+class PagedVolume:
+    """A 3-D ZYX volume in a TIFF whose z-planes are read only when indexed.
+
+    Scoring a 300x1920x1920 case holds three volumes: 6.6 GB as uint16 if read whole. Indexing
+    this object reads just the z-planes the index names (one TIFF page each, tiled or not,
+    compressed or not) and applies the rest of the index to them, so slab-wise code (histograms,
+    the tiled SSIM, projections) runs in memory proportional to its slab. ``np.asarray`` reads
+    everything. Reads are serialised by a lock, so tiles on threads may share one.
+    """
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, shape: tuple[int, int, int], dtype: np.dtype):
+        self.path = path
+        self.shape = shape
+        self.dtype = np.dtype(dtype)
+        self._tif = tif
+        self._lock = threading.Lock()
+
+    ndim = 3
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PagedVolume({self.path.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _planes(self, indices: np.ndarray) -> np.ndarray:
+        """The planes ``indices`` (any order, repeats allowed), each page decoded once."""
+        unique, inverse = np.unique(indices, return_inverse=True)
+        out = np.empty((len(unique),) + self.shape[1:], dtype=self.dtype)
+        try:
+            with self._lock, _tifffile_quiet(self.path):
+                for start in range(0, len(unique), 64):  # bounded key lists, one decode call each
+                    chunk = unique[start:start + 64]
+                    out[start:start + len(chunk)] = self._tif.asarray(
+                        key=[int(i) for i in chunk], series=0).reshape((len(chunk),) + self.shape[1:])
+        except _PIXEL_ERRORS as exc:
+            raise InputError(f"{self.path.name}: truncated or corrupt TIFF ({exc})") from None
+        return out if len(unique) == len(indices) and (np.diff(indices) > 0).all() else out[inverse]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if not key or key[0] is Ellipsis:
+            z, rest = slice(None), key
+        else:
+            z, rest = key[0], (slice(None),) + key[1:]
+        n_z = self.shape[0]
+        if isinstance(z, slice):
+            planes = self._planes(np.arange(n_z)[z])
+        elif isinstance(z, (int, np.integer)):
+            if not -n_z <= z < n_z:
+                raise IndexError(f"plane {z} out of range for {n_z} planes")
+            planes, rest = self._planes(np.array([int(z) % n_z])), (0,) + key[1:]
+        else:
+            indices = np.asarray(z)
+            if indices.dtype.kind not in "ui" or indices.ndim != 1:
+                raise IndexError(f"PagedVolume takes an int, a slice or a 1-D integer array on z, not {z!r}")
+            if any(not isinstance(k, (int, np.integer, slice)) and k is not Ellipsis for k in key[1:]):
+                raise IndexError("an index array on z cannot be combined with another (numpy would broadcast them)")
+            if indices.size and not (-n_z <= indices.min() and indices.max() < n_z):
+                raise IndexError(f"plane index out of range for {n_z} planes")
+            planes = self._planes(indices % n_z)
+        return planes[rest]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        volume = self[:]
+        return volume if dtype is None else volume.astype(dtype, copy=False)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._tif.filehandle.closed)
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Volume = np.ndarray | PagedVolume
+"""A volume as the slab-wise readers take it: a numpy array, or a ``PagedVolume`` read on demand."""
+
+
+def open_volume(path: str | Path, *, info: CaseInfo | None = None,
+                memmap: bool = False) -> np.ndarray | PagedVolume:
+    """A case's volume without reading its pixels yet, where the file allows it.
+
+    A ``PagedVolume`` when every z-plane is one TIFF page (the organisers' files and ours);
+    with ``memmap`` a ``np.memmap`` is preferred when the pixels are stored uncompressed and
+    contiguous (fast random patches for training, but its pages count as resident memory once
+    touched). Otherwise the whole volume is read. Close a ``PagedVolume`` when done.
+    """
+    path = Path(path)
+    info = info or inspect_case(path)
+    if memmap:
+        try:
+            volume = tifffile.memmap(path, mode="r")
+            return volume.reshape(info.shape)
+        except (ValueError, tifffile.TiffFileError, OSError):
+            pass
+    with _tifffile_quiet(path):
+        tif = _open(path)
+    series = tif.series[0]
+    if len(series.pages) == info.shape[0] and tuple(series.keyframe.shape) == info.shape[1:]:
+        return PagedVolume(path, tif, info.shape, info.dtype)
+    tif.close()
+    return read_case(path, info=info).volume
 
 
 def list_cases(folder: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .io import Volume
 from .normalize import PercentileNorm
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ _TILE_VOXELS_CUDA = 1 << 25
 _MAX_CPU_WORKERS = 4
 _MIN_SLAB = 16
 """Output planes per tile when the caller gives no slab: the z halo is re-read per tile."""
+_SLAB_BYTES = 1 << 28
+"""Raw bytes of one read slab (all volumes, halo included); two are held at a time."""
 
 Window = Literal["uniform", "gaussian"]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -150,8 +153,10 @@ def _read(volume: np.ndarray, ranges: Ranges, axes: tuple[_Axis, ...]) -> np.nda
     return block
 
 
-def _tiles(shape: tuple[int, ...], spec: _Spec, slab: int | None, budget: int) -> Iterator[Ranges]:
-    """Output blocks ((z0, z1), (y0, y1), (x0, x1)) covering the cropped region.
+def _tiles(shape: tuple[int, ...], spec: _Spec, z_range: tuple[int, int], slab: int | None,
+           budget: int) -> Iterator[Ranges]:
+    """Output blocks ((z0, z1), (y0, y1), (x0, x1)) covering planes ``z_range`` of a block of
+    ``shape`` (cropped in y and x).
 
     ``slab`` output planes per block (default: fill ``budget`` input voxels, at least
     ``_MIN_SLAB``); rows are split too when a slab of whole planes would exceed ``budget``.
@@ -159,15 +164,30 @@ def _tiles(shape: tuple[int, ...], spec: _Spec, slab: int | None, budget: int) -
     (az, ay, ax) = spec.axes
     x_range = (ax.crop, shape[2] - ax.crop)
     x_in = x_range[1] - x_range[0] + 2 * ax.radius
-    n_z = shape[0] - 2 * az.crop
+    n_z = z_range[1] - z_range[0]
     plane_in = (shape[1] - 2 * ay.crop + 2 * ay.radius) * x_in
     thick = slab if slab is not None else max(_MIN_SLAB, budget // plane_in - 2 * az.radius)
     thick = max(1, min(thick, n_z))
     rows = max(1, budget // ((thick + 2 * az.radius) * x_in) - 2 * ay.radius)
-    for z0 in range(az.crop, shape[0] - az.crop, thick):
-        z1 = min(z0 + thick, shape[0] - az.crop)
+    for z0 in range(z_range[0], z_range[1], thick):
+        z1 = min(z0 + thick, z_range[1])
         for y0 in range(ay.crop, shape[1] - ay.crop, rows):
             yield (z0, z1), (y0, min(y0 + rows, shape[1] - ay.crop)), x_range
+
+
+def _read_slabs(volumes: Sequence[Volume], spec: _Spec, planes: int) -> Iterator[tuple[tuple[int, int], list[np.ndarray]]]:
+    """((z0, z1), blocks): every volume's planes for output planes [z0, z1) plus the z halo.
+
+    Blocks start at ``max(0, z0 - radius)``; where the halo would leave the volume the block
+    stops at the volume's end, so mirroring at the block's end is mirroring at the volume's.
+    A lazily read volume is read here, one slab at a time; an in-memory one is only viewed.
+    """
+    az = spec.axes[0]
+    n_z = volumes[0].shape[0]
+    for z0 in range(az.crop, n_z - az.crop, planes):
+        z1 = min(z0 + planes, n_z - az.crop)
+        s0, s1 = max(0, z0 - az.radius), min(n_z, z1 + az.radius)
+        yield (z0 - s0, z1 - s0), [np.asarray(v[s0:s1]) for v in volumes]
 
 
 def _window_filter(t: torch.Tensor, spec: _Spec) -> torch.Tensor:
@@ -262,28 +282,52 @@ def _workers(device: torch.device) -> int:
     return max(1, min(_MAX_CPU_WORKERS, len(os.sched_getaffinity(0))))
 
 
-def _mean_ssim(
-    a: np.ndarray, b: np.ndarray, ta: Transform, tb: Transform, spec: _Spec,
-    slab: int | None, device: str | torch.device | None,
-) -> float:
-    """Mean SSIM over the cropped region; ``ta``/``tb`` turn a raw block into fresh float."""
-    _check_volumes(a, b, spec)
+def _slab_planes(volumes: Sequence[Volume], spec: _Spec, slab: int | None) -> int:
+    """Output planes per read slab: ``_SLAB_BYTES`` of raw planes over all volumes, halo included."""
+    plane_bytes = math.prod(volumes[0].shape[1:]) * sum(v.dtype.itemsize for v in volumes)
+    planes = max(_MIN_SLAB, _SLAB_BYTES // max(1, plane_bytes) - 2 * spec.axes[0].radius)
+    return planes if slab is None else max(slab, planes // slab * slab)
+
+
+def _mean_ssims(
+    reference: Volume, others: Sequence[Volume], t_ref: Transform, t_others: Sequence[Transform],
+    spec: _Spec, slab: int | None, device: str | torch.device | None,
+) -> list[float]:
+    """Mean SSIM of each of ``others`` against ``reference`` over the cropped region.
+
+    One pass over z-slabs: each slab of every volume is read once (the next one is read while
+    this one is scored), then scored tile by tile. ``t_ref``/``t_others`` turn a raw block into
+    fresh float.
+    """
+    for other in others:
+        _check_volumes(reference, other, spec)
     if slab is not None and slab < 1:
         raise ValueError(f"slab must be >= 1, got {slab}")
     dev = _resolve_device(device)
     budget = _TILE_VOXELS_CUDA if dev.type == "cuda" else _TILE_VOXELS
-    tiles = list(_tiles(a.shape, spec, slab, budget))
+    volumes = [reference, *others]
+    sums: list[list[float]] = [[] for _ in others]
+    n_tiles = 0
+    slabs = _read_slabs(volumes, spec, _slab_planes(volumes, spec, slab))
 
-    def tile_sum(ranges: Ranges) -> float:
-        xa = ta(_read(a, ranges, spec.axes))
-        ya = tb(_read(b, ranges, spec.axes))
-        return _tile_sum(xa, ya, spec, dev)
+    def tile_sums(blocks: list[np.ndarray], ranges: Ranges) -> list[float]:
+        return [_tile_sum(t_ref(_read(blocks[0], ranges, spec.axes)), t(_read(block, ranges, spec.axes)), spec, dev)
+                for block, t in zip(blocks[1:], t_others)]
 
-    with _one_torch_thread(dev), ThreadPoolExecutor(_workers(dev)) as pool:
-        total = math.fsum(pool.map(tile_sum, tiles))
-    count = math.prod(n - 2 * ax.crop for n, ax in zip(a.shape, spec.axes))
-    log.debug("ssim of %s: %d tiles on %s", a.shape, len(tiles), dev)
-    return total / count
+    with _one_torch_thread(dev), ThreadPoolExecutor(_workers(dev)) as pool, ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(next, slabs, None)
+        while (item := pending.result()) is not None:
+            pending = reader.submit(next, slabs, None)
+            z_range, blocks = item
+            tiles = list(_tiles(blocks[0].shape, spec, z_range, slab, budget))
+            n_tiles += len(tiles)
+            for parts in pool.map(lambda r: tile_sums(blocks, r), tiles):  # noqa: B023 - consumed here
+                for acc, part in zip(sums, parts):
+                    acc.append(part)
+            del item, blocks
+    count = math.prod(n - 2 * ax.crop for n, ax in zip(reference.shape, spec.axes))
+    log.debug("ssim of %s against %d volume(s): %d tiles on %s", reference.shape, len(others), n_tiles, dev)
+    return [math.fsum(acc) / count for acc in sums]
 
 
 def _to_float(dtype: np.dtype) -> Transform:
@@ -316,39 +360,40 @@ def ssim(
     spec = _make_spec(window=window, win_size=win_size, sigma=sigma, per_slice=per_slice,
                       data_range=data_range)
     dtype = np.dtype(np.float64 if np.float64 in (reference.dtype, x.dtype) else np.float32)
-    return _mean_ssim(reference, x, _to_float(dtype), _to_float(dtype), spec, slab, device)
+    return _mean_ssims(reference, [x], _to_float(dtype), [_to_float(dtype)], spec, slab, device)[0]
 
 
-def _fmc_ssim(
-    target: np.ndarray,
+def _fmc_ssims(
+    target: Volume,
     target_norm: PercentileNorm,
-    x: np.ndarray,
+    xs: Sequence[Volume],
     *,
     slab: int | None = None,
     device: str | torch.device | None = None,
     **window_options: Any,
-) -> float:
-    """``fmc_ssim`` with the target's normalisation already fitted (shared by both scores).
+) -> list[float]:
+    """``fmc_ssim`` of each of ``xs``, in one pass over the target (its norm already fitted).
 
     ``window_options`` are ``ssim``'s window, win_size, sigma, per_slice and data_range.
     """
     spec = _make_spec(**window_options)
-    x_norm = PercentileNorm.fit(x)
-    if target_norm.is_degenerate or x_norm.is_degenerate:
+    x_norms = [PercentileNorm.fit(x) for x in xs]
+    if target_norm.is_degenerate or any(n.is_degenerate for n in x_norms):
         log.warning("constant volume in SSIM (p2 == p99.8): normalised with scale 1")
-    return _mean_ssim(target, x, target_norm.forward, x_norm.forward, spec, slab, device)
+    return _mean_ssims(target, xs, target_norm.forward, [n.forward for n in x_norms], spec, slab, device)
 
 
-def fmc_ssim(target: np.ndarray, x: np.ndarray, *, target_norm: PercentileNorm | None = None,
+def fmc_ssim(target: Volume, x: Volume, *, target_norm: PercentileNorm | None = None,
              **ssim_kwargs) -> float:
     """SSIM after the challenge's normalisation of each volume (percentiles 2 / 99.8, no clip).
 
-    Each tile is normalised as it is read, so no float copy of either volume is made.
+    Each tile is normalised as it is read, so no float copy of either volume is made; either
+    volume may be an ``io.PagedVolume`` read slab by slab.
     ``target_norm``: the target's fitted normalisation, when scoring many volumes against it.
     ``ssim_kwargs`` are those of ``ssim``.
     """
     norm = target_norm if target_norm is not None else PercentileNorm.fit(target)
-    return _fmc_ssim(target, norm, x, **ssim_kwargs)
+    return _fmc_ssims(target, norm, [x], **ssim_kwargs)[0]
 
 
 def n_ssim(ssim_pred: float, ssim_input: float) -> float:
@@ -362,14 +407,11 @@ def n_ssim(ssim_pred: float, ssim_input: float) -> float:
     return (ssim_pred - ssim_input) / (1.0 - ssim_input)
 
 
-def score_ssim(
-    target: np.ndarray, pred: np.ndarray, input: np.ndarray, **ssim_kwargs
-) -> SsimScores:
+def score_ssim(target: Volume, pred: Volume, input: Volume, **ssim_kwargs) -> SsimScores:
     """The input's and the prediction's ``fmc_ssim`` against ``target``, and their N-SSIM.
 
-    Both scores take the same code path, so a prediction that copies the input scores exactly 0.
+    Both are scored in one pass over the target, tile by tile with the same code, so a
+    prediction that copies the input scores exactly 0.
     """
-    target_norm = PercentileNorm.fit(target)
-    s_input = _fmc_ssim(target, target_norm, input, **ssim_kwargs)
-    s_pred = _fmc_ssim(target, target_norm, pred, **ssim_kwargs)
+    s_input, s_pred = _fmc_ssims(target, PercentileNorm.fit(target), [input, pred], **ssim_kwargs)
     return SsimScores(ssim_input=s_input, ssim_pred=s_pred, n_ssim=n_ssim(s_pred, s_input))

@@ -34,7 +34,10 @@ def integer_histogram(volume: np.ndarray) -> tuple[np.ndarray, int]:
     offset = int(np.iinfo(volume.dtype).min)
     size = int(np.iinfo(volume.dtype).max) - offset + 1
     counts = np.zeros(size, dtype=np.int64)
-    vol = volume.reshape((-1,) + volume.shape[-2:]) if volume.ndim >= 3 else volume[None]
+    if volume.ndim == 3:
+        vol = volume  # sliced on z only, so a lazily read volume (io.PagedVolume) works too
+    else:
+        vol = volume.reshape((-1,) + volume.shape[-2:]) if volume.ndim > 3 else volume[None]
     plane = int(np.prod(vol.shape[1:]))
     for z in _slabs(vol.shape[0], plane):
         slab = np.asarray(vol[z : z + max(1, _SLAB_VOXELS // max(1, plane))]).ravel()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .io import CHANNELS
+from .io import CHANNELS, Volume
 from .normalize import PercentileNorm
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
-def projections(volume: np.ndarray, norm: PercentileNorm | None = None,
-                other: tuple[np.ndarray, PercentileNorm] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def projections(volume: Volume, norm: PercentileNorm | None = None,
+                other: tuple[Volume, PercentileNorm] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Maximum projections (XY over Z, XZ over Y) of ``norm(volume)``, slab by slab.
 
     With ``other`` = (volume2, norm2) they are of ``|norm(volume) - norm2(volume2)|`` instead.
@@ -201,8 +201,8 @@ def _lower(values: np.ndarray) -> float:
 
 
 def write_case_png(
-    path: str | Path, input: np.ndarray, pred: np.ndarray, target: np.ndarray,
-    voxel_size: Sequence[float], *, uncertainty: np.ndarray | None = None,
+    path: str | Path, input: Volume, pred: Volume, target: Volume,
+    voxel_size: Sequence[float], *, uncertainty: Volume | None = None,
 ) -> Path:
     """Draw the case's projections (see the module doc) into ``path``; returns ``path``.
 

@@ -28,11 +28,11 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
-from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, open_volume, split_by_study
+from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, split_by_study
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
 from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
-from fusecare.io import CHANNELS, NUCLEUS, list_cases, read_case
+from fusecare.io import CHANNELS, NUCLEUS, list_cases, open_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
@@ -171,11 +171,11 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
         train, held = split_by_study(pairs, config.validation_studies)
         for p in train:
             sources.append(RealPairs(p.angle.path.name, PairPatches(
-                open_volume(p.angle.path), open_volume(p.fused.path), settings)))
+                open_volume(p.angle.path, memmap=True), open_volume(p.fused.path, memmap=True), settings)))
         for p in held:
             validation.append(ValidationCase(p.angle.path.name,
-                                             _centre_crop(open_volume(p.angle.path), VALIDATION_CROP),
-                                             _centre_crop(open_volume(p.fused.path), VALIDATION_CROP)))
+                                             _centre_crop(open_volume(p.angle.path, memmap=True), VALIDATION_CROP),
+                                             _centre_crop(open_volume(p.fused.path, memmap=True), VALIDATION_CROP)))
     clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
         Path(f) for f in config.clean_files]
     if clean_paths:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tifffile
 
 from conftest import write_fmc_tif
 from fusecare.data import (
@@ -13,7 +12,6 @@ from fusecare.data import (
     augment,
     discover_fmc_pairs,
     foreground_blocks,
-    open_volume,
     split_by_study,
 )
 from fusecare.errors import InputError
@@ -72,14 +70,6 @@ def test_split_holds_whole_studies_out(tmp_path):
     assert {p.study for p in train} == {1, 3} and [p.case_id for p in validation] == [2]
     with pytest.raises(InputError, match=r"no pair of validation studies \[5\]; studies present: \[1, 2, 3\]"):
         split_by_study(discover_fmc_pairs(tmp_path), [5])
-
-
-def test_uncompressed_volumes_are_memory_mapped(tmp_path, rng):
-    volume = rng.integers(0, 100, (4, 16, 16)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "raw.tif", volume, photometric="minisblack")
-    tifffile.imwrite(tmp_path / "zip.tif", volume, compression="zlib", photometric="minisblack")
-    assert isinstance(open_volume(tmp_path / "raw.tif"), np.memmap)
-    np.testing.assert_array_equal(open_volume(tmp_path / "zip.tif"), volume)
 
 
 def test_foreground_blocks_equal_a_direct_block_maximum(rng):

@@ -428,3 +428,90 @@ def test_thin_volumes_are_not_written_as_rgb(tmp_path, z):
         assert tif.pages[0].photometric == tifffile.PHOTOMETRIC.MINISBLACK
     if z > 1:
         np.testing.assert_array_equal(read_case(tmp_path / "thin.tif").volume, volume)
+
+
+# --------------------------------------------------------------------------- lazy volumes
+
+
+def _write_formats(folder: Path, volume: np.ndarray) -> dict[str, Path]:
+    """The same volume stored the ways a user's files come: template, compressed, ImageJ, plain."""
+    paths = {name: folder / f"{name}.tif" for name in ("template", "zlib", "imagej", "plain")}
+    write_case(paths["template"], volume, CaseMeta())
+    tifffile.imwrite(paths["zlib"], volume, compression="zlib", photometric="minisblack")
+    tifffile.imwrite(paths["imagej"], volume, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(paths["plain"], volume, photometric="minisblack")
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["template", "zlib", "imagej", "plain"])
+def test_paged_volume_indexes_like_numpy(tmp_path, volume, fmt):
+    path = _write_formats(tmp_path, volume)[fmt]
+    with io.open_volume(path) as paged:
+        assert isinstance(paged, io.PagedVolume)
+        assert (paged.shape, paged.dtype, paged.ndim, len(paged)) == (volume.shape, volume.dtype, 3, 5)
+        keys = [
+            2, -1, slice(None), slice(1, 4), slice(None, None, 2), slice(4, 0, -2), slice(3, 3),
+            (slice(1, 3), slice(5, 30), slice(140, None)), (0, 7), (Ellipsis, 3),
+            np.array([2, 1, 0, 0, 1, 4, 4, 3]), (np.array([1, 3]), slice(0, 5)), (slice(None), [3, 0]),
+        ]
+        for key in keys:
+            np.testing.assert_array_equal(paged[key], volume[key], err_msg=f"key {key!r}")
+        np.testing.assert_array_equal(np.asarray(paged), volume)
+
+
+def test_paged_volume_reads_only_the_planes_indexed(tmp_path, volume, monkeypatch):
+    path = _write_formats(tmp_path, volume)["template"]
+    asked: list[list[int]] = []
+    real = tifffile.TiffFile.asarray
+
+    def spy(self, key=None, **kw):
+        asked.append(list(key))
+        return real(self, key=key, **kw)
+
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", spy)
+    with io.open_volume(path) as paged:
+        paged[np.array([3, 2, 2, 3])]
+        paged[1:2, :4]
+    assert asked == [[2, 3], [1]]
+
+
+def test_paged_volume_out_of_range_is_an_index_error(tmp_path, volume):
+    with io.open_volume(_write_formats(tmp_path, volume)["template"]) as paged:
+        for key in (5, -6, np.array([0, 5]), (np.array([[0]]),), 1.5, (np.array([0, 1]), slice(None), [1, 2])):
+            with pytest.raises(IndexError):
+                paged[key]
+
+
+def test_open_volume_memory_maps_plain_files_when_asked(tmp_path, volume):
+    paths = _write_formats(tmp_path, volume)
+    mapped = io.open_volume(paths["plain"], memmap=True)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, volume)
+    with io.open_volume(paths["zlib"], memmap=True) as paged:  # compressed: cannot be mapped
+        np.testing.assert_array_equal(paged[:], volume)
+
+
+def test_open_volume_reads_a_file_whose_pages_are_not_planes(tmp_path, volume):
+    """A volume stored in one page (volumetric tiles) cannot be read plane by plane: read whole."""
+    path = tmp_path / "volumetric.tif"
+    tifffile.imwrite(path, volume, tile=(1, 16, 16), volumetric=True, photometric="minisblack")
+    assert len(tifffile.TiffFile(path).series[0].pages) == 1
+    whole = io.open_volume(path)
+    assert type(whole) is np.ndarray
+    np.testing.assert_array_equal(whole, volume)
+
+
+def test_paged_volume_names_the_file_when_its_pixels_are_damaged(tmp_path, volume):
+    path = tmp_path / "damaged.tif"
+    tifffile.imwrite(path, volume, compression="zlib", photometric="minisblack")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[3].dataoffsets[0], tif.pages[3].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = b"\x00" * count  # not a zlib stream
+    path.write_bytes(bytes(data))
+    with io.open_volume(path) as paged:
+        np.testing.assert_array_equal(paged[:3], volume[:3])
+        with pytest.raises(InputError, match="damaged.tif: truncated or corrupt TIFF"):
+            paged[2:5]
+    with pytest.raises(InputError, match="damaged.tif: truncated or corrupt TIFF"):
+        read_case(path)

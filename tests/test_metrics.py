@@ -65,6 +65,45 @@ def test_row_tiles_match_skimage(rng, monkeypatch, budget):
     assert ssim(a, b, slab=3, window="gaussian") == pytest.approx(expected, abs=TOL)
 
 
+@pytest.mark.parametrize(("window", "kw"), [("uniform", {}), ("gaussian", {}), ("gaussian", {"win_size": 7}),
+                                         ("uniform", {"per_slice": True})])
+@pytest.mark.parametrize("slab", [None, 3])
+def test_read_slabs_match_skimage(rng, monkeypatch, window, kw, slab):
+    """Volumes read a few planes at a time: every slab boundary and both volume ends stay exact."""
+    monkeypatch.setattr(metrics, "_SLAB_BYTES", 1)
+    monkeypatch.setattr(metrics, "_MIN_SLAB", 2)
+    a, b = smooth_pair(rng, (23, 40, 36))
+    expected = sk_ssim(a, b, window=window, **kw)
+    assert ssim(a, b, window=window, slab=slab, **kw) == pytest.approx(expected, abs=TOL)
+
+
+def test_paged_volumes_score_exactly_like_arrays_reading_slabs_only(rng, tmp_path, monkeypatch):
+    from fusecare.io import CaseMeta, PagedVolume, open_volume, write_case
+
+    from fusecare import normalize
+
+    monkeypatch.setattr(metrics, "_SLAB_BYTES", 40 * 48 * 6 * 8)  # about 8 planes of three volumes
+    monkeypatch.setattr(metrics, "_MIN_SLAB", 2)
+    monkeypatch.setattr(normalize, "_SLAB_VOXELS", 40 * 48 * 4)  # the percentiles' histogram
+    base = ndi.gaussian_filter(rng.random((30, 40, 48)), 1.5) ** 3 * 30000
+    arrays = {"target": rng.poisson(base + 100), "input": rng.poisson(0.5 * base + 300),
+              "pred": rng.poisson(0.8 * base + 150)}
+    for name, volume in arrays.items():
+        arrays[name] = volume.astype(np.uint16)
+        write_case(tmp_path / f"{name}.tif", arrays[name], CaseMeta())
+    reads: list[int] = []
+    real = PagedVolume._planes
+    monkeypatch.setattr(PagedVolume, "_planes", lambda self, idx: reads.append(len(idx)) or real(self, idx))
+    paged = {name: open_volume(tmp_path / f"{name}.tif") for name in arrays}
+    try:
+        lazy = score_ssim(paged["target"], paged["pred"], paged["input"])
+    finally:
+        for volume in paged.values():
+            volume.close()
+    assert lazy == score_ssim(arrays["target"], arrays["pred"], arrays["input"])
+    assert 0 < max(reads) <= 8 + 6  # one slab plus its z halo, never the volume
+
+
 def test_offset_data_keeps_precision(rng):
     """Far from zero, float32 E[x^2] - E[x]^2 cancels: the tile-mean shift must keep 1e-6."""
     a, b = smooth_pair(rng, (16, 64, 64), noise=0.01)
