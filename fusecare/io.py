@@ -351,28 +351,35 @@ Volume = np.ndarray | PagedVolume
 
 
 def open_volume(path: str | Path, *, info: CaseInfo | None = None,
-                memmap: bool = False) -> np.ndarray | PagedVolume:
+                memmap: bool = False) -> Volume:
     """A case's volume without reading its pixels yet, where the file allows it.
 
-    A ``PagedVolume`` when every z-plane is one TIFF page (the organisers' files and ours);
-    with ``memmap`` a ``np.memmap`` is preferred when the pixels are stored uncompressed and
-    contiguous (fast random patches for training, but its pages count as resident memory once
-    touched). Otherwise the whole volume is read. Close a ``PagedVolume`` when done.
+    A ``PagedVolume`` when every z-plane is one TIFF page (the organisers' files and ours). With
+    ``memmap`` a ``np.memmap`` is preferred when the pixels are stored uncompressed and
+    contiguous: fast random patches for training, but its pages count as resident memory once
+    touched. A file that is neither paged by plane nor mappable is read whole. Close a
+    ``PagedVolume`` when done.
     """
     path = Path(path)
     info = info or inspect_case(path)
-    if memmap:
+
+    def mapped() -> np.ndarray | None:
         try:
-            volume = tifffile.memmap(path, mode="r")
-            return volume.reshape(info.shape)
+            return tifffile.memmap(path, mode="r").reshape(info.shape)
         except (ValueError, tifffile.TiffFileError, OSError):
-            pass
+            return None
+
+    if memmap and (volume := mapped()) is not None:
+        return volume
     with _tifffile_quiet(path):
         tif = _open(path)
     series = tif.series[0]
     if len(series.pages) == info.shape[0] and tuple(series.keyframe.shape) == info.shape[1:]:
         return PagedVolume(path, tif, info.shape, info.dtype)
     tif.close()
+    if not memmap and (volume := mapped()) is not None:
+        return volume
+    log.debug("%s: pages are not z-planes and the pixels cannot be mapped: read whole", path.name)
     return read_case(path, info=info).volume
 
 
