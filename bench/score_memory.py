@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote 3 x {np.prod(shape) * 2 / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
         result = run_score(folder, args.png, args.threads)
     voxels = float(np.prod(shape))
-    print(f"| case | voxels | PNG | seconds | peak RSS (GiB) | three whole uint16 volumes (GiB) | N-SSIM |")
+    print("| case | voxels | PNG | seconds | peak RSS (GiB) | three whole uint16 volumes (GiB) | N-SSIM |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {'x'.join(map(str, shape))} | {voxels / 1e9:.2f} G | {'yes' if args.png else 'no'} "
           f"| {result['seconds']:.1f} | {result['peak_gib']:.2f} | {3 * voxels * 2 / 2**30:.2f} "

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FuseCareError, InputError
-from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, PagedVolume, Volume, inspect_case, open_volume
+from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume
 from .metrics import SsimScores, Window, score_ssim
 from .normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
@@ -247,21 +247,10 @@ def _uncertainty(options: EvalOptions, case: CasePaths, shape: tuple[int, ...],
         if info.shape != shape:
             log.warning("%s: uncertainty has shape %s, not %s; drawn without it", case.name, info.shape, shape)
             return None
-        return files.enter_context(_opened(matches[0], info))
+        return files.enter_context(opened_volume(matches[0], info=info))
     except InputError as exc:
         log.warning("%s: uncertainty %s; drawn without it", case.name, exc)
         return None
-
-
-@contextlib.contextmanager
-def _opened(path: Path, info: CaseInfo) -> Iterator[Volume]:
-    """The volume read lazily where the file allows (three whole 1.1 G-voxel volumes are 6.6 GB)."""
-    volume = open_volume(path, info=info)
-    try:
-        yield volume
-    finally:
-        if isinstance(volume, PagedVolume):
-            volume.close()
 
 
 def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache | None = None,
@@ -282,7 +271,7 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
         volumes = {}
         for role in ROLES:
             try:
-                volumes[role] = files.enter_context(_opened(getattr(case, role), infos[role]))
+                volumes[role] = files.enter_context(opened_volume(getattr(case, role), info=infos[role]))
             except InputError as exc:
                 raise InputError(f"{_ROLE_NAMES[role]} {exc}") from None
         voxel_size = infos["target"].meta.voxel_size.zyx

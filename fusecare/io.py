@@ -383,6 +383,17 @@ def open_volume(path: str | Path, *, info: CaseInfo | None = None,
     return read_case(path, info=info).volume
 
 
+@contextlib.contextmanager
+def opened_volume(path: str | Path, *, info: CaseInfo | None = None, memmap: bool = False) -> Iterator[Volume]:
+    """``open_volume`` for a ``with`` block: a ``PagedVolume`` is closed at its end."""
+    volume = open_volume(path, info=info, memmap=memmap)
+    try:
+        yield volume
+    finally:
+        if isinstance(volume, PagedVolume):
+            volume.close()
+
+
 def list_cases(folder: str | Path) -> list[Path]:
     """All ``.tif``/``.tiff`` files of a folder (one case each), sorted; hidden files skipped."""
     folder = Path(folder)

@@ -32,7 +32,7 @@ from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, spli
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
 from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
-from fusecare.io import CHANNELS, NUCLEUS, list_cases, open_volume, read_case
+from fusecare.io import CHANNELS, NUCLEUS, list_cases, open_volume, opened_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
@@ -153,6 +153,11 @@ def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(volume[tuple(slice(a, a + s) for a, s in zip(starts, shape))])
 
 
+def _validation_crop(path: Path) -> np.ndarray:
+    with opened_volume(path, memmap=True) as volume:
+        return _centre_crop(volume, VALIDATION_CROP)
+
+
 def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
     make = nuclei_phantom if channel == NUCLEUS else membrane_phantom
     return make(shape, rng=np.random.default_rng(seed))
@@ -174,8 +179,7 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
                 open_volume(p.angle.path, memmap=True), open_volume(p.fused.path, memmap=True), settings)))
         for p in held:
             validation.append(ValidationCase(p.angle.path.name,
-                                             _centre_crop(open_volume(p.angle.path, memmap=True), VALIDATION_CROP),
-                                             _centre_crop(open_volume(p.fused.path, memmap=True), VALIDATION_CROP)))
+                                             _validation_crop(p.angle.path), _validation_crop(p.fused.path)))
     clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
         Path(f) for f in config.clean_files]
     if clean_paths:

@@ -198,13 +198,14 @@ def test_cli_with_segmentation_offline(tmp_path, tmp_path_factory):
 
 def test_cases_are_read_a_slab_at_a_time_and_closed(tmp_path, monkeypatch):
     """A 300x1920x1920 case is 6.6 GB as three whole uint16 volumes: scoring pages them in."""
+    from fusecare import io as fusecare_io
     from fusecare.io import PagedVolume, read_case
 
     dirs = make_folders(tmp_path, {"a.tif": "nucleus", "b.tif": "membrane"}, identity=False)
     write_fmc_tif(tmp_path / "unc" / "a.tif", np.full(SHAPE, 7, np.uint16))
     opened: list[object] = []
-    real = evaluate.open_volume
-    monkeypatch.setattr(evaluate, "open_volume", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
+    real = fusecare_io.open_volume
+    monkeypatch.setattr(fusecare_io, "open_volume", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
     options = EvalOptions(segment=False, progress=False, png_dir=tmp_path / "png", uncertainty_dir=tmp_path / "unc")
     results = evaluate_folder(dirs["pred"], dirs["gt"], dirs["input"], options)
     assert len(opened) == 7 and all(isinstance(v, PagedVolume) and v.closed for v in opened)
