@@ -1,9 +1,12 @@
 """Do-no-harm gating: blend the ensemble's prediction toward the input where members disagree.
 
-``output = input + blend * w * (prediction - input)``, ``w = 1 / (1 + (spread / spread_scale)**2)``,
-all in the challenge's normalised scale, with the members' spread optionally smoothed first
-(``spread_sigma`` voxels) so the weight map is not a voxel-wise patchwork of prediction and input,
-which SSIM punishes. ``blend = 0`` is the input itself: a candidate that always scores 0.
+``output = f + blend * w * (prediction - f)``, ``w = 1 / (1 + (spread / spread_scale)**2)``, all in
+the challenge's normalised scale, where ``f`` is the fallback: the input itself, or the input
+lightly Gaussian-smoothed (``fallback_sigma`` voxels; light smoothing alone already beats copying
+the input on most volumes, and it errs differently from the networks, so the blend gains from
+both). The members' spread is optionally smoothed first (``spread_sigma`` voxels) so the weight map
+is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
+fallback smoothing is the input itself: a candidate that always scores 0.
 
 The gate is calibrated on validation volumes: among the candidates whose worst case is not
 below 0, the one with the best mean N-SSIM (so the input-only candidate is chosen when nothing
@@ -34,20 +37,34 @@ class GateConfig(Config):
                          ge=0.0, le=1.0)
     spread_sigma: float = param(0.0, doc="Gaussian smoothing of the spread map before weighting "
                                 "(voxels; its support must stay within the tiling margin).", ge=0.0, le=4.0)
+    fallback_sigma: float = param(0.0, doc="Gaussian smoothing of the input that the gate falls back to "
+                                  "(voxels; 0 = the input itself).", ge=0.0, le=4.0)
+
+    @property
+    def keeps_input(self) -> bool:
+        """The output is the input itself: predicting would change nothing."""
+        return self.blend == 0.0 and self.fallback_sigma == 0.0
+
+    @property
+    def context(self) -> float:
+        """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
+        return 4.0 * max(self.spread_sigma, self.fallback_sigma)
 
 
 SCALES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BLENDS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 SIGMAS: tuple[float, ...] = (0.0, 2.0)
+FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8)
 INPUT_ONLY = GateConfig(blend=0.0)
 SAFETY_TOLERANCE = 1e-6
 """A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
 
 
 def default_candidates() -> list[GateConfig]:
-    """The input itself, then every (scale, blend, sigma) of the grid."""
-    return [INPUT_ONLY] + [GateConfig(spread_scale=s, blend=b, spread_sigma=g)
-                           for s, b, g in itertools.product(SCALES, BLENDS, SIGMAS)]
+    """The input itself, the smoothed inputs, then every (scale, blend, sigma, fallback) of the grid."""
+    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
+            + [GateConfig(spread_scale=s, blend=b, spread_sigma=g, fallback_sigma=f)
+               for s, b, g, f in itertools.product(SCALES, BLENDS, SIGMAS, FALLBACK_SIGMAS)])
 
 
 def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
@@ -61,17 +78,25 @@ def smooth_spread(prediction: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return prediction
     out = np.array(prediction, copy=True)
-    out[1] = ndimage.gaussian_filter(prediction[1], sigma, mode="reflect", truncate=4.0)
+    out[1] = smooth(prediction[1], sigma)
     return out
 
 
-def gated(x: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> np.ndarray:
-    """The gated prediction (all normalised, spread already smoothed); ``None`` is no gate."""
+def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing as the gate does it (reflect, 4 sigma); the volume itself at sigma 0."""
+    if sigma <= 0:
+        return volume
+    return ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=4.0)
+
+
+def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> np.ndarray:
+    """The gated prediction (all normalised; spread and fallback already smoothed by the gate's
+    sigmas, see ``smooth``); ``None`` is no gate."""
     if gate is None:
         return mean
     if gate.blend == 0.0:
-        return x
-    return x + (np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)) * (mean - x)
+        return fallback
+    return fallback + (np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)) * (mean - fallback)
 
 
 @dataclass(frozen=True)
@@ -105,23 +130,24 @@ class ValidationPrediction:
     spread: np.ndarray
 
 
-def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, x: np.ndarray,
+def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, fallback: np.ndarray,
                mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> float:
     """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
 
-    The input-only gate is the input itself: exactly 0, without scoring it again.
+    ``fallback`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
+    is the input itself: exactly 0, without scoring it again.
     """
-    if gate is not None and gate.blend == 0:
+    if gate is not None and gate.keeps_input:
         return 0.0
-    return n_ssim(fmc_ssim(target, gated(x, mean, spread, gate), target_norm=target_norm), ssim_input)
+    return n_ssim(fmc_ssim(target, gated(fallback, mean, spread, gate), target_norm=target_norm), ssim_input)
 
 
 def evaluate_candidates(cases: Sequence[ValidationPrediction],
                         candidates: Sequence[GateConfig] | None = None) -> list[GateCandidate]:
     """N-SSIM of every case without a gate and with each candidate gate.
 
-    Per case, the target's normalisation, the input's SSIM and each smoothing of the spread
-    are computed once, not once per candidate.
+    Per case, the target's normalisation, the input's SSIM and each smoothing of the spread and
+    of the input are computed once, not once per candidate.
     """
     candidates = default_candidates() if candidates is None else candidates
     prepared = []
@@ -129,16 +155,20 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction],
         target_norm = PercentileNorm.fit(case.target)
         prepared.append((target_norm, fmc_ssim(case.target, case.source, target_norm=target_norm),
                          PercentileNorm.fit(case.source).forward(case.source)))
-    smoothed: dict[tuple[int, float], np.ndarray] = {}
+    smoothed: dict[tuple[str, int, float], np.ndarray] = {}
+
+    def cached(kind: str, i: int, sigma: float, volume: np.ndarray) -> np.ndarray:
+        if (kind, i, sigma) not in smoothed:
+            smoothed[kind, i, sigma] = smooth(volume, sigma)
+        return smoothed[kind, i, sigma]
+
     results = []
     for gate in (None, *candidates):
-        sigma = gate.spread_sigma if gate else 0.0
+        spread_sigma, fallback_sigma = (gate.spread_sigma, gate.fallback_sigma) if gate else (0.0, 0.0)
         scores = []
         for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
-            if (i, sigma) not in smoothed:
-                smoothed[i, sigma] = smooth_spread(np.stack([case.mean, case.spread]), sigma)[1]
-            scores.append(score_gate(case.target, target_norm, ssim_input, x, case.mean,
-                                     smoothed[i, sigma], gate))
+            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, fallback_sigma, x),
+                                     case.mean, cached("spread", i, spread_sigma, case.spread), gate))
         results.append(GateCandidate(gate, tuple(scores)))
     return results
 

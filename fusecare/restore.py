@@ -22,7 +22,7 @@ import torch
 
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import GateConfig, gated, smooth_spread
+from fusecare.gate import GateConfig, gated, smooth, smooth_spread
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from fusecare.tiling import Region, predict_tiled
@@ -184,7 +184,7 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:  # the normalised input rides along as channel 2 (see below)
+        if gate is not None:  # the gate's fallback rides along as channel 2 (see below)
             mean = gated(prediction[2], mean, spread, gate)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
@@ -193,14 +193,14 @@ def restore_volume(
 
     predictor = predict_block
     if gate is not None:
-        sigma = gate.spread_sigma
-        if sigma > 0:
-            # the smoothed spread reaches 4 sigma further: widen the context so tiles stay exact
-            margin += math.ceil(4 * sigma / align) * align
+        # the smoothed spread and fallback reach further than the network: widen the context
+        # so that tiles stay exact
+        margin += math.ceil(gate.context / align) * align
 
         def predictor(block: np.ndarray) -> np.ndarray:
-            """(mean, smoothed spread, the normalised input block) for the gate in the sink."""
-            return np.concatenate([smooth_spread(predict_block(block), sigma), block[None]])
+            """(mean, smoothed spread, the fallback: the normalised input block, smoothed) for the sink."""
+            return np.concatenate([smooth_spread(predict_block(block), gate.spread_sigma),
+                                   smooth(block, gate.fallback_sigma)[None]])
     minimum = 2 * margin + align
     for attempt in range(max_oom_retries + 1):
         try:
@@ -336,7 +336,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     ensemble = ensembles.get(meta.channel)
     tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
-    if gate is not None and gate.blend == 0:
+    if gate is not None and gate.keeps_input:
         raise InputOnlyGateError(
             f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
             "correction that kept every case >= 0); --no-gate runs the ensemble anyway")

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Train the shipped ensembles (2 members per channel) on pairs simulated from ../shared/data
 # plus synthetic phantoms, then write model_weights/<channel>/ with a calibrated gate.
+# Two phases, as the shipped weights were made: 500 steps with the MAE loss, then each member
+# resumed to 1000 steps (nucleus with an added SSIM term, which its MAE-only phase lacked).
 # usage: scripts/train_shipped.sh [MEMBERS] [extra python -m train options...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 members="${1:-2}"
 shift || true
 python="${PYTHON:-.venv/bin/python}"
+declare -A phase2=([nucleus]="--ssim-weight 1.0" [membrane]="")
 for channel in nucleus membrane; do
-    "$python" -m train --config "train/configs/shipped_${channel}.json" --members "$members" \
-        --runs runs/shipped --weights model_weights "$@"
+    common=(--config "train/configs/shipped_${channel}.json" --members "$members" --runs runs/shipped
+            --weights model_weights)
+    "$python" -m train "${common[@]}" "$@"
+    # shellcheck disable=SC2086  # phase2 holds zero or more options
+    "$python" -m train "${common[@]}" --resume --steps 1000 ${phase2[$channel]} "$@"
 done

@@ -16,6 +16,8 @@ from fusecare.gate import (
     default_candidates,
     gate_weight,
     gated,
+    score_gate,
+    smooth,
     smooth_spread,
 )
 from fusecare.normalize import PercentileNorm
@@ -29,6 +31,39 @@ def test_gate_weight_and_blend():
                                [0.5, 0.25, 0.0], atol=1e-9)
     np.testing.assert_array_equal(gated(x, mean, spread, None), mean)
     np.testing.assert_array_equal(gated(x, mean, spread, INPUT_ONLY), x)
+
+
+def test_fallback_is_the_smoothed_input(rng):
+    x = rng.random((6, 12, 12)).astype(np.float32)
+    assert smooth(x, 0.0) is x
+    np.testing.assert_allclose(smooth(x, 0.8), ndimage.gaussian_filter(x, 0.8, mode="reflect", truncate=4.0))
+    smoothed_input_only = GateConfig(blend=0.0, fallback_sigma=0.8)
+    assert INPUT_ONLY.keeps_input and not smoothed_input_only.keeps_input
+    assert GateConfig(spread_sigma=1.0, fallback_sigma=0.5).context == 4.0
+    mean, spread = np.ones_like(x), np.zeros_like(x)
+    fallback = smooth(x, 0.8)
+    np.testing.assert_array_equal(gated(fallback, mean, spread, smoothed_input_only), fallback)
+    half = GateConfig(spread_scale=0.05, blend=0.5, fallback_sigma=0.8)
+    np.testing.assert_allclose(gated(fallback, mean, spread, half), 0.5 * (fallback + 1.0), atol=1e-6)
+
+
+def test_old_manifest_gates_fall_back_to_the_input():
+    """Gates calibrated before fallback smoothing existed keep their meaning."""
+    gate = GateConfig.from_dict({"spread_scale": 0.2, "blend": 0.75, "spread_sigma": 0.0})
+    assert gate.fallback_sigma == 0.0 and GateConfig.from_dict({"blend": 0.0}).keeps_input
+
+
+def test_smoothed_input_scores_like_the_gaussian_baseline(rng):
+    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
+    source = (target + 0.05 * rng.standard_normal(target.shape)).astype(np.float32)
+    norm = PercentileNorm.fit(target)
+    from fusecare.metrics import fmc_ssim, score_ssim
+
+    fallback = smooth(PercentileNorm.fit(source).forward(source), 0.8)
+    ssim_input = fmc_ssim(target, source, target_norm=norm)
+    gate = GateConfig(blend=0.0, fallback_sigma=0.8)
+    score = score_gate(target, norm, ssim_input, fallback, np.zeros_like(source), np.zeros_like(source), gate)
+    assert score == score_ssim(target, fallback, source).n_ssim > 0
 
 
 def test_smoothing_touches_only_the_spread(rng):
@@ -51,9 +86,11 @@ def test_choice_prefers_best_mean_among_safe_candidates():
     assert choose_gate(unsafe).gate == GateConfig(spread_scale=0.01)  # the most cautious when none is safe
 
 
-def test_candidates_include_the_input_itself():
+def test_candidates_include_the_input_itself_and_smoothed_fallbacks():
     candidates = default_candidates()
     assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates)
+    assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8}
+    assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
 
 
 def _case(rng, *, good: bool) -> ValidationPrediction:
@@ -80,8 +117,10 @@ def test_calibration_keeps_every_case_at_or_above_zero(rng):
 
 
 def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
-    bad = _case(rng, good=False)
-    bad = ValidationPrediction("bad", bad.source, bad.target, bad.mean, np.zeros_like(bad.spread))  # confident
+    target = rng.random((16, 40, 40)).astype(np.float32)  # white noise: smoothing it hurts too
+    source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
+    wrong = rng.random(target.shape).astype(np.float32)
+    bad = ValidationPrediction("bad", source, target, wrong, np.zeros_like(wrong))  # confidently wrong
     gate, table = calibrate_gate([bad])
     assert gate == INPUT_ONLY
     assert next(c for c in table if c.gate == gate).worst == 0.0

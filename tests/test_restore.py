@@ -154,14 +154,15 @@ def test_required_memory_counts_input_output_and_uncertainty():
     assert required_memory(info, with_uncertainty=True) - base == 2 * 100_000
 
 
-def test_smoothed_gate_is_still_exact_across_tiles(rng):
-    """Spread smoothing needs context beyond the network's: restore_volume widens the margin.
-
-    A pointwise predictor needs no margin, so any seam comes from the smoothing alone.
+@pytest.mark.parametrize("sigmas", [{"spread_sigma": 2.0}, {"fallback_sigma": 0.8},
+                                    {"spread_sigma": 2.0, "fallback_sigma": 0.5}])
+def test_smoothed_gate_is_still_exact_across_tiles(rng, sigmas):
+    """Spread and fallback smoothing need context beyond the network's: restore_volume widens
+    the margin. A pointwise predictor needs no margin, so any seam comes from the smoothing alone.
     """
     volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
     predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731 - spread varies per voxel
-    kwargs = {"margin": 0, "align": 4, "gate": GateConfig(spread_scale=0.2, spread_sigma=2.0)}
+    kwargs = {"margin": 0, "align": 4, "gate": GateConfig(spread_scale=0.2, blend=0.75, **sigmas)}
     whole = restore_volume(volume, predict, tile=(24, 40, 160), **kwargs).output
     tiled = restore_volume(volume, predict, tile=(24, 40, 32), **kwargs).output
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1

@@ -177,3 +177,15 @@ def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
     assert manifest["gate"] is not None and manifest["info"]["members"] == 1
     assert manifest["info"]["gate_cases"] == ["validation phantom 0"]
     assert (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes() == weights_before
+
+
+def test_command_line_options_override_the_config_file(tmp_path):
+    from train.train import build_parser, merged_config
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 3, "ssim_weight": 0.0, "seed": 4}))
+    merged = merged_config(build_parser().parse_args(["--config", str(config), "--steps", "7",
+                                                      "--ssim-weight", "0.5"]))
+    assert (merged.steps, merged.ssim_weight, merged.seed, merged.patch) == (7, 0.5, 4, (8, 16, 16))
+    with pytest.raises(ConfigError, match="ssim_weight"):
+        merged_config(build_parser().parse_args(["--config", str(config), "--ssim-weight", "11"]))

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--steps", type=int)
     run.add_argument("--batch-size", type=int)
+    run.add_argument("--ssim-weight", type=float, help="weight of the added (1 - SSIM) loss term")
     run.add_argument("--seed", type=int)
     run.add_argument("--members", type=int, default=1, help="ensemble members (seeds seed..seed+K-1)")
     run.add_argument("--runs", type=Path, default=Path("runs"), help="checkpoints and logs go here")
@@ -57,7 +58,7 @@ def merged_config(args: argparse.Namespace) -> TrainConfig:
     values = json.loads(args.config.read_text()) if args.config else {}
     overrides = {"channel": args.channel, "fmc_dir": args.fmc_dir, "clean_dir": args.clean_dir,
                  "phantoms": args.phantoms, "steps": args.steps, "batch_size": args.batch_size,
-                 "seed": args.seed, "device": args.device,
+                 "ssim_weight": args.ssim_weight, "seed": args.seed, "device": args.device,
                  "validation_studies": tuple(args.validation_studies) if args.validation_studies else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(values)
