@@ -193,9 +193,11 @@ def restore_volume(
 
     predictor = predict_block
     if gate is not None:
-        # the smoothed spread and fallback reach further than the network: widen the context
-        # so that tiles stay exact
-        margin += math.ceil(gate.context / align) * align
+        # the smoothed spread and fallback reach further than the network: widen the context so
+        # that tiles stay exact, and the tiles with it so that their cores keep their size
+        extra = math.ceil(gate.context / align) * align
+        margin += extra
+        tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
 
         def predictor(block: np.ndarray) -> np.ndarray:
             """(mean, smoothed spread, the fallback: the normalised input block, smoothed) for the sink."""

@@ -166,3 +166,21 @@ def test_smoothed_gate_is_still_exact_across_tiles(rng, sigmas):
     whole = restore_volume(volume, predict, tile=(24, 40, 160), **kwargs).output
     tiled = restore_volume(volume, predict, tile=(24, 40, 32), **kwargs).output
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_gate_context_grows_the_tiles_instead_of_failing(rng):
+    """A tile that fits the network's margin but not the gate's wider one still restores,
+    with cores of the size asked for (the tile grows by the gate's extra context)."""
+    volume = rng.integers(2000, 5000, size=(40, 40, 40)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731
+    gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, fallback_sigma=0.8)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(x):
+        seen.append(x.shape)
+        return predict(x)
+
+    tiled = restore_volume(volume, spy, tile=(16, 16, 16), margin=4, align=4, gate=gate).output
+    whole = restore_volume(volume, predict, tile=(40, 40, 40), margin=4, align=4, gate=gate).output
+    assert max(seen) == (32, 32, 32) and len(seen) > 1  # 16 + 2 x 8 voxels of gate context
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
