@@ -174,15 +174,22 @@ def test_output_folder_is_created_and_input_untouched(tmp_path, tiny_weights, in
 # --------------------------------------------------------------------------- model failures
 
 
-def test_channel_without_weights_falls_back_to_the_input_unchanged(tmp_path, membrane_only_weights):
+def _nucleus_and_membrane_run(tmp_path: Path, weights: Path, seed: int):
+    """Infer one nucleus and one membrane case; (result, output folder, nucleus input, the
+    nucleus case's one ERROR line), after checking the run itself succeeded."""
     inp, out = tmp_path / "in", tmp_path / "out"
-    original = volume(4)
+    original = volume(seed)
     write_fmc_tif(inp / "nuc.tif", original, channel="nucleus")
-    write_fmc_tif(inp / "mem.tif", volume(5), channel="membrane")
-    result = run_inference("--input", inp, "--output", out, "--weights", membrane_only_weights)
+    write_fmc_tif(inp / "mem.tif", volume(seed + 1), channel="membrane")
+    result = run_inference("--input", inp, "--output", out, "--weights", weights)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     [line] = [x for x in lines_naming(result.stderr, "nuc.tif") if "ERROR" in x]
+    return result, out, original, line
+
+
+def test_channel_without_weights_falls_back_to_the_input_unchanged(tmp_path, membrane_only_weights):
+    _, out, original, line = _nucleus_and_membrane_run(tmp_path, membrane_only_weights, 4)
     assert "FALLBACK" in line and "nucleus" in line
     written, _ = read(out / "nuc.tif")
     assert written.dtype == np.uint16
@@ -195,14 +202,7 @@ def test_corrupted_weights_fail_the_checksum_and_fall_back(tmp_path, tiny_weight
     data = bytearray(weights_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights_file.write_bytes(bytes(data))
-    inp, out = tmp_path / "in", tmp_path / "out"
-    original = volume(6)
-    write_fmc_tif(inp / "nuc.tif", original, channel="nucleus")
-    write_fmc_tif(inp / "mem.tif", volume(7), channel="membrane")
-    result = run_inference("--input", inp, "--output", out, "--weights", tiny_weights)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    [line] = [x for x in lines_naming(result.stderr, "nuc.tif") if "ERROR" in x]
+    result, out, original, line = _nucleus_and_membrane_run(tmp_path, tiny_weights, 6)
     assert "FALLBACK" in line and "checksum mismatch" in line and "weights.pt" in line
     np.testing.assert_array_equal(read(out / "nuc.tif")[0], original)
     assert not any("ERROR" in x for x in lines_naming(result.stderr, "mem.tif"))
