@@ -180,21 +180,26 @@ class Ensemble:
         x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[None, None].to(self.device)
         if self.channels_last and self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        # Sums of differences from the first member's location: E[x^2] - E[x]^2 of the raw
+        # locations cancels catastrophically in float32 when members nearly agree.
+        shift: torch.Tensor | None = None
         total = torch.zeros_like(x[0, 0])
         total_sq = torch.zeros_like(x[0, 0])
         use_fp16 = self.fp16 and self.device.type == "cuda"
         for member in self.members:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
                 out = member(x)[0].float()
-            location = out[0]
-            total += location
-            total_sq += location * location
+            if shift is None:
+                shift = out[0].clone()
+            difference = out[0] - shift
+            total += difference
+            total_sq += difference * difference
             if out.shape[0] > 1:
                 total_sq += 2.0 * out[1] * out[1]
         n = len(self.members)
-        mean = total / n
-        spread = torch.sqrt(torch.clamp(total_sq / n - mean * mean, min=0.0))
-        return torch.stack([mean, spread]).cpu().numpy()
+        mean_difference = total / n
+        spread = torch.sqrt(torch.clamp(total_sq / n - mean_difference * mean_difference, min=0.0))
+        return torch.stack([shift + mean_difference, spread]).cpu().numpy()
 
 
 def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu",

@@ -48,7 +48,7 @@ class GateConfig(Config):
     @property
     def context(self) -> float:
         """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
-        return 4.0 * max(self.spread_sigma, self.fallback_sigma)
+        return SMOOTHING_TRUNCATE * max(self.spread_sigma, self.fallback_sigma)
 
 
 SCALES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -56,6 +56,8 @@ BLENDS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 SIGMAS: tuple[float, ...] = (0.0, 2.0)
 FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8)
 INPUT_ONLY = GateConfig(blend=0.0)
+SMOOTHING_TRUNCATE = 4.0
+"""Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
 SAFETY_TOLERANCE = 1e-6
 """A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
 
@@ -73,20 +75,12 @@ def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
     return 1.0 / (1.0 + ratio * ratio)
 
 
-def smooth_spread(prediction: np.ndarray, sigma: float) -> np.ndarray:
-    """(mean, spread) with the spread Gaussian-smoothed; unchanged when ``sigma == 0``."""
-    if sigma <= 0:
-        return prediction
-    out = np.array(prediction, copy=True)
-    out[1] = smooth(prediction[1], sigma)
-    return out
-
-
 def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing as the gate does it (reflect, 4 sigma); the volume itself at sigma 0."""
+    """Gaussian smoothing as the gate does it (reflect, ``SMOOTHING_TRUNCATE`` sigmas); the volume
+    itself at sigma 0."""
     if sigma <= 0:
         return volume
-    return ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=4.0)
+    return ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=SMOOTHING_TRUNCATE)
 
 
 def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import GateConfig, gated, smooth, smooth_spread
+from fusecare.gate import GateConfig, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from fusecare.tiling import Region, predict_tiled
@@ -184,8 +184,8 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:  # the gate's fallback rides along as channel 2 (see below)
-            mean = gated(prediction[2], mean, spread, gate)
+        if gate is not None:  # the gate's smoothed spread and fallback ride along (see below)
+            mean = gated(prediction[3], mean, prediction[2], gate)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
         if uncertainty is not None:
@@ -200,10 +200,16 @@ def restore_volume(
         tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
 
         def predictor(block: np.ndarray) -> np.ndarray:
-            """(mean, smoothed spread, the fallback: the normalised input block, smoothed) for the sink."""
-            return np.concatenate([smooth_spread(predict_block(block), gate.spread_sigma),
-                                   smooth(block, gate.fallback_sigma)[None]])
+            """(mean, spread, the gate's smoothed spread, its fallback: the normalised input block,
+            smoothed), so that the uncertainty written stays the members' own spread."""
+            mean, spread = predict_block(block)
+            return np.stack([mean, spread, smooth(spread, gate.spread_sigma), smooth(block, gate.fallback_sigma)])
     minimum = 2 * margin + align
+    feasible = tuple(max(minimum, math.ceil(t / align) * align) for t in tile)
+    if feasible != tile:
+        log.warning("tile %s rounded up to %s: sides must be multiples of %d and leave room for %d "
+                    "voxels of context on both sides", tile, feasible, align, margin)
+        tile = feasible  # type: ignore[assignment]
     for attempt in range(max_oom_retries + 1):
         try:
             predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,

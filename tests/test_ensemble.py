@@ -54,6 +54,28 @@ def test_mean_and_spread_are_across_members(tmp_path, rng):
     assert spread.max() > 0
 
 
+class _Constant(torch.nn.Module):
+    """A stand-in member predicting one value everywhere."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.value)
+
+
+def test_spread_of_nearly_agreeing_members_at_high_intensity_is_accurate():
+    """sqrt(E[x^2] - E[x]^2) in float32 would lose it: 1e-4 apart at 10 is below its rounding."""
+    values = [10.0, 10.0001, 10.0002, 10.0003, 10.0004]
+    ensemble = Ensemble(members=[_Constant(v) for v in values], channel="nucleus", device=torch.device("cpu"),
+                        channels_last=False)
+    mean, spread = ensemble.predict_block(np.zeros((4, 8, 8), np.float32))
+    expected = np.std(np.float32(values).astype(np.float64))
+    np.testing.assert_allclose(spread, expected, rtol=0.05)
+    np.testing.assert_allclose(mean, np.mean(np.float32(values)), rtol=1e-6)
+
+
 def test_probabilistic_spread_is_the_laplace_mixture_std(tmp_path, rng):
     ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "membrane", members=2, probabilistic=True))
     block = rng.random((8, 16, 16)).astype(np.float32)

@@ -18,7 +18,6 @@ from fusecare.gate import (
     gated,
     score_gate,
     smooth,
-    smooth_spread,
 )
 from fusecare.normalize import PercentileNorm
 
@@ -66,12 +65,13 @@ def test_smoothed_input_scores_like_the_gaussian_baseline(rng):
     assert score == score_ssim(target, fallback, source).n_ssim > 0
 
 
-def test_smoothing_touches_only_the_spread(rng):
-    prediction = rng.random((2, 6, 10, 10)).astype(np.float32)
-    smoothed = smooth_spread(prediction, 2.0)
-    np.testing.assert_array_equal(smoothed[0], prediction[0])
-    np.testing.assert_allclose(smoothed[1], ndimage.gaussian_filter(prediction[1], 2.0, truncate=4.0), atol=1e-6)
-    assert smooth_spread(prediction, 0.0) is prediction
+def test_spread_smoothing_is_a_gaussian_and_leaves_its_input_alone(rng):
+    spread = rng.random((6, 10, 10)).astype(np.float32)
+    before = spread.copy()
+    smoothed = smooth(spread, 2.0)
+    np.testing.assert_array_equal(spread, before)
+    np.testing.assert_allclose(smoothed, ndimage.gaussian_filter(before, 2.0, truncate=4.0), atol=1e-6)
+    assert smooth(spread, 0.0) is spread
 
 
 def _gc(n_ssim, **gate):

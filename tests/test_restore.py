@@ -90,6 +90,16 @@ def test_uncertainty_is_the_spread_in_fixed_units(volume):
     assert np.all(restored.uncertainty == round(0.0123 / UNCERTAINTY_UNIT))
 
 
+def test_uncertainty_stays_the_members_spread_under_a_smoothing_gate(rng):
+    volume = rng.integers(2000, 5000, size=(16, 32, 32)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.1, np.abs(x - 0.5)])  # noqa: E731 - spread varies per voxel
+    gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, fallback_sigma=0.8)
+    gated_run = restore_volume(volume, predict, gate=gate, with_uncertainty=True, **TILING)
+    plain_run = restore_volume(volume, predict, with_uncertainty=True, **TILING)
+    np.testing.assert_array_equal(gated_run.uncertainty, plain_run.uncertainty)
+    assert not np.array_equal(gated_run.output, plain_run.output)
+
+
 def test_non_finite_prediction_is_an_error(volume):
     with pytest.raises(NonFinitePredictionError):
         restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING)
@@ -184,3 +194,13 @@ def test_gate_context_grows_the_tiles_instead_of_failing(rng):
     whole = restore_volume(volume, predict, tile=(40, 40, 40), margin=4, align=4, gate=gate).output
     assert max(seen) == (32, 32, 32) and len(seen) > 1  # 16 + 2 x 8 voxels of gate context
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("tile", [(10, 30, 50), (4, 4, 4)])
+def test_tile_the_tiling_cannot_use_is_rounded_up_not_failed(volume, tile, caplog):
+    """A --tile off the alignment or too small for the margin would fail every case."""
+    identity = _with_spread(lambda x: x)
+    restored = restore_volume(volume, identity, tile=tile, margin=4, align=4)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert all(t % 4 == 0 and t >= 12 for t in restored.tile)
+    assert "rounded up" in caplog.text
