@@ -3,8 +3,10 @@
 ``evaluate_folder`` pairs the cases of a prediction, a target and an input folder by file name,
 scores each and returns one ``CaseResult`` per case; a case that cannot be scored (missing
 partner, shapes that differ, unreadable file) gets its one-line reason and the others are
-still scored. ``score_volumes`` scores arrays already in memory: training's validation and the
-benchmarks call it so that they report the very same numbers as ``evaluation/score.py``.
+still scored. ``score_volumes`` scores volumes already opened; its N-SSIM is
+``metrics.score_ssim``, which training's validation and the benchmarks call, so they report the
+very same numbers as ``evaluation/score.py``. Each volume is histogrammed once per case
+(``fit_norms``): the scores and the picture share the fitted normalisations.
 
 Pairing: names are compared without their ``.tif``/``.tiff`` suffix and without a trailing
 ``_angle`` or ``_fused`` (the challenge's input and target names), case-insensitively. The
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from .errors import FuseCareError, InputError
 from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume
 from .metrics import SsimScores, Window, score_ssim
-from .normalize import FMC_PERCENTILES, PercentileNorm, percentiles
+from .normalize import PercentileNorm, percentiles
 from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
 
 log = logging.getLogger(__name__)
@@ -193,11 +195,17 @@ def case_channel(infos: Mapping[str, CaseInfo], override: str | None = None) -> 
 # --------------------------------------------------------------------------- scoring
 
 
-def _ssim_kwargs(options: SsimOptions, target: Volume, device: str) -> dict[str, Any]:
+def fit_norms(target: Volume, pred: Volume, input: Volume) -> dict[str, PercentileNorm]:
+    """The challenge's normalisation of each volume of a case, by role: one histogram pass each."""
+    return {"target": PercentileNorm.fit(target), "pred": PercentileNorm.fit(pred),
+            "input": PercentileNorm.fit(input)}
+
+
+def _ssim_kwargs(options: SsimOptions, target: Volume, target_norm: PercentileNorm, device: str) -> dict[str, Any]:
     data_range = options.data_range
     if data_range == "target":
-        low, p_low, p_high, high = percentiles(target, (0.0, *FMC_PERCENTILES, 100.0))
-        data_range = (high - low) / PercentileNorm(p_low, p_high).scale
+        low, high = percentiles(target, (0.0, 100.0))
+        data_range = (high - low) / target_norm.scale
         if not data_range > 0:
             data_range = 1.0
     return {"window": options.window, "per_slice": options.per_slice, "data_range": float(data_range),
@@ -208,16 +216,19 @@ def score_volumes(
     target: Volume, pred: Volume, input: Volume, *, channel: str,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0), options: EvalOptions = EvalOptions(),
     segmenters: SegmenterCache | None = None, step: Callable[[str], None] | None = None,
+    norms: Mapping[str, PercentileNorm] | None = None,
 ) -> tuple[SsimScores, SegScores | None]:
     """N-SSIM (and N-IoU unless ``options.segment`` is off) of one case.
 
     The volumes are arrays or ``io.PagedVolume``s: the SSIM reads the latter a z-slab at a time,
     segmentation reads them whole. ``segmenters`` caches the cellpose models across calls (made
-    from ``options`` when None).
+    from ``options`` when None); ``norms`` are ``fit_norms``' (fitted here when None).
     """
     if step is not None:
         step("ssim")
-    ssim = score_ssim(target, pred, input, **_ssim_kwargs(options.ssim, target, options.device))
+    norms = norms or fit_norms(target, pred, input)
+    ssim = score_ssim(target, pred, input, norms=norms,
+                      **_ssim_kwargs(options.ssim, target, norms["target"], options.device))
     if not options.segment:
         return ssim, None
     if segmenters is None:
@@ -278,14 +289,15 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
         if infos["input"].meta.voxel_size.zyx != voxel_size:
             log.debug("%s: input voxel size %s differs from the target's %s; using the target's",
                       case.name, infos["input"].meta.voxel_size.zyx, voxel_size)
+        norms = fit_norms(volumes["target"], volumes["pred"], volumes["input"])
         result.ssim, result.seg = score_volumes(
             volumes["target"], volumes["pred"], volumes["input"], channel=result.channel,
-            voxel_size=voxel_size, options=options, segmenters=segmenters, step=step)
+            voxel_size=voxel_size, options=options, segmenters=segmenters, step=step, norms=norms)
         if options.png_dir is not None:
             if step is not None:
                 step("png")
             try:
-                result.png = _draw(case, volumes, voxel_size, options, files)
+                result.png = _draw(case, volumes, voxel_size, options, files, norms)
             except (OSError, ValueError, InputError) as exc:  # the scores stand without their picture
                 log.warning("%s: no PNG (%s)", case.name, exc)
     except FuseCareError as exc:
@@ -302,13 +314,13 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
 
 
 def _draw(case: CasePaths, volumes: Mapping[str, Volume], voxel_size: Sequence[float],
-          options: EvalOptions, files: contextlib.ExitStack) -> Path:
+          options: EvalOptions, files: contextlib.ExitStack, norms: Mapping[str, PercentileNorm]) -> Path:
     from .report import write_case_png
 
     assert options.png_dir is not None
     uncertainty = _uncertainty(options, case, volumes["target"].shape, files)
     return write_case_png(Path(options.png_dir) / f"{case_key(case.name)}.png", volumes["input"],
-                          volumes["pred"], volumes["target"], voxel_size, uncertainty=uncertainty)
+                          volumes["pred"], volumes["target"], voxel_size, uncertainty=uncertainty, norms=norms)
 
 
 def _describe(result: CaseResult) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -368,16 +368,18 @@ def _fmc_ssims(
     target_norm: PercentileNorm,
     xs: Sequence[Volume],
     *,
+    x_norms: Sequence[PercentileNorm | None] | None = None,
     slab: int | None = None,
     device: str | torch.device | None = None,
     **window_options: Any,
 ) -> list[float]:
     """``fmc_ssim`` of each of ``xs``, in one pass over the target (its norm already fitted).
 
+    ``x_norms``: the fitted norms of ``xs`` where known (None entries are fitted here).
     ``window_options`` are ``ssim``'s window, win_size, sigma, per_slice and data_range.
     """
     spec = _make_spec(**window_options)
-    x_norms = [PercentileNorm.fit(x) for x in xs]
+    x_norms = [n if n is not None else PercentileNorm.fit(x) for x, n in zip(xs, x_norms or [None] * len(xs))]
     if target_norm.is_degenerate or any(n.is_degenerate for n in x_norms):
         log.warning("constant volume in SSIM (p2 == p99.8): normalised with scale 1")
     return _mean_ssims(target, xs, target_norm.forward, [n.forward for n in x_norms], spec, slab, device)
@@ -407,11 +409,16 @@ def n_ssim(ssim_pred: float, ssim_input: float) -> float:
     return (ssim_pred - ssim_input) / (1.0 - ssim_input)
 
 
-def score_ssim(target: Volume, pred: Volume, input: Volume, **ssim_kwargs) -> SsimScores:
+def score_ssim(target: Volume, pred: Volume, input: Volume, *,
+               norms: Mapping[str, PercentileNorm] | None = None, **ssim_kwargs) -> SsimScores:
     """The input's and the prediction's ``fmc_ssim`` against ``target``, and their N-SSIM.
 
     Both are scored in one pass over the target, tile by tile with the same code, so a
-    prediction that copies the input scores exactly 0.
+    prediction that copies the input scores exactly 0. ``norms``: fitted normalisations by role
+    ("target", "pred", "input") where the caller has them, so no volume is histogrammed twice.
     """
-    s_input, s_pred = _fmc_ssims(target, PercentileNorm.fit(target), [input, pred], **ssim_kwargs)
+    norms = norms or {}
+    target_norm = norms.get("target") or PercentileNorm.fit(target)
+    s_input, s_pred = _fmc_ssims(target, target_norm, [input, pred],
+                                 x_norms=[norms.get("input"), norms.get("pred")], **ssim_kwargs)
     return SsimScores(ssim_input=s_input, ssim_pred=s_pred, n_ssim=n_ssim(s_pred, s_input))

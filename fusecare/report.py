@@ -35,6 +35,8 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 LEADERBOARD: tuple[str, ...] = ("N_SSIM_nucleus", "N_SSIM_membrane", "N_IOU_nucleus", "N_IOU_membrane")
 _METRICS = (("n_ssim", "N_SSIM"), ("n_iou", "N_IOU"))
+ROLES = ("input", "pred", "target")
+"""Keys of ``write_case_png``'s ``norms``."""
 
 PANEL_MAX, PANEL_MIN = 256, 128
 """Longest panel side in pixels: projections are shrunk to PANEL_MAX, small ones enlarged to PANEL_MIN."""
@@ -141,25 +143,32 @@ def format_table(summary: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- pictures
 
 
-def projections(volume: Volume, norm: PercentileNorm | None = None,
-                other: tuple[Volume, PercentileNorm] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Maximum projections (XY over Z, XZ over Y) of ``norm(volume)``, slab by slab.
+Projections = tuple[np.ndarray, np.ndarray]
+"""Maximum projections of a volume: XY (over Z) and XZ (over Y)."""
 
-    With ``other`` = (volume2, norm2) they are of ``|norm(volume) - norm2(volume2)|`` instead.
-    ``norm`` None projects the raw values.
+
+def projections(volumes: Sequence[Volume], *, norms: Sequence[PercentileNorm | None] | None = None,
+                difference: tuple[int, int] | None = None) -> list[Projections]:
+    """Maximum projections of each of ``volumes`` (one shape), in one slab-by-slab pass.
+
+    ``norms[k]`` normalises volume k first (None: raw values). ``difference = (i, j)`` appends
+    the projections of ``|volume i - volume j|`` (after their norms), from the same slabs.
     """
-    n_z, n_y, n_x = volume.shape
-    xy = np.full((n_y, n_x), -np.inf, dtype=np.float32)
-    xz = np.empty((n_z, n_x), dtype=np.float32)
+    n_z, n_y, n_x = volumes[0].shape
+    n_out = len(volumes) + (difference is not None)
+    xy = [np.full((n_y, n_x), -np.inf, dtype=np.float32) for _ in range(n_out)]
+    xz = [np.empty((n_z, n_x), dtype=np.float32) for _ in range(n_out)]
+    norms = norms or [None] * len(volumes)
     step = max(1, _SLAB_VOXELS // max(1, n_y * n_x))
     for z0 in range(0, n_z, step):
-        block = volume[z0:z0 + step]
-        block = norm.forward(block) if norm is not None else np.asarray(block, dtype=np.float32)
-        if other is not None:
-            block = np.abs(block - other[1].forward(other[0][z0:z0 + step]))
-        np.maximum(xy, block.max(axis=0), out=xy)
-        xz[z0:z0 + block.shape[0]] = block.max(axis=1)
-    return xy, xz
+        blocks = [norm.forward(v[z0:z0 + step]) if norm is not None else np.asarray(v[z0:z0 + step], dtype=np.float32)
+                  for v, norm in zip(volumes, norms)]
+        if difference is not None:
+            blocks.append(np.abs(blocks[difference[0]] - blocks[difference[1]]))
+        for k, block in enumerate(blocks):
+            np.maximum(xy[k], block.max(axis=0), out=xy[k])
+            xz[k][z0:z0 + block.shape[0]] = block.max(axis=1)
+    return list(zip(xy, xz))
 
 
 def panel_sizes(shape: Sequence[int], voxel_size: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -203,27 +212,31 @@ def _lower(values: np.ndarray) -> float:
 def write_case_png(
     path: str | Path, input: Volume, pred: Volume, target: Volume,
     voxel_size: Sequence[float], *, uncertainty: Volume | None = None,
+    norms: Mapping[str, PercentileNorm] | None = None,
 ) -> Path:
     """Draw the case's projections (see the module doc) into ``path``; returns ``path``.
 
     Intensity panels share one grey scale: each volume normalised by its own percentiles 2 /
     99.8 (the metric's view), shown between percentiles 0.5 and 99.9 of the target's
     projection. The difference and uncertainty panels use a colour
-    map up to their 99.9th percentile, written in their title.
+    map up to their 99.9th percentile, written in their title. ``norms``: the volumes' fitted
+    normalisations by role ("input", "pred", "target"), when the caller has them already.
+    Each volume is read once (plus once for a norm not given).
     """
     from PIL import Image, ImageDraw
 
-    volumes = {"input": input, "prediction": pred, "target": target}
-    norms = {name: PercentileNorm.fit(v) for name, v in volumes.items()}
-    mips = {name: projections(v, norms[name]) for name, v in volumes.items()}
-    ranges = [(_lower(p), _upper(p)) for p in mips["target"]]  # one grey scale for all three
+    names = ("input", "prediction", "target")
+    norms = norms or {}
+    fitted = [norms.get(role) or PercentileNorm.fit(v) for role, v in zip(ROLES, (input, pred, target))]
+    *mips, difference = projections((input, pred, target), norms=fitted, difference=(1, 2))
+    ranges = [(_lower(p), _upper(p)) for p in mips[2]]  # one grey scale for all three: the target's
     panels: list[tuple[str, np.ndarray, np.ndarray]] = [
-        (name, _grey(xy, *ranges[0]), _grey(xz, *ranges[1])) for name, (xy, xz) in mips.items()]
-    xy, xz = projections(pred, norms["prediction"], other=(target, norms["target"]))
+        (name, _grey(xy, *ranges[0]), _grey(xz, *ranges[1])) for name, (xy, xz) in zip(names, mips)]
+    xy, xz = difference
     high = _upper(xy)
     panels.append((f"|pred-target| 0-{high:.2g}", _hot(xy, high), _hot(xz, high)))
     if uncertainty is not None:
-        xy, xz = projections(uncertainty)
+        [(xy, xz)] = projections([uncertainty])
         high = _upper(xy)
         panels.append((f"uncertainty 0-{high:.3g}", _hot(xy, high), _hot(xz, high)))
 

@@ -203,12 +203,19 @@ def test_cases_are_read_a_slab_at_a_time_and_closed(tmp_path, monkeypatch):
 
     dirs = make_folders(tmp_path, {"a.tif": "nucleus", "b.tif": "membrane"}, identity=False)
     write_fmc_tif(tmp_path / "unc" / "a.tif", np.full(SHAPE, 7, np.uint16))
+    from fusecare import normalize
+
     opened: list[object] = []
     real = fusecare_io.open_volume
     monkeypatch.setattr(fusecare_io, "open_volume", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
+    histograms: list[tuple[int, ...]] = []
+    real_histogram = normalize.integer_histogram
+    monkeypatch.setattr(normalize, "integer_histogram",
+                        lambda v: histograms.append(v.shape) or real_histogram(v))
     options = EvalOptions(segment=False, progress=False, png_dir=tmp_path / "png", uncertainty_dir=tmp_path / "unc")
     results = evaluate_folder(dirs["pred"], dirs["gt"], dirs["input"], options)
     assert len(opened) == 7 and all(isinstance(v, PagedVolume) and v.closed for v in opened)
+    assert len(histograms) == 6  # one per volume: scores and pictures share the fitted norms
     for result in results:
         volumes = [read_case(dirs[d] / result.case.replace("_angle", "_fused")).volume for d in ("gt", "pred", "input")]
         assert result.ok and result.ssim == score_ssim(*volumes)

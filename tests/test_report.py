@@ -99,15 +99,34 @@ def test_projections_match_numpy(rng, monkeypatch):
     a = rng.integers(0, 4000, (9, 7, 11)).astype(np.uint16)
     b = rng.integers(0, 4000, (9, 7, 11)).astype(np.uint16)
     na, nb = PercentileNorm.fit(a), PercentileNorm.fit(b)
-    xy, xz = projections(a, na)
+    [(xy, xz)] = projections([a], norms=[na])
     np.testing.assert_allclose(xy, na.forward(a).max(axis=0))
     np.testing.assert_allclose(xz, na.forward(a).max(axis=1))
-    xy, xz = projections(a, na, other=(b, nb))
+    (xy_a, _), (xy_b, xz_b), (xy, xz) = projections([a, b], norms=[na, nb], difference=(0, 1))
     diff = np.abs(na.forward(a) - nb.forward(b))
     np.testing.assert_allclose(xy, diff.max(axis=0))
     np.testing.assert_allclose(xz, diff.max(axis=1))
-    xy, _ = projections(a)
+    np.testing.assert_allclose(xy_a, na.forward(a).max(axis=0))
+    np.testing.assert_allclose(xz_b, nb.forward(b).max(axis=1))
+    [(xy, _)] = projections([a])
     np.testing.assert_array_equal(xy, a.max(axis=0).astype(np.float32))
+
+
+def test_case_png_reads_each_volume_once_when_given_its_norms(rng, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_SLAB_VOXELS", 200)  # several slabs
+
+    class Counting(np.ndarray):
+        planes = 0
+
+        def __getitem__(self, key):
+            if isinstance(key, slice):
+                Counting.planes += len(range(*key.indices(self.shape[0])))
+            return np.asarray(self).__getitem__(key)
+
+    volumes = [rng.integers(0, 4000, (9, 16, 16)).astype(np.uint16).view(Counting) for _ in range(3)]
+    norms = dict(zip(report.ROLES, (PercentileNorm.fit(np.asarray(v)) for v in volumes)))
+    write_case_png(tmp_path / "c.png", *volumes, (1.0, 1.0, 1.0), norms=norms)
+    assert Counting.planes == 3 * 9
 
 
 @pytest.mark.parametrize(("shape", "voxel", "columns", "expected"), [
