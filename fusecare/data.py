@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fusecare.errors import InputError
-from fusecare.io import CaseInfo, inspect_case
+from fusecare.io import CaseInfo, inspect_case, tiff_files
 from fusecare.normalize import percentiles
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,8 @@ def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> lis
     metadata of angle and fused may disagree (a known quirk of nucleus ids 213..399): only
     shapes are compared.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"FMC folder not found: {folder}")
     found: dict[tuple[int, str], dict[str, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in (".tif", ".tiff") or path.name.startswith("."):
-            continue
+    for path in tiff_files(folder, kind="FMC folder"):
         match = FMC_NAME.match(path.name)
         if match is None:
             log.warning("ignoring %s: not named image_<id>_<nucleus|membrane>_<angle|fused>.tif", path.name)

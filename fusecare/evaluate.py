@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FuseCareError, InputError
-from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume
+from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume, tiff_files
 from .metrics import SsimScores, Window, score_ssim
 from .normalize import PercentileNorm, percentiles
 from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
@@ -129,12 +129,9 @@ def case_key(name: str) -> str:
 
 
 def _tiffs(folder: Path) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        raise InputError(f"folder not found: {folder}")
     found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in TIFF_SUFFIXES and not path.name.startswith(".") and path.is_file():
-            found.setdefault(case_key(path.name), []).append(path)
+    for path in tiff_files(folder, kind="folder"):
+        found.setdefault(case_key(path.name), []).append(path)
     return found
 
 

@@ -394,15 +394,19 @@ def opened_volume(path: str | Path, *, info: CaseInfo | None = None, memmap: boo
             volume.close()
 
 
-def list_cases(folder: str | Path) -> list[Path]:
-    """All ``.tif``/``.tiff`` files of a folder (one case each), sorted; hidden files skipped."""
+def tiff_files(folder: str | Path, *, kind: str = "input folder") -> list[Path]:
+    """The ``.tif``/``.tiff`` files of a folder, sorted, hidden files skipped (maybe none);
+    ``InputError`` "<kind> not found" when there is no such folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"input folder not found: {folder}")
-    cases = sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file()
-    )
+        raise InputError(f"{kind} not found: {folder}")
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def list_cases(folder: str | Path) -> list[Path]:
+    """All ``.tif``/``.tiff`` files of a folder (one case each), sorted; hidden files skipped."""
+    cases = tiff_files(folder)
     if not cases:
         raise InputError(f"no .tif/.tiff file in input folder {folder}")
     return cases

@@ -205,7 +205,9 @@ def restore_volume(
             mean, spread = predict_block(block)
             return np.stack([mean, spread, smooth(spread, gate.spread_sigma), smooth(block, gate.fallback_sigma)])
     minimum = 2 * margin + align
-    feasible = tuple(max(minimum, math.ceil(t / align) * align) for t in tile)
+    aligned = [math.ceil(t / align) * align for t in tile]
+    feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed
+                     for n, t in zip(volume.shape, aligned))
     if feasible != tile:
         log.warning("tile %s rounded up to %s: sides must be multiples of %d and leave room for %d "
                     "voxels of context on both sides", tile, feasible, align, margin)

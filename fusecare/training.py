@@ -32,7 +32,7 @@ from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, spli
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
 from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
-from fusecare.io import CHANNELS, NUCLEUS, list_cases, open_volume, opened_volume, read_case
+from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, list_cases, open_volume, opened_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
@@ -153,8 +153,8 @@ def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(volume[tuple(slice(a, a + s) for a, s in zip(starts, shape))])
 
 
-def _validation_crop(path: Path) -> np.ndarray:
-    with opened_volume(path, memmap=True) as volume:
+def _validation_crop(info: CaseInfo) -> np.ndarray:
+    with opened_volume(info.path, info=info, memmap=True) as volume:
         return _centre_crop(volume, VALIDATION_CROP)
 
 
@@ -176,10 +176,11 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
         train, held = split_by_study(pairs, config.validation_studies)
         for p in train:
             sources.append(RealPairs(p.angle.path.name, PairPatches(
-                open_volume(p.angle.path, memmap=True), open_volume(p.fused.path, memmap=True), settings)))
+                open_volume(p.angle.path, info=p.angle, memmap=True),
+                open_volume(p.fused.path, info=p.fused, memmap=True), settings)))
         for p in held:
             validation.append(ValidationCase(p.angle.path.name,
-                                             _validation_crop(p.angle.path), _validation_crop(p.fused.path)))
+                                             _validation_crop(p.angle), _validation_crop(p.fused)))
     clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
         Path(f) for f in config.clean_files]
     if clean_paths:
