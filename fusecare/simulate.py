@@ -326,12 +326,10 @@ def illumination_transmission(
     return out
 
 
-def detection_transmission(
-    density: np.ndarray, voxel_size_zyx: VoxelSize, from_start: bool, mu: float
-) -> np.ndarray:
-    """Beer-Lambert for the emitted light on its way out to the objective along Z."""
-    path = path_length_um(density, 0, from_start, voxel_size_zyx[0])
-    return np.exp(-np.float32(mu) * path)
+def detection_transmission(depth_um: np.ndarray, mu: float) -> np.ndarray:
+    """Beer-Lambert for the emitted light on its way out to the objective along Z, given the
+    specimen path to the objective (``path_length_um`` along axis 0)."""
+    return np.exp(-np.float32(mu) * depth_um)
 
 
 def shadow_stripes(
@@ -466,9 +464,9 @@ def expected_photons(
         rng=np.random.default_rng(params.stripe_seed),
     )
     emitted = signal * excitation
-    emitted *= detection_transmission(density, vs, params.detection_from_start, params.mu_detection)
+    depth = path_length_um(density, 0, params.detection_from_start, vs[0])  # also the scattering depth
+    emitted *= detection_transmission(depth, params.mu_detection)
     emitted = axial_blur(emitted, vs, params.axial_sigma_um)
-    depth = path_length_um(density, 0, params.detection_from_start, vs[0])
     emitted = depth_scatter_blur(
         emitted,
         depth,
