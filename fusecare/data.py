@@ -99,13 +99,20 @@ def split_by_study(pairs: Sequence[FmcPair], validation_studies: Sequence[int]
 # --------------------------------------------------------------------------- patches
 
 
-def foreground_blocks(target: np.ndarray, block: tuple[int, int, int], *, threshold: float = 0.4,
-                      quantile: float = 99.9) -> np.ndarray:
+FOREGROUND_THRESHOLD, FOREGROUND_QUANTILE = 0.4, 99.9
+"""A block is foreground when its maximum exceeds 0.4 x the target's 99.9th percentile (CSBDeep)."""
+
+
+def foreground_blocks(target: np.ndarray, block: tuple[int, int, int], *, threshold: float = FOREGROUND_THRESHOLD,
+                      quantile: float = FOREGROUND_QUANTILE, quantile_value: float | None = None) -> np.ndarray:
     """Boolean map of blocks whose maximum exceeds ``threshold`` x the target's ``quantile``.
 
-    Computed slab by slab on the block maxima, so it never holds a float copy of the volume.
+    ``quantile_value``: that percentile when the caller has it already (it costs a pass over the
+    volume). Computed slab by slab on the block maxima, so it never holds a float copy of the volume.
     """
-    level = threshold * percentiles(target, (quantile,))[0]
+    if quantile_value is None:
+        quantile_value = percentiles(target, (quantile,))[0]
+    level = threshold * quantile_value
     shape = tuple(-(-n // b) for n, b in zip(target.shape, block))
     maxima = np.empty(shape, dtype=np.float64)
     bz, by, bx = block
@@ -137,11 +144,13 @@ class PairPatches:
         self.source, self.target, self.settings = source, target, settings
         self.patch = tuple(min(p, n) for p, n in zip(settings.patch, source.shape))
         self._block = tuple(max(1, p // 2) for p in self.patch)
-        self._foreground = np.argwhere(foreground_blocks(target, self._block))
-        # Whole-volume percentiles at the jitter range's ends, interpolated per draw.
-        qs = (*settings.pmin, *settings.pmax)
-        self._source_q = dict(zip(qs, percentiles(source, qs)))
-        self._target_q = dict(zip(qs, percentiles(target, qs)))
+        # Whole-volume percentiles at the jitter range's ends, interpolated per draw (not needed
+        # per patch); the target's foreground level comes from the same histogram pass.
+        qs = () if settings.normalize_per_patch else (*settings.pmin, *settings.pmax)
+        *target_q, foreground_q = percentiles(target, (*qs, FOREGROUND_QUANTILE))
+        self._foreground = np.argwhere(foreground_blocks(target, self._block, quantile_value=foreground_q))
+        self._source_q = dict(zip(qs, percentiles(source, qs))) if qs else {}
+        self._target_q = dict(zip(qs, target_q))
 
     def _corner(self, rng: np.random.Generator) -> tuple[int, ...]:
         limits = [n - p for n, p in zip(self.source.shape, self.patch)]
