@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import score_gate, smooth  # noqa: E402
+from fusecare.gate import evaluate_candidates, predict_validation  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
-from fusecare.metrics import fmc_ssim, score_ssim  # noqa: E402
+from fusecare.metrics import score_ssim  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
 from fusecare.simulate import simulate_single_view  # noqa: E402
@@ -92,16 +92,12 @@ def main() -> None:
         rows = []
         for case in simulated_cases(channel, args.data, range(HELD_OUT_SEED, HELD_OUT_SEED + args.seeds),
                                     args.phantoms, 40_000):
-            prediction = predict_ensemble_volume(ensemble, case.source)
-            smoothed = smooth(prediction[1], gate.spread_sigma if gate else 0.0)
-            x = PercentileNorm.fit(case.source).forward(case.source)
-            fallback = smooth(x, gate.fallback_sigma if gate else 0.0)
-            target_norm = PercentileNorm.fit(case.target)
-            ssim_input = fmc_ssim(case.target, case.source, target_norm=target_norm)
+            prediction = predict_validation(case.name, case.source, case.target,
+                                            lambda v: predict_ensemble_volume(ensemble, v))
+            ungated, *with_gate = evaluate_candidates([prediction], [gate] if gate else [])
             scores = [score_ssim(case.target, case.source, case.source).n_ssim,  # identity: 0
                       score_ssim(case.target, gaussian(case, sigma), case.source).n_ssim,
-                      score_gate(case.target, target_norm, ssim_input, x, *prediction, None),
-                      score_gate(case.target, target_norm, ssim_input, fallback, prediction[0], smoothed, gate)]
+                      ungated.n_ssim[0], (with_gate or [ungated])[0].n_ssim[0]]
             rows.append(scores)
             print(f"{channel:<9}{case.name:<40}" + "".join(f"{v:>9.3f}" for v in scores))
         table = np.array(rows)
