@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusecare.errors import ConfigError, FuseCareError, WeightsError
+from fusecare.device import resolve_device
+from fusecare.errors import ConfigError, WeightsError
 from fusecare.gate import GateConfig
 from fusecare.model import CareUNet, ModelConfig
 
@@ -44,19 +45,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while data := f.read(chunk):
             digest.update(data)
     return digest.hexdigest()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FuseCareError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FuseCareError(f"device {name!r} requested but CUDA is not available here")
-    return device
 
 
 # --------------------------------------------------------------------------- writing

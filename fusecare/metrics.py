@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .device import resolve_device
 from .errors import InputError
 from .io import Volume
 from .normalize import PercentileNorm
@@ -253,12 +254,12 @@ def _tile_sum(xa: np.ndarray, ya: np.ndarray, spec: _Spec, device: torch.device)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CPU; 'auto' -> CUDA when available, else CPU."""
+    """None -> CPU; a name as ``device.resolve_device`` reads it ('auto' -> CUDA when available)."""
     if device is None:
         return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if isinstance(device, torch.device):
+        return device
+    return resolve_device(device)
 
 
 @contextmanager

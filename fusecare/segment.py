@@ -280,14 +280,6 @@ def _fetch(folder: Path, basename: str, name: str, allow_download: bool) -> Path
     return path
 
 
-def _torch_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class CellposeSegmenter:
     """One cellpose model (and its size model when it has one) on one device.
 
@@ -299,7 +291,9 @@ class CellposeSegmenter:
                  batch_size: int = 32) -> None:
         from cellpose import models as cp_models
 
-        self.device = _torch_device(device)
+        from .device import resolve_device  # torch only once a model is made
+
+        self.device = resolve_device(device)
         self.batch_size = batch_size
         gpu = self.device.type == "cuda"
         size_file: Path | None = None
