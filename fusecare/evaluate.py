@@ -175,16 +175,12 @@ def _inspect(case: CasePaths) -> dict[str, CaseInfo]:
     return infos
 
 
-def _has_channel_key(info: CaseInfo) -> bool:
-    return any(str(k).lower() == "channel" for k in info.meta.raw)
-
-
 def case_channel(infos: Mapping[str, CaseInfo], override: str | None = None) -> str:
     """``override``, else the input's metadata channel, else the target's, else from the file name."""
     if override is not None:
         return override
     for role in ("input", "target"):
-        if _has_channel_key(infos[role]):
+        if infos[role].meta.channel_in_metadata:
             return infos[role].meta.channel
     return infos["input"].meta.channel
 

@@ -69,6 +69,8 @@ class CaseMeta:
     unit: str = "micron"
     raw: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    channel_in_metadata: bool = False
+    """Whether ``channel`` came from a channel key of the metadata (not the file name)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def parse_meta(raw: Mapping[str, Any], *, path: Path | None = None,
     unit = str(keys.get("unit", "micron"))
     return CaseMeta(
         voxel_size=VoxelSize(**sizes), channel=channel, study=study, unit=unit,
-        raw=dict(raw), notes=tuple(notes),
+        raw=dict(raw), notes=tuple(notes), channel_in_metadata=channel_value is not None,
     )
 
 

@@ -9,6 +9,7 @@ is logged as one ERROR line naming the case and the reason; the folder run goes 
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 import os
 import time
@@ -364,10 +365,9 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
 def _write_outputs(path: Path, restored: Restored, meta: CaseMeta, options: RestoreOptions) -> None:
     write_case(path, restored.output, meta)
     if options.uncertainty_dir is not None and restored.uncertainty is not None:
-        unc_meta = CaseMeta(voxel_size=meta.voxel_size, channel=meta.channel, study=meta.study,
-                            raw={**meta.raw, "content": "ensemble spread",
-                                 "uncertainty_unit": UNCERTAINTY_UNIT,
-                                 "uncertainty_scale": "normalised intensity (p2 -> 0, p99.8 -> 1)"})
+        unc_meta = dataclasses.replace(meta, raw={**meta.raw, "content": "ensemble spread",
+                                                  "uncertainty_unit": UNCERTAINTY_UNIT,
+                                                  "uncertainty_scale": "normalised intensity (p2 -> 0, p99.8 -> 1)"})
         write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta)
 
 

@@ -124,6 +124,12 @@ def test_missing_channel_comes_from_the_file_name_or_is_membrane(name, expected)
     assert any("no channel" in n for n in meta.notes)
 
 
+@pytest.mark.parametrize(("raw", "expected"), [({"Channel": "nucleus"}, True), ({"channel_": "x"}, True),
+                                             ({}, False), ({"channels": "nucleus"}, False)])
+def test_meta_says_whether_the_channel_came_from_the_metadata(raw, expected):
+    assert parse_meta(raw, path=Path("image_1_nucleus_angle.tif")).channel_in_metadata is expected
+
+
 def test_missing_channel_without_a_path_is_membrane():
     assert parse_meta({}).channel == "membrane"
 
