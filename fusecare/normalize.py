@@ -18,9 +18,11 @@ FMC_PERCENTILES: tuple[float, float] = (2.0, 99.8)
 _SLAB_VOXELS = 1 << 24  # about 16 M voxels per histogram slab
 
 
-def _slabs(n_z: int, plane_voxels: int) -> range:
-    step = max(1, _SLAB_VOXELS // max(1, plane_voxels))
-    return range(0, n_z, step)
+def z_slabs(n_z: int, plane_voxels: int, slab_voxels: int | None = None) -> list[tuple[int, int]]:
+    """(z0, z1) ranges of whole planes covering ``n_z``, about ``slab_voxels`` voxels each
+    (default ``_SLAB_VOXELS``), at least one plane."""
+    step = max(1, (slab_voxels or _SLAB_VOXELS) // max(1, plane_voxels))
+    return [(z0, min(z0 + step, n_z)) for z0 in range(0, n_z, step)]
 
 
 def integer_histogram(volume: np.ndarray) -> tuple[np.ndarray, int]:
@@ -39,8 +41,8 @@ def integer_histogram(volume: np.ndarray) -> tuple[np.ndarray, int]:
     else:
         vol = volume.reshape((-1,) + volume.shape[-2:]) if volume.ndim > 3 else volume[None]
     plane = int(np.prod(vol.shape[1:]))
-    for z in _slabs(vol.shape[0], plane):
-        slab = np.asarray(vol[z : z + max(1, _SLAB_VOXELS // max(1, plane))]).ravel()
+    for z0, z1 in z_slabs(vol.shape[0], plane):
+        slab = np.asarray(vol[z0:z1]).ravel()
         if offset:
             slab = slab.astype(np.int32) - offset
         counts += np.bincount(slab, minlength=size)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .io import CHANNELS, Volume
-from .normalize import PercentileNorm
+from .normalize import PercentileNorm, z_slabs
 
 if TYPE_CHECKING:
     from .evaluate import CaseResult
@@ -159,9 +159,8 @@ def projections(volumes: Sequence[Volume], *, norms: Sequence[PercentileNorm | N
     xy = [np.full((n_y, n_x), -np.inf, dtype=np.float32) for _ in range(n_out)]
     xz = [np.empty((n_z, n_x), dtype=np.float32) for _ in range(n_out)]
     norms = norms or [None] * len(volumes)
-    step = max(1, _SLAB_VOXELS // max(1, n_y * n_x))
-    for z0 in range(0, n_z, step):
-        blocks = [norm.forward(v[z0:z0 + step]) if norm is not None else np.asarray(v[z0:z0 + step], dtype=np.float32)
+    for z0, z1 in z_slabs(n_z, n_y * n_x, _SLAB_VOXELS):
+        blocks = [norm.forward(v[z0:z1]) if norm is not None else np.asarray(v[z0:z1], dtype=np.float32)
                   for v, norm in zip(volumes, norms)]
         if difference is not None:
             blocks.append(np.abs(blocks[difference[0]] - blocks[difference[1]]))

@@ -97,7 +97,7 @@ def input_as_uint16(volume: np.ndarray) -> np.ndarray:
     that fits); other dtypes through ``Uint16Map`` (positive-affine, so it scores N-SSIM 0)."""
     if volume.dtype == np.uint16:
         return volume
-    low, high = percentiles(volume, (0.0, 100.0))
+    low, high = float(volume.min()), float(volume.max())  # finite: replace_non_finite ran first
     if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
         return volume.astype(np.uint16)
     out, _ = Uint16Map.for_input(low, high).apply(volume)
