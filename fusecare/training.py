@@ -32,7 +32,7 @@ from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, spli
 from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
 from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
-from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, list_cases, open_volume, opened_volume, read_case
+from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
@@ -184,14 +184,15 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
     clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
         Path(f) for f in config.clean_files]
     if clean_paths:
-        cases = [read_case(path) for path in clean_paths]
-        chosen = [c for c in cases if c.meta.channel == config.channel]
-        if not chosen:
-            raise InputError(f"no clean volume of channel {config.channel!r} among {len(cases)} clean "
-                             f"file(s) (channels found: {sorted({c.meta.channel for c in cases})})")
-        for c in cases:
+        infos = [inspect_case(path) for path in clean_paths]  # headers first: read only the chosen
+        chosen_infos = [c for c in infos if c.meta.channel == config.channel]
+        if not chosen_infos:
+            raise InputError(f"no clean volume of channel {config.channel!r} among {len(infos)} clean "
+                             f"file(s) (channels found: {sorted({c.meta.channel for c in infos})})")
+        for c in infos:
             if c.meta.channel != config.channel:
                 log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, config.channel)
+        chosen = [read_case(c.path, info=c) for c in chosen_infos]
         for i, case in enumerate(chosen):
             clean = case.volume.astype(np.float32)
             sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
