@@ -26,7 +26,8 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.normalize import normalize  # noqa: E402
+from fusecare.io import read_case  # noqa: E402
+from fusecare.metrics import fmc_ssim  # noqa: E402
 from fusecare.simulate import SimulationParams, simulate_single_view  # noqa: E402
 
 log = logging.getLogger("make_sample")
@@ -48,13 +49,6 @@ SPECS = (
     SampleSpec("plantnuclei_1135.tif", "sample_nucleus.tif", "nucleus", (44, 18, 20), (32, 64, 56)),
     SampleSpec("ovule_membrane.tif", "sample_membrane.tif", "membrane", (0, 32, 36), (32, 64, 56)),
 )
-
-
-def read_clean(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    with tifffile.TiffFile(path) as tif:
-        md = tif.shaped_metadata[0]
-        vs = (float(md["PhysicalSizeZ"]), float(md["PhysicalSizeY"]), float(md["PhysicalSizeX"]))
-        return tif.asarray(), vs
 
 
 def crop(volume: np.ndarray, spec: SampleSpec) -> np.ndarray:
@@ -108,14 +102,9 @@ def write_like_fmc(path: Path, volume: np.ndarray, vs: tuple[float, float, float
     path.write_bytes(min(encoded, key=len))
 
 
-def fmc_ssim(target: np.ndarray, single_view: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(normalize(target), normalize(single_view), data_range=1))
-
-
 def make(spec: SampleSpec, data_dir: Path, out: Path, seed: int) -> dict[str, object]:
-    clean, vs = read_clean(data_dir / spec.source)
+    case = read_case(data_dir / spec.source)
+    clean, vs = case.volume, case.meta.voxel_size.zyx
     view, params = simulate_single_view(clean, vs, seed=seed)
     target = target_to_uint16(crop(clean, spec))
     single = np.ascontiguousarray(crop(view, spec))
