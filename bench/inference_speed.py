@@ -46,19 +46,25 @@ def _peak_rss() -> int:
 
 
 def _ensemble(args: argparse.Namespace, tmp: Path):
+    from fusecare.ensemble import load_ensemble
+
+    folder = args.weights if args.weights is not None else _random_weights(tmp, args.members) / "nucleus"
+    return load_ensemble(folder, device=args.device, fp16=args.fp16)
+
+
+def _random_weights(folder: Path, members: int) -> Path:
+    """A default-size ensemble of randomly initialised members in ``folder/nucleus`` (speed does
+    not depend on the weights); returns ``folder``."""
     import torch
 
-    from fusecare.ensemble import load_ensemble, save_member, write_manifest
+    from fusecare.ensemble import save_member, write_manifest
     from fusecare.model import CareUNet, ModelConfig
 
-    folder = args.weights
-    if folder is None:
-        folder = tmp / "nucleus"
-        for k in range(args.members):
-            torch.manual_seed(k)
-            save_member(folder / f"member_{k}", CareUNet(ModelConfig()))
-        write_manifest(folder, "nucleus")
-    return load_ensemble(folder, device=args.device, fp16=args.fp16)
+    for k in range(members):
+        torch.manual_seed(k)
+        save_member(folder / "nucleus" / f"member_{k}", CareUNet(ModelConfig()))
+    write_manifest(folder / "nucleus", "nucleus")
+    return folder
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -69,7 +75,6 @@ def worker(args: argparse.Namespace) -> dict:
     from fusecare.restore import DEFAULT_TILE, restore_volume
     from fusecare.tiling import pad_to_multiple
 
-    torch.set_num_threads(torch.get_num_threads())
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = _ensemble(args, Path(tmp))
@@ -118,17 +123,7 @@ def end_to_end(args: argparse.Namespace) -> dict:
         meta = CaseMeta(voxel_size=VoxelSize(1.01, 0.388, 0.388), channel="nucleus", raw={"channel": "nucleus"})
         write_case(tmp_path / "in" / "case.tif", volume, meta)
         del volume
-        weights = args.weights.parent if args.weights else None
-        if weights is None:
-            import torch
-
-            from fusecare.ensemble import save_member, write_manifest
-            from fusecare.model import CareUNet, ModelConfig
-            weights = tmp_path / "w"
-            for k in range(args.members):
-                torch.manual_seed(k)
-                save_member(weights / "nucleus" / f"member_{k}", CareUNet(ModelConfig()))
-            write_manifest(weights / "nucleus", "nucleus")
+        weights = args.weights.parent if args.weights else _random_weights(tmp_path / "w", args.members)
         command = [sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path / "in"),
                    "--output", str(tmp_path / "out"), "--weights", str(weights), "--device", args.device,
                    "--quiet"] + (["--fp16"] if args.fp16 else []) + (
