@@ -4,7 +4,9 @@
 the challenge's normalised scale, where ``f`` is the fallback: the input itself, or the input
 lightly Gaussian-smoothed (``fallback_sigma`` voxels; light smoothing alone already beats copying
 the input on most volumes, and it errs differently from the networks, so the blend gains from
-both). The members' spread is optionally smoothed first (``spread_sigma`` voxels) so the weight map
+both), and the prediction is the members' mean, optionally lightly smoothed (``prediction_sigma``:
+networks trained for minutes on a CPU keep some of the input's noise, which SSIM punishes in the
+background). The members' spread is optionally smoothed first (``spread_sigma`` voxels) so the weight map
 is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
 fallback smoothing is the input itself: a candidate that always scores 0.
 
@@ -39,6 +41,9 @@ class GateConfig(Config):
                                 "(voxels; its support must stay within the tiling margin).", ge=0.0, le=4.0)
     fallback_sigma: float = param(0.0, doc="Gaussian smoothing of the input that the gate falls back to "
                                   "(voxels; 0 = the input itself).", ge=0.0, le=4.0)
+    prediction_sigma: float = param(0.0, doc="Gaussian smoothing of the members' mean before blending "
+                                    "(voxels; briefly trained networks leave noise that the targets lack).",
+                                    ge=0.0, le=4.0)
 
     @property
     def keeps_input(self) -> bool:
@@ -48,13 +53,14 @@ class GateConfig(Config):
     @property
     def context(self) -> float:
         """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
-        return SMOOTHING_TRUNCATE * max(self.spread_sigma, self.fallback_sigma)
+        return SMOOTHING_TRUNCATE * max(self.spread_sigma, self.fallback_sigma, self.prediction_sigma)
 
 
 SCALES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BLENDS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 SIGMAS: tuple[float, ...] = (0.0, 2.0)
 FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8)
+PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5, 1.0)
 INPUT_ONLY = GateConfig(blend=0.0)
 SMOOTHING_TRUNCATE = 4.0
 """Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
@@ -63,10 +69,10 @@ SAFETY_TOLERANCE = 1e-6
 
 
 def default_candidates() -> list[GateConfig]:
-    """The input itself, the smoothed inputs, then every (scale, blend, sigma, fallback) of the grid."""
+    """The input itself, the smoothed inputs, then every (scale, blend, sigmas) of the grid."""
     return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
-            + [GateConfig(spread_scale=s, blend=b, spread_sigma=g, fallback_sigma=f)
-               for s, b, g, f in itertools.product(SCALES, BLENDS, SIGMAS, FALLBACK_SIGMAS)])
+            + [GateConfig(spread_scale=s, blend=b, spread_sigma=g, fallback_sigma=f, prediction_sigma=p)
+               for s, b, g, f, p in itertools.product(SCALES, BLENDS, SIGMAS, FALLBACK_SIGMAS, PREDICTION_SIGMAS)])
 
 
 def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
@@ -84,8 +90,8 @@ def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> np.ndarray:
-    """The gated prediction (all normalised; spread and fallback already smoothed by the gate's
-    sigmas, see ``smooth``); ``None`` is no gate."""
+    """The gated prediction (all normalised; mean, spread and fallback already smoothed by the
+    gate's sigmas, see ``smooth``); ``None`` is no gate."""
     if gate is None:
         return mean
     if gate.blend == 0.0:
@@ -128,7 +134,7 @@ def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: floa
                mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> float:
     """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
 
-    ``fallback`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
+    ``fallback``, ``mean`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
     is the input itself: exactly 0, without scoring it again.
     """
     if gate is not None and gate.keeps_input:
@@ -140,8 +146,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction],
                         candidates: Sequence[GateConfig] | None = None) -> list[GateCandidate]:
     """N-SSIM of every case without a gate and with each candidate gate.
 
-    Per case, the target's normalisation, the input's SSIM and each smoothing of the spread and
-    of the input are computed once, not once per candidate.
+    Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
+    spread and the input are computed once, not once per candidate.
     """
     candidates = default_candidates() if candidates is None else candidates
     prepared = []
@@ -158,11 +164,12 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction],
 
     results = []
     for gate in (None, *candidates):
-        spread_sigma, fallback_sigma = (gate.spread_sigma, gate.fallback_sigma) if gate else (0.0, 0.0)
+        sigmas = (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0)
         scores = []
         for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
-            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, fallback_sigma, x),
-                                     case.mean, cached("spread", i, spread_sigma, case.spread), gate))
+            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, sigmas[1], x),
+                                     cached("mean", i, sigmas[2], case.mean),
+                                     cached("spread", i, sigmas[0], case.spread), gate))
         results.append(GateCandidate(gate, tuple(scores)))
     return results
 

@@ -201,10 +201,12 @@ def restore_volume(
         tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
 
         def predictor(block: np.ndarray) -> np.ndarray:
-            """(mean, spread, the gate's smoothed spread, its fallback: the normalised input block,
-            smoothed), so that the uncertainty written stays the members' own spread."""
+            """(the gate's smoothed mean, spread, the gate's smoothed spread, its fallback: the
+            normalised input block, smoothed), so that the uncertainty written stays the members'
+            own spread."""
             mean, spread = predict_block(block)
-            return np.stack([mean, spread, smooth(spread, gate.spread_sigma), smooth(block, gate.fallback_sigma)])
+            return np.stack([smooth(mean, gate.prediction_sigma), spread, smooth(spread, gate.spread_sigma),
+                             smooth(block, gate.fallback_sigma)])
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
     feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed

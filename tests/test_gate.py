@@ -14,6 +14,7 @@ from fusecare.gate import (
     calibrate_gate,
     choose_gate,
     default_candidates,
+    evaluate_candidates,
     gate_weight,
     gated,
     score_gate,
@@ -39,6 +40,7 @@ def test_fallback_is_the_smoothed_input(rng):
     smoothed_input_only = GateConfig(blend=0.0, fallback_sigma=0.8)
     assert INPUT_ONLY.keeps_input and not smoothed_input_only.keeps_input
     assert GateConfig(spread_sigma=1.0, fallback_sigma=0.5).context == 4.0
+    assert GateConfig(spread_sigma=1.0, prediction_sigma=1.5).context == 6.0
     mean, spread = np.ones_like(x), np.zeros_like(x)
     fallback = smooth(x, 0.8)
     np.testing.assert_array_equal(gated(fallback, mean, spread, smoothed_input_only), fallback)
@@ -49,7 +51,8 @@ def test_fallback_is_the_smoothed_input(rng):
 def test_old_manifest_gates_fall_back_to_the_input():
     """Gates calibrated before fallback smoothing existed keep their meaning."""
     gate = GateConfig.from_dict({"spread_scale": 0.2, "blend": 0.75, "spread_sigma": 0.0})
-    assert gate.fallback_sigma == 0.0 and GateConfig.from_dict({"blend": 0.0}).keeps_input
+    assert gate.fallback_sigma == 0.0 and gate.prediction_sigma == 0.0
+    assert GateConfig.from_dict({"blend": 0.0}).keeps_input
 
 
 def test_smoothed_input_scores_like_the_gaussian_baseline(rng):
@@ -90,6 +93,7 @@ def test_candidates_include_the_input_itself_and_smoothed_fallbacks():
     candidates = default_candidates()
     assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates)
     assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8}
+    assert {c.prediction_sigma for c in candidates} == {0.0, 0.5, 1.0}
     assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
 
 
@@ -124,3 +128,21 @@ def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
     gate, table = calibrate_gate([bad])
     assert gate == INPUT_ONLY
     assert next(c for c in table if c.gate == gate).worst == 0.0
+
+
+def test_calibration_scores_the_smoothed_mean(rng):
+    """A candidate with ``prediction_sigma`` is scored on the Gaussian-smoothed members' mean, and
+    calibration finds it when the networks left noise that the target lacks."""
+    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
+    source = (target + 0.01 * rng.standard_normal(target.shape)).astype(np.float32)
+    noisy_mean = (PercentileNorm.fit(target).forward(target)
+                  + 0.3 * rng.standard_normal(target.shape)).astype(np.float32)
+    case = ValidationPrediction("noisy", source, target, noisy_mean, np.zeros_like(target))
+    gate = GateConfig(spread_scale=1.0, blend=1.0, prediction_sigma=1.0)
+    _, unsmoothed, smoothed = (c.n_ssim[0] for c in evaluate_candidates([case], [GateConfig(spread_scale=1.0), gate]))
+    from fusecare.metrics import score_ssim
+
+    assert smoothed == pytest.approx(score_ssim(target, smooth(noisy_mean, 1.0), source).n_ssim, abs=1e-9)
+    assert smoothed > unsmoothed
+    chosen, _ = calibrate_gate([case])
+    assert chosen.prediction_sigma > 0

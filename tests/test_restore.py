@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusecare.gate import GateConfig, gate_weight
+from fusecare.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restore import (
@@ -164,11 +164,11 @@ def test_required_memory_counts_input_output_and_uncertainty():
     assert required_memory(info, with_uncertainty=True) - base == 2 * 100_000
 
 
-@pytest.mark.parametrize("sigmas", [{"spread_sigma": 2.0}, {"fallback_sigma": 0.8},
-                                    {"spread_sigma": 2.0, "fallback_sigma": 0.5}])
+@pytest.mark.parametrize("sigmas", [{"spread_sigma": 2.0}, {"fallback_sigma": 0.8}, {"prediction_sigma": 1.0},
+                                    {"spread_sigma": 2.0, "fallback_sigma": 0.5, "prediction_sigma": 0.5}])
 def test_smoothed_gate_is_still_exact_across_tiles(rng, sigmas):
-    """Spread and fallback smoothing need context beyond the network's: restore_volume widens
-    the margin. A pointwise predictor needs no margin, so any seam comes from the smoothing alone.
+    """Spread, fallback and prediction smoothing need context beyond the network's: restore_volume
+    widens the margin. A pointwise predictor needs no margin, so any seam comes from the smoothing alone.
     """
     volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
     predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731 - spread varies per voxel
@@ -176,6 +176,24 @@ def test_smoothed_gate_is_still_exact_across_tiles(rng, sigmas):
     whole = restore_volume(volume, predict, tile=(24, 40, 160), **kwargs).output
     tiled = restore_volume(volume, predict, tile=(24, 40, 32), **kwargs).output
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_gate_smooths_the_members_mean_not_the_spread_it_writes(rng):
+    """With ``prediction_sigma`` (and a gate that keeps the whole prediction) the output is the
+    Gaussian-smoothed network output, while the uncertainty written stays unsmoothed."""
+    volume = rng.integers(2000, 5000, size=(16, 32, 32)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731
+    gate = GateConfig(spread_scale=10.0, blend=1.0, prediction_sigma=1.0)
+    restored = restore_volume(volume, predict, tile=(16, 32, 32), margin=0, align=4, gate=gate,
+                              with_uncertainty=True)
+    norm = PercentileNorm.fit(volume)
+    x = norm.forward(volume)
+    spread = np.abs(x - 0.5)
+    expected = gated(x, smooth(x + 0.5, 1.0), spread, gate)
+    mapped = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(expected))[0]
+    assert np.abs(restored.output.astype(int) - mapped.astype(int)).max() <= 1
+    unsmoothed = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, 65535)
+    assert np.abs(restored.uncertainty.astype(int) - unsmoothed.astype(int)).max() <= 1
 
 
 def test_gate_context_grows_the_tiles_instead_of_failing(rng):
