@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Train the shipped ensembles (2 members per channel) on pairs simulated from ../shared/data
 # plus synthetic phantoms, then write model_weights/<channel>/ with a calibrated gate.
-# Two phases, as the shipped weights were made: 500 steps with the MAE loss, then each member
-# resumed to 1000 steps (nucleus with an added SSIM term, which its MAE-only phase lacked).
+# Three phases, as the shipped weights were made: 500 steps with the MAE loss; each member
+# resumed to 1000 steps (nucleus with an added SSIM term, which its MAE-only phase lacked); then
+# both channels resumed to 2000 steps with the SSIM term. Each phase rewrites the ensemble and
+# recalibrates its gate; the best checkpoint over all phases is the one exported.
 # usage: scripts/train_shipped.sh [MEMBERS] [extra python -m train options...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,4 +18,5 @@ for channel in nucleus membrane; do
     "$python" -m train "${common[@]}" "$@"
     # shellcheck disable=SC2086  # phase2 holds zero or more options
     "$python" -m train "${common[@]}" --resume --steps 1000 ${phase2[$channel]} "$@"
+    "$python" -m train "${common[@]}" --resume --steps 2000 --ssim-weight 1.0 "$@"
 done
