@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
 from fusecare.metrics import fmc_ssim, n_ssim
@@ -142,12 +143,13 @@ def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: floa
     return n_ssim(fmc_ssim(target, gated(fallback, mean, spread, gate), target_norm=target_norm), ssim_input)
 
 
-def evaluate_candidates(cases: Sequence[ValidationPrediction],
-                        candidates: Sequence[GateConfig] | None = None) -> list[GateCandidate]:
+def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
+                        *, progress: bool = False) -> list[GateCandidate]:
     """N-SSIM of every case without a gate and with each candidate gate.
 
     Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
-    spread and the input are computed once, not once per candidate.
+    spread and the input are computed once, not once per candidate. ``progress`` shows a bar over
+    the candidates (the default grid has 723: about 105 s per 64x256x256 case on 2 CPU cores).
     """
     candidates = default_candidates() if candidates is None else candidates
     prepared = []
@@ -163,7 +165,7 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction],
         return smoothed[kind, i, sigma]
 
     results = []
-    for gate in (None, *candidates):
+    for gate in tqdm((None, *candidates), desc="gate calibration", unit="gate", disable=not progress, leave=False):
         sigmas = (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0)
         scores = []
         for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
@@ -183,12 +185,12 @@ def choose_gate(results: Sequence[GateCandidate]) -> GateCandidate:
     return max(gated_results, key=lambda r: r.worst)
 
 
-def calibrate_gate(cases: Sequence[ValidationPrediction],
-                   candidates: Sequence[GateConfig] | None = None) -> tuple[GateConfig, list[GateCandidate]]:
+def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
+                   *, progress: bool = False) -> tuple[GateConfig, list[GateCandidate]]:
     """The calibrated gate and the whole table (for the model card and the manifest)."""
     if not cases:
         raise ValueError("gate calibration needs at least one validation case")
-    results = evaluate_candidates(cases, candidates)
+    results = evaluate_candidates(cases, candidates, progress=progress)
     chosen = choose_gate(results).gate
     assert chosen is not None
     return chosen, results

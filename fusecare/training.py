@@ -438,16 +438,16 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
         write_manifest(folder, config.channel, info=info)
         _, validation = data
         if validation:
-            recalibrate_gate(folder, validation, device=config.device, info=info)
+            recalibrate_gate(folder, validation, device=config.device, info=info, progress=progress)
     return results
 
 
 def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, device: str = "cpu",
-                     info: dict[str, Any] | None = None) -> GateConfig:
+                     info: dict[str, Any] | None = None, progress: bool = False) -> GateConfig:
     """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table."""
     if info is None:
         info = json.loads((folder / "manifest.json").read_text()).get("info", {})
-    gate, table = calibrate_ensemble_gate(folder, validation, device=device)
+    gate, table = calibrate_ensemble_gate(folder, validation, device=device, progress=progress)
     write_manifest(folder, folder.name, gate=gate, info={
         **info, "gate_cases": [v.name for v in validation],
         "gate_calibration": [c.to_dict() for c in table]})
@@ -459,13 +459,13 @@ def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarra
     return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin, align=ensemble.alignment)
 
 
-def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu"
-                            ) -> tuple[GateConfig, list[GateCandidate]]:
+def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu",
+                            progress: bool = False) -> tuple[GateConfig, list[GateCandidate]]:
     """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
     ensemble = load_ensemble(folder, device=device)
     predictions = [predict_validation(c.name, c.source, c.target,
                                       lambda v: predict_ensemble_volume(ensemble, v)) for c in cases]
-    gate, table = calibrate_gate(predictions)
+    gate, table = calibrate_gate(predictions, progress=progress)
     ungated = table[0]
     chosen = next(c for c in table if c.gate == gate)
     log.info("validation N-SSIM ungated: mean %.4f, worst %.4f; gated %s: mean %.4f, worst %.4f",

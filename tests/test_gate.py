@@ -146,3 +146,12 @@ def test_calibration_scores_the_smoothed_mean(rng):
     assert smoothed > unsmoothed
     chosen, _ = calibrate_gate([case])
     assert chosen.prediction_sigma > 0
+
+
+def test_calibration_shows_a_bar_over_candidates_only_when_asked(rng, capsys):
+    cases = [_case(rng, good=True)]
+    candidates = default_candidates()[:5]
+    calibrate_gate(cases, candidates)
+    assert "gate calibration" not in capsys.readouterr().err
+    calibrate_gate(cases, candidates, progress=True)
+    assert "gate calibration" in capsys.readouterr().err
