@@ -39,7 +39,7 @@ class GateConfig(Config):
     blend: float = param(1.0, doc="Share of the gated correction applied (0 = the input itself).",
                          ge=0.0, le=1.0)
     spread_sigma: float = param(0.0, doc="Gaussian smoothing of the spread map before weighting "
-                                "(voxels; its support must stay within the tiling margin).", ge=0.0, le=4.0)
+                                "(voxels; tiles widen by its reach, see ``context``).", ge=0.0, le=4.0)
     fallback_sigma: float = param(0.0, doc="Gaussian smoothing of the input that the gate falls back to "
                                   "(voxels; 0 = the input itself).", ge=0.0, le=4.0)
     prediction_sigma: float = param(0.0, doc="Gaussian smoothing of the members' mean before blending "
@@ -166,12 +166,13 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
 
     results = []
     for gate in tqdm((None, *candidates), desc="gate calibration", unit="gate", disable=not progress, leave=False):
-        sigmas = (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0)
+        spread_sigma, fallback_sigma, prediction_sigma = (
+            (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0))
         scores = []
         for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
-            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, sigmas[1], x),
-                                     cached("mean", i, sigmas[2], case.mean),
-                                     cached("spread", i, sigmas[0], case.spread), gate))
+            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, fallback_sigma, x),
+                                     cached("mean", i, prediction_sigma, case.mean),
+                                     cached("spread", i, spread_sigma, case.spread), gate))
         results.append(GateCandidate(gate, tuple(scores)))
     return results
 
