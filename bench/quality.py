@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import evaluate_candidates, predict_validation  # noqa: E402
+from fusecare.gate import INPUT_ONLY, GateConfig, evaluate_candidates, predict_validation, smooth  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
 from fusecare.metrics import score_ssim  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
@@ -65,7 +64,8 @@ def simulated_cases(channel: str, data: Path, seeds: range, phantoms: int, phant
 
 
 def gaussian(case: Case, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(PercentileNorm.fit(case.source).forward(case.source), sigma)
+    """The baseline: the normalised input Gaussian-smoothed, as the gate's smoothed-input fallback."""
+    return smooth(PercentileNorm.fit(case.source).forward(case.source), sigma)
 
 
 def tune_sigma(cases: list[Case]) -> float:
@@ -94,10 +94,11 @@ def main() -> None:
                                     args.phantoms, 40_000):
             prediction = predict_validation(case.name, case.source, case.target,
                                             lambda v: predict_ensemble_volume(ensemble, v))
-            ungated, *with_gate = evaluate_candidates([prediction], [gate] if gate else [])
-            scores = [score_ssim(case.target, case.source, case.source).n_ssim,  # identity: 0
-                      score_ssim(case.target, gaussian(case, sigma), case.source).n_ssim,
-                      ungated.n_ssim[0], (with_gate or [ungated])[0].n_ssim[0]]
+            # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one
+            baselines = [INPUT_ONLY, GateConfig(blend=0.0, fallback_sigma=sigma)]
+            candidates = baselines + ([gate] if gate else [])
+            ungated, identity, smoothed, *with_gate = evaluate_candidates([prediction], candidates)
+            scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0])]
             rows.append(scores)
             print(f"{channel:<9}{case.name:<40}" + "".join(f"{v:>9.3f}" for v in scores))
         table = np.array(rows)

@@ -8,8 +8,8 @@ is logged as one ERROR line naming the case and the reason; the folder run goes 
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -21,7 +21,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusecare.ensemble import Ensemble, load_ensemble, resolve_device
+from fusecare.device import resolve_device
+from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
 from fusecare.gate import GateConfig, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
 from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, split_by_study
-from fusecare.ensemble import Ensemble, load_ensemble, resolve_device, save_member, write_manifest
+from fusecare.device import resolve_device
+from fusecare.ensemble import Ensemble, load_ensemble, save_member, write_manifest
 from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
 from fusecare.errors import ConfigError, InputError
 from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
@@ -163,10 +164,12 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
     return make(shape, rng=np.random.default_rng(seed))
 
 
-def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationCase]]:
+def build_data(config: TrainConfig, *, validation_only: bool = False
+               ) -> tuple[list[PatchSource], list[ValidationCase]]:
     """Training sources and validation cases from every data source the config names.
 
-    Raises ``InputError`` naming the file or folder before any training starts.
+    ``validation_only`` (gate recalibration) builds no training source: each would cost a pass
+    over its volume. Raises ``InputError`` naming the file or folder before any training starts.
     """
     sources: list[PatchSource] = []
     validation: list[ValidationCase] = []
@@ -174,7 +177,7 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
     if config.fmc_dir:
         pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
         train, held = split_by_study(pairs, config.validation_studies)
-        for p in train:
+        for p in [] if validation_only else train:
             sources.append(RealPairs(p.angle.path.name, PairPatches(
                 open_volume(p.angle.path, info=p.angle, memmap=True),
                 open_volume(p.fused.path, info=p.fused, memmap=True), settings)))
@@ -195,13 +198,14 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
         chosen = [read_case(c.path, info=c) for c in chosen_infos]
         for i, case in enumerate(chosen):
             clean = case.volume.astype(np.float32)
-            sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
+            if not validation_only:
+                sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
             view, _ = simulate_single_view(clean, case.meta.voxel_size.zyx, config=config.simulator,
                                            seed=10_000 + i)
             validation.append(ValidationCase(f"{case.path.name} (simulated, seed {10_000 + i})",
                                              _centre_crop(view, VALIDATION_CROP),
                                              _centre_crop(clean, VALIDATION_CROP)))
-    for i in range(config.phantoms):
+    for i in range(0 if validation_only else config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
         sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
     for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
@@ -209,7 +213,9 @@ def build_data(config: TrainConfig) -> tuple[list[PatchSource], list[ValidationC
         clean = _phantom(config.channel, config.phantom_shape, seed)
         view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=config.simulator, seed=seed)
         validation.append(ValidationCase(f"validation phantom {i}", view, clean))
-    if not sources:
+    if validation_only and not validation:
+        raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
+    if not sources and not validation_only:
         raise InputError("no training source could be built from the config")
     return sources, validation
 

@@ -159,6 +159,26 @@ def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
         build_data(tiny(phantoms=0, clean_files=[str(mem)]))
 
 
+def test_validation_only_builds_the_same_validation_and_no_training_source(tmp_path, rng, monkeypatch):
+    """Gate recalibration needs the validation cases only: no training source (each costs a
+    pass over its volume) is built, and a config with no validation case is refused by name."""
+    nuc = write_fmc_tif(tmp_path / "n.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    from fusecare import training
+
+    config = tiny(phantoms=1, validation_phantoms=1, clean_files=[str(nuc)])
+    _, full = training.build_data(config)
+    built: list[str] = []
+    monkeypatch.setattr(training, "SimulatedPairs", lambda name, *a, **k: built.append(name))
+    sources, validation = training.build_data(config, validation_only=True)
+    assert sources == [] and built == []
+    assert [v.name for v in validation] == [v.name for v in full]
+    for mine, theirs in zip(validation, full):
+        np.testing.assert_array_equal(mine.source, theirs.source)
+        np.testing.assert_array_equal(mine.target, theirs.target)
+    with pytest.raises(Exception, match="no validation case"):
+        training.build_data(tiny(phantoms=1, validation_phantoms=0), validation_only=True)
+
+
 def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))

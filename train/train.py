@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = merged_config(args)
         if args.calibrate_only:
-            gate = recalibrate_gate(args.weights / config.channel, build_data(config)[1], device=config.device,
+            _, validation = build_data(config, validation_only=True)
+            gate = recalibrate_gate(args.weights / config.channel, validation, device=config.device,
                                     progress=not args.quiet)
             log.info("gate of %s: %s", args.weights / config.channel, gate.to_dict())
             return 0
