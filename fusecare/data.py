@@ -15,6 +15,7 @@ of the whole volume by default, as inference sees it; per-patch percentiles are 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fusecare.errors import InputError
-from fusecare.io import CaseInfo, inspect_case, tiff_files
+from fusecare.io import CHANNELS, CaseInfo, inspect_case, tiff_files
 from fusecare.normalize import percentiles
 
 log = logging.getLogger(__name__)
@@ -100,19 +101,22 @@ def split_by_study(pairs: Sequence[FmcPair], validation_studies: Sequence[int]
 
 
 FOREGROUND_THRESHOLD, FOREGROUND_QUANTILE = 0.4, 99.9
-"""A block is foreground when its maximum exceeds 0.4 x the target's 99.9th percentile (CSBDeep)."""
+"""A block is foreground when its maximum exceeds 0.4 x the target's 99.9th percentile (CSBDeep)..."""
+FOREGROUND_BLOCK_QUANTILE = 90.0
+"""...or 0.4 x the 90th percentile of the block maxima, whichever is lower: when a few saturated
+objects hold the volume's top percentiles, the structure beside them is still foreground."""
 
 
 def foreground_blocks(target: np.ndarray, block: tuple[int, int, int], *, threshold: float = FOREGROUND_THRESHOLD,
                       quantile: float = FOREGROUND_QUANTILE, quantile_value: float | None = None) -> np.ndarray:
-    """Boolean map of blocks whose maximum exceeds ``threshold`` x the target's ``quantile``.
+    """Boolean map of blocks whose maximum exceeds ``threshold`` x a reference level: the target's
+    ``quantile``, capped by the ``FOREGROUND_BLOCK_QUANTILE`` of the block maxima.
 
     ``quantile_value``: that percentile when the caller has it already (it costs a pass over the
     volume). Computed slab by slab on the block maxima, so it never holds a float copy of the volume.
     """
     if quantile_value is None:
         quantile_value = percentiles(target, (quantile,))[0]
-    level = threshold * quantile_value
     shape = tuple(-(-n // b) for n, b in zip(target.shape, block))
     maxima = np.empty(shape, dtype=np.float64)
     bz, by, bx = block
@@ -121,7 +125,8 @@ def foreground_blocks(target: np.ndarray, block: tuple[int, int, int], *, thresh
         pad = [(0, bz - slab.shape[0]), (0, -slab.shape[1] % by), (0, -slab.shape[2] % bx)]
         slab = np.pad(slab, pad, mode="edge")
         maxima[i] = slab.reshape(bz, shape[1], by, shape[2], bx).max(axis=(0, 2, 4))
-    return maxima > level
+    reference = min(float(quantile_value), float(np.percentile(maxima, FOREGROUND_BLOCK_QUANTILE)))
+    return maxima > threshold * reference
 
 
 @dataclass(frozen=True)
@@ -196,3 +201,57 @@ def augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.
             block = np.flip(block, axis=flips)
         out.append(np.ascontiguousarray(block))
     return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- volume splits
+
+SPLIT_ROLES = ("train", "validation", "test")
+
+
+def load_split(path: str | Path, data_dir: str | Path) -> dict[str, dict[str, list[Path]]]:
+    """A volume-level split (``{channel: {train, validation, test: [file names]}}``), checked.
+
+    Generalisation is only measured if no test volume leaks into training or checkpoint choice,
+    so a volume listed twice, an unknown role or channel, or a file missing from ``data_dir`` is
+    an ``InputError`` naming it, before anything is trained or scored.
+    """
+    path, data_dir = Path(path), Path(data_dir)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"split {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"split {path}: expected a JSON object of channels")
+    split: dict[str, dict[str, list[Path]]] = {}
+    for channel, roles in raw.items():
+        if channel == "about":
+            continue
+        if channel not in CHANNELS or not isinstance(roles, dict):
+            raise InputError(f"split {path}: unknown channel {channel!r} (expected {list(CHANNELS)})")
+        unknown = sorted(set(roles) - set(SPLIT_ROLES))
+        if unknown:
+            raise InputError(f"split {path}: {channel} has unknown role(s) {unknown} (expected {list(SPLIT_ROLES)})")
+        seen: dict[str, str] = {}
+        split[channel] = {}
+        for role in SPLIT_ROLES:
+            files = []
+            for name in roles.get(role, []):
+                if name in seen:
+                    raise InputError(f"split {path}: {channel} volume {name} is listed under both "
+                                     f"{seen[name]!r} and {role!r}")
+                seen[name] = role
+                file = data_dir / name
+                if not file.is_file():
+                    raise InputError(f"split {path}: {channel} {role} volume {name} not found in {data_dir}")
+                files.append(file)
+            split[channel][role] = files
+    return split
+
+
+def check_clean_volume(name: str, volume: np.ndarray) -> None:
+    """Refuse a clean volume that cannot make training pairs: its percentiles collapse (constant,
+    empty of foreground, or a few bright voxels in a flat volume: 99.8 % of it is one level)."""
+    low, high = percentiles(volume, (0.5, 99.8))
+    if not high > low:
+        raise InputError(f"clean volume {name}: its intensity percentiles collapse (p0.5 = p99.8 = {low:g}: "
+                         "constant, no foreground, or a few bright voxels in a flat volume); nothing to learn from")

@@ -1,7 +1,18 @@
-"""Do-no-harm gating: blend the ensemble's prediction toward the input where members disagree.
+"""The safety net: blend the ensemble's prediction toward the (smoothed) input where it is not trusted.
 
-``output = f + blend * w * (prediction - f)``, ``w = 1 / (1 + (spread / spread_scale)**2)``, all in
-the challenge's normalised scale, where ``f`` is the fallback: the input itself, or the input
+``output = f + blend * w * (prediction - f)``, all in the challenge's normalised scale, with
+``w = w_spread * w_consistency``:
+
+* ``w_spread = 1 / (1 + (spread / spread_scale)**2)``: the members disagree;
+* ``w_consistency = 1 / (1 + (c / consistency_scale)**2)``, ``c = |G_consistency_sigma * (prediction - f)|``:
+  the prediction moves a whole region's intensity away from the input's. Members trained alike
+  share their systematic errors (on unseen content, brightening dim structure and flattening a
+  saturated object, so that the metric's own percentile normalisation no longer matches the
+  target's), and their spread stays low there; a restoration should sharpen and denoise, which
+  changes fine detail, not the local mean over several voxels. This term sees what disagreement
+  cannot. ``consistency_scale = 0`` switches it off.
+
+``f`` is the fallback: the input itself, or the input
 lightly Gaussian-smoothed (``fallback_sigma`` voxels; light smoothing alone already beats copying
 the input on most volumes, and it errs differently from the networks, so the blend gains from
 both), and the prediction is the members' mean, optionally lightly smoothed (``prediction_sigma``:
@@ -10,25 +21,19 @@ background). The members' spread is optionally smoothed first (``spread_sigma`` 
 is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
 fallback smoothing is the input itself: a candidate that always scores 0.
 
-The gate is calibrated on validation volumes: among the candidates whose worst case is not
-below 0, the one with the best mean N-SSIM (so the input-only candidate is chosen when nothing
-else is safe). Public FMC entries found that ungated restoration hurts on unseen content; this
-keeps a bad case from dominating a channel's mean.
+Both weights are per voxel, so the net decides per region. Everything here works on one whole
+tile (``gate_fields``) and then on its core (``gated``); ``GateConfig.context`` says how far the
+smoothing reaches, so tiles widen by as much and stay exact. Inference, training's calibration
+and the benchmark all go through these functions; choosing a gate lives in
+``fusecare.calibration``.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
-from fusecare.metrics import fmc_ssim, n_ssim
-from fusecare.normalize import PercentileNorm
 
 
 class GateConfig(Config):
@@ -45,6 +50,12 @@ class GateConfig(Config):
     prediction_sigma: float = param(0.0, doc="Gaussian smoothing of the members' mean before blending "
                                     "(voxels; briefly trained networks leave noise that the targets lack).",
                                     ge=0.0, le=4.0)
+    consistency_scale: float = param(0.0, doc="Local-mean shift (normalised units) between prediction and "
+                                     "fallback at which the prediction gets half weight (0 = off).",
+                                     ge=0.0, le=10.0)
+    consistency_sigma: float = param(4.0, doc="Gaussian scale (voxels) of the local mean the consistency "
+                                     "term compares: coarser than the detail a restoration adds.",
+                                     gt=0.0, le=16.0)
 
     @property
     def keeps_input(self) -> bool:
@@ -54,26 +65,15 @@ class GateConfig(Config):
     @property
     def context(self) -> float:
         """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
-        return SMOOTHING_TRUNCATE * max(self.spread_sigma, self.fallback_sigma, self.prediction_sigma)
+        reach = max(self.spread_sigma, self.fallback_sigma, self.prediction_sigma)
+        if self.consistency_scale > 0:
+            reach = max(reach, self.consistency_sigma + max(self.fallback_sigma, self.prediction_sigma))
+        return SMOOTHING_TRUNCATE * reach
 
 
-SCALES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-BLENDS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-SIGMAS: tuple[float, ...] = (0.0, 2.0)
-FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8)
-PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5, 1.0)
 INPUT_ONLY = GateConfig(blend=0.0)
 SMOOTHING_TRUNCATE = 4.0
 """Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
-SAFETY_TOLERANCE = 1e-6
-"""A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
-
-
-def default_candidates() -> list[GateConfig]:
-    """The input itself, the smoothed inputs, then every (scale, blend, sigmas) of the grid."""
-    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
-            + [GateConfig(spread_scale=s, blend=b, spread_sigma=g, fallback_sigma=f, prediction_sigma=p)
-               for s, b, g, f, p in itertools.product(SCALES, BLENDS, SIGMAS, FALLBACK_SIGMAS, PREDICTION_SIGMAS)])
 
 
 def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
@@ -90,115 +90,46 @@ def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=SMOOTHING_TRUNCATE)
 
 
-def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> np.ndarray:
-    """The gated prediction (all normalised; mean, spread and fallback already smoothed by the
-    gate's sigmas, see ``smooth``); ``None`` is no gate."""
+def consistency_map(mean: np.ndarray, fallback: np.ndarray, sigma: float) -> np.ndarray:
+    """|local mean of (prediction - fallback)|: how far the prediction moves a region's intensity."""
+    return np.abs(smooth(mean - fallback, sigma))
+
+
+FIELDS = ("mean", "spread", "gate_spread", "fallback", "consistency")
+"""What ``gate_fields`` stacks: the gate's smoothed mean, the members' own spread (for the
+uncertainty output), the gate's smoothed spread, the fallback and the consistency map."""
+
+
+def gate_fields(gate: GateConfig, block: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Everything ``gated`` needs for one whole tile (normalised input ``block``, the members'
+    mean and spread), stacked as ``FIELDS``; smoothing needs the tile's context, so this runs
+    before the tile's margins are cropped."""
+    mean_s = smooth(mean, gate.prediction_sigma)
+    fallback = smooth(block, gate.fallback_sigma)
+    consistency = (consistency_map(mean_s, fallback, gate.consistency_sigma) if gate.consistency_scale > 0
+                   else np.zeros_like(mean_s))
+    return np.stack([mean_s, spread, smooth(spread, gate.spread_sigma), fallback, consistency])
+
+
+def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,
+          consistency: np.ndarray | None = None) -> np.ndarray:
+    """The gated prediction (all normalised; mean, spread, fallback and consistency as
+    ``gate_fields`` makes them); ``None`` is no gate."""
     if gate is None:
         return mean
     if gate.blend == 0.0:
         return fallback
-    return fallback + (np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)) * (mean - fallback)
+    weight = np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)
+    if gate.consistency_scale > 0:
+        if consistency is None:
+            raise ValueError("a gate with a consistency term needs the consistency map")
+        weight = weight * gate_weight(consistency, gate.consistency_scale)
+    return fallback + weight * (mean - fallback)
 
 
-@dataclass(frozen=True)
-class GateCandidate:
-    """N-SSIM over the validation cases for one gate (``None`` = ungated)."""
-
-    gate: GateConfig | None
-    n_ssim: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.n_ssim))
-
-    @property
-    def worst(self) -> float:
-        return float(np.min(self.n_ssim))
-
-    def to_dict(self) -> dict[str, object]:
-        return {"gate": self.gate.to_dict() if self.gate else None, "n_ssim_mean": self.mean,
-                "n_ssim_worst": self.worst, "n_ssim": list(self.n_ssim)}
+def gated_fields(fields: np.ndarray, gate: GateConfig) -> np.ndarray:
+    """``gated`` of a ``gate_fields`` stack (or a crop of one)."""
+    mean, _, gate_spread, fallback, consistency = fields
+    return gated(fallback, mean, gate_spread, gate, consistency)
 
 
-@dataclass(frozen=True)
-class ValidationPrediction:
-    """One validation case with the ensemble's normalised mean and (unsmoothed) spread."""
-
-    name: str
-    source: np.ndarray
-    target: np.ndarray
-    mean: np.ndarray
-    spread: np.ndarray
-
-
-def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, fallback: np.ndarray,
-               mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None) -> float:
-    """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
-
-    ``fallback``, ``mean`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
-    is the input itself: exactly 0, without scoring it again.
-    """
-    if gate is not None and gate.keeps_input:
-        return 0.0
-    return n_ssim(fmc_ssim(target, gated(fallback, mean, spread, gate), target_norm=target_norm), ssim_input)
-
-
-def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
-                        *, progress: bool = False) -> list[GateCandidate]:
-    """N-SSIM of every case without a gate and with each candidate gate.
-
-    Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
-    spread and the input are computed once, not once per candidate. ``progress`` shows a bar over
-    the candidates (the default grid has 723: about 105 s per 64x256x256 case on 2 CPU cores).
-    """
-    candidates = default_candidates() if candidates is None else candidates
-    prepared = []
-    for case in cases:
-        target_norm = PercentileNorm.fit(case.target)
-        prepared.append((target_norm, fmc_ssim(case.target, case.source, target_norm=target_norm),
-                         PercentileNorm.fit(case.source).forward(case.source)))
-    smoothed: dict[tuple[str, int, float], np.ndarray] = {}
-
-    def cached(kind: str, i: int, sigma: float, volume: np.ndarray) -> np.ndarray:
-        if (kind, i, sigma) not in smoothed:
-            smoothed[kind, i, sigma] = smooth(volume, sigma)
-        return smoothed[kind, i, sigma]
-
-    results = []
-    for gate in tqdm((None, *candidates), desc="gate calibration", unit="gate", disable=not progress, leave=False):
-        spread_sigma, fallback_sigma, prediction_sigma = (
-            (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0))
-        scores = []
-        for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
-            scores.append(score_gate(case.target, target_norm, ssim_input, cached("input", i, fallback_sigma, x),
-                                     cached("mean", i, prediction_sigma, case.mean),
-                                     cached("spread", i, spread_sigma, case.spread), gate))
-        results.append(GateCandidate(gate, tuple(scores)))
-    return results
-
-
-def choose_gate(results: Sequence[GateCandidate]) -> GateCandidate:
-    """Best mean among gates whose worst case is >= 0, else the best worst case."""
-    gated_results = [r for r in results if r.gate is not None]
-    safe = [r for r in gated_results if r.worst >= -SAFETY_TOLERANCE]
-    if safe:
-        return max(safe, key=lambda r: r.mean)
-    return max(gated_results, key=lambda r: r.worst)
-
-
-def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
-                   *, progress: bool = False) -> tuple[GateConfig, list[GateCandidate]]:
-    """The calibrated gate and the whole table (for the model card and the manifest)."""
-    if not cases:
-        raise ValueError("gate calibration needs at least one validation case")
-    results = evaluate_candidates(cases, candidates, progress=progress)
-    chosen = choose_gate(results).gate
-    assert chosen is not None
-    return chosen, results
-
-
-def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
-                       predict_volume: Callable[[np.ndarray], np.ndarray]) -> ValidationPrediction:
-    """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` for calibration."""
-    mean, spread = predict_volume(source)
-    return ValidationPrediction(name, source, target, mean, spread)

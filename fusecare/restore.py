@@ -24,7 +24,7 @@ import torch
 from fusecare.device import resolve_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import GateConfig, gated, smooth
+from fusecare.gate import GateConfig, gate_fields, gated_fields
 from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from fusecare.tiling import Region, predict_tiled
@@ -186,8 +186,8 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:  # the gate's smoothed spread and fallback ride along (see below)
-            mean = gated(prediction[3], mean, prediction[2], gate)
+        if gate is not None:  # the gate's fields ride along (see below)
+            mean = gated_fields(prediction, gate)
         output[region], n = to_uint16.apply(norm.inverse(mean))
         clipped += n
         if uncertainty is not None:
@@ -195,19 +195,17 @@ def restore_volume(
 
     predictor = predict_block
     if gate is not None:
-        # the smoothed spread and fallback reach further than the network: widen the context so
-        # that tiles stay exact, and the tiles with it so that their cores keep their size
+        # the gate's smoothing reaches further than the network: widen the context so that tiles
+        # stay exact, and the tiles with it so that their cores keep their size
         extra = math.ceil(gate.context / align) * align
         margin += extra
         tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
 
         def predictor(block: np.ndarray) -> np.ndarray:
-            """(the gate's smoothed mean, spread, the gate's smoothed spread, its fallback: the
-            normalised input block, smoothed), so that the uncertainty written stays the members'
-            own spread."""
+            """The gate's fields of the whole tile (``fusecare.gate.FIELDS``: the members' own
+            spread is the second, so the uncertainty written stays theirs)."""
             mean, spread = predict_block(block)
-            return np.stack([smooth(mean, gate.prediction_sigma), spread, smooth(spread, gate.spread_sigma),
-                             smooth(block, gate.fallback_sigma)])
+            return gate_fields(gate, block, mean, spread)
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
     feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed

@@ -112,6 +112,46 @@ class SimulatorConfig(Config):
         ge=0.0, le=100.0,
     )
 
+    axial_sigma_voxels: tuple[float, float] = param(
+        (0.0, 0.0), doc="Extra axial blur in voxels, on top of axial_sigma_um (sampling-independent "
+        "domain randomisation: real axial PSFs span several voxels whatever the voxel size).",
+        ge=0.0, le=20.0,
+    )
+    lateral_sigma_voxels: tuple[float, float] = param(
+        (0.0, 0.0), doc="Lateral (YX) blur of the view in voxels (defocus, a wide sheet).", ge=0.0, le=10.0
+    )
+    quantize_probability: float = param(
+        0.0, doc="Chance that the view is stored in few grey levels (8-bit-like data in uint16).",
+        ge=0.0, le=1.0,
+    )
+    quantize_levels: tuple[int, int] = param(
+        (255, 255), doc="Grey levels the view's maximum maps to when it is quantised.", ge=8, le=65535
+    )
+    content_gamma: tuple[float, float] = param(
+        (1.0, 1.0), doc="Gamma applied to the clean volume's 0..1 signal (log-uniform; the target "
+        "changes too): skews intensity distributions away from what percentiles expect.",
+        gt=0.0, le=10.0,
+    )
+    bright_objects: tuple[int, int] = param(
+        (0, 0), doc="Saturated bright blobs added to the clean volume (target and view alike), so "
+        "that p99.8 can sit on an outlier as in real data.", ge=0, le=100,
+    )
+    bright_object_level: tuple[float, float] = param(
+        (2.0, 8.0), doc="Brightness of those blobs relative to the clean volume's p99.8.", gt=0.0, le=100.0
+    )
+    bright_object_radius_voxels: tuple[float, float] = param(
+        (3.0, 12.0), doc="Radius of each bright blob in voxels (YX; Z scaled by the voxel aspect).",
+        gt=0.0, le=200.0,
+    )
+    saturate_probability: float = param(
+        0.0, doc="Chance that the clean volume is clipped at a drawn high percentile (saturated "
+        "detector, flat-topped structures).", ge=0.0, le=1.0,
+    )
+    sparse_probability: float = param(
+        0.0, doc="Chance that a smooth random mask blanks part of the specimen (sparse foreground).",
+        ge=0.0, le=1.0,
+    )
+
     def validate(self) -> None:
         if not self.illumination_axes:
             raise ConfigError("config field 'illumination_axes' must name at least one of 'y', 'x'")
@@ -145,7 +185,20 @@ class SimulatorConfig(Config):
             camera_offset=self.camera_offset,
             density_sigma_um=self.density_sigma_um,
             signal_percentiles=self.signal_percentiles,
+            # Drawn only where the config asks, so default configs keep their random streams.
+            axial_sigma_voxels=uniform(self.axial_sigma_voxels) if self.axial_sigma_voxels[1] > 0 else 0.0,
+            lateral_sigma_voxels=(uniform(self.lateral_sigma_voxels)
+                                  if self.lateral_sigma_voxels[1] > 0 else 0.0),
+            quantize_levels=(int(rng.integers(self.quantize_levels[0], self.quantize_levels[1] + 1))
+                             if self.quantize_probability > 0 and rng.random() < self.quantize_probability
+                             else 0),
         )
+
+    @property
+    def randomises_content(self) -> bool:
+        """Whether ``randomise_content`` changes a clean volume under this config."""
+        return (self.content_gamma != (1.0, 1.0) or self.bright_objects[1] > 0
+                or self.saturate_probability > 0 or self.sparse_probability > 0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,6 +228,10 @@ class SimulationParams:
     camera_offset: float
     density_sigma_um: float
     signal_percentiles: tuple[float, float]
+    axial_sigma_voxels: float = 0.0
+    lateral_sigma_voxels: float = 0.0
+    quantize_levels: int = 0
+    """0: stored as photon counts; else the view's maximum maps to this many grey levels."""
 
     def __post_init__(self) -> None:
         if self.illumination_axis not in _AXES:
@@ -466,7 +523,11 @@ def expected_photons(
     emitted = signal * excitation
     depth = path_length_um(density, 0, params.detection_from_start, vs[0])  # also the scattering depth
     emitted *= detection_transmission(depth, params.mu_detection)
-    emitted = axial_blur(emitted, vs, params.axial_sigma_um)
+    axial_um = math.hypot(params.axial_sigma_um, params.axial_sigma_voxels * vs[0])
+    emitted = axial_blur(emitted, vs, axial_um)
+    if params.lateral_sigma_voxels > 0:
+        emitted = ndimage.gaussian_filter(emitted, (0.0, params.lateral_sigma_voxels,
+                                                    params.lateral_sigma_voxels), mode="nearest")
     emitted = depth_scatter_blur(
         emitted,
         depth,
@@ -484,7 +545,69 @@ def apply(
 ) -> np.ndarray:
     """Render the single view for given params; ``rng`` draws the camera noise only."""
     photons = expected_photons(clean, voxel_size_zyx, params)
-    return camera_noise(photons, rng, read_noise=params.read_noise, offset=params.camera_offset)
+    counts = camera_noise(photons, rng, read_noise=params.read_noise, offset=params.camera_offset)
+    return quantize(counts, params.quantize_levels) if params.quantize_levels else counts
+
+
+def quantize(counts: np.ndarray, levels: int) -> np.ndarray:
+    """Rescale a view so its maximum is ``levels`` and round: 8-bit-like data kept in uint16."""
+    top = float(counts.max())
+    if top <= 0:
+        return counts
+    scaled = np.rint(counts.astype(np.float32) * np.float32(levels / top))
+    return scaled.astype(np.uint16)
+
+
+def _blob_field(shape: tuple[int, int, int], voxel_size_zyx: VoxelSize, count: int,
+                radius_voxels: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Union of ``count`` solid ellipsoids (1 inside, 0 outside), soft-edged by one voxel."""
+    field = np.zeros(shape, dtype=np.float32)
+    aspect = voxel_size_zyx[1] / voxel_size_zyx[0]
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    for _ in range(count):
+        r = float(rng.uniform(*radius_voxels))
+        centre = [rng.uniform(0, n) for n in shape]
+        radii = (max(r * aspect, 1.0), r, r)
+        d2 = sum(((g - c) / rr) ** 2 for g, c, rr in zip(grids, centre, radii))
+        edge = np.clip((1.0 - np.sqrt(d2)) * r, 0.0, 1.0).astype(np.float32)
+        np.maximum(field, edge, out=field)
+    return field
+
+
+def randomise_content(clean: np.ndarray, voxel_size_zyx: VoxelSize, config: SimulatorConfig,
+                      rng: np.random.Generator) -> np.ndarray:
+    """A new clean volume (float32, 0..~1 signal) with intensity statistics drawn from ``config``.
+
+    Real volumes break what percentile normalisation assumes: a saturated bright object beside
+    dim structure puts p99.8 on the outlier, gamma-like responses skew the histogram, and the
+    specimen may fill the volume or a corner of it. A network that never saw these learns to
+    re-create its training volumes' statistics, and on such a case brightens the dim structure
+    and flattens the bright object (a systematic error no ensemble disagreement reveals). The
+    returned volume is the training target and the simulator's clean input alike.
+    """
+    vs = _check_volume(clean, voxel_size_zyx)
+    signal = clean_signal(clean, (0.5, 99.8))
+    np.minimum(signal, 4.0, out=signal)  # existing outliers stay outliers, within bounds
+    lo_g, hi_g = config.content_gamma
+    if (lo_g, hi_g) != (1.0, 1.0):
+        gamma = math.exp(rng.uniform(math.log(lo_g), math.log(hi_g)))
+        np.power(signal, np.float32(gamma), out=signal)
+    if config.sparse_probability > 0 and rng.random() < config.sparse_probability:
+        noise = ndimage.gaussian_filter(rng.standard_normal(signal.shape).astype(np.float32),
+                                        [max(1.0, n / 4) for n in signal.shape], mode="wrap")
+        keep = float(rng.uniform(0.2, 0.7))
+        cut = float(np.quantile(noise, 1.0 - keep))
+        signal *= np.clip((noise - cut) / (np.std(noise) * 0.2 + 1e-12), 0.0, 1.0)
+    if config.saturate_probability > 0 and rng.random() < config.saturate_probability:
+        level = float(np.percentile(signal[:: max(1, signal.shape[0] // 16)], rng.uniform(97.0, 99.9)))
+        if level > 0:
+            np.minimum(signal, np.float32(level), out=signal)
+    count = int(rng.integers(config.bright_objects[0], config.bright_objects[1] + 1))
+    if count > 0:
+        level = float(rng.uniform(*config.bright_object_level))
+        blobs = _blob_field(signal.shape, vs, count, config.bright_object_radius_voxels, rng)
+        np.maximum(signal, np.float32(level) * blobs, out=signal)
+    return signal
 
 
 def simulate_single_view(

@@ -28,17 +28,18 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
-from fusecare.data import PairPatches, PatchConfigView, discover_fmc_pairs, split_by_study
+from fusecare.data import PairPatches, PatchConfigView, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.device import resolve_device
 from fusecare.ensemble import Ensemble, load_ensemble, save_member, write_manifest
-from fusecare.gate import GateCandidate, GateConfig, calibrate_gate, predict_validation
+from fusecare.calibration import GateCandidate, calibrate_gate, cross_validate, predict_validation
+from fusecare.gate import GateConfig
 from fusecare.errors import ConfigError, InputError
 from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
-from fusecare.simulate import SimulatorConfig, simulate_single_view
+from fusecare.simulate import SimulatorConfig, randomise_content, simulate_single_view
 from fusecare.tiling import predict_tiled
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,19 @@ class TrainConfig(Config):
     validation_studies: tuple[int, ...] = param((), doc="FMC studies held out for validation.", ge=0)
     clean_dir: str = param("", doc="Folder of clean volumes to simulate single views from ('' = none).")
     clean_files: tuple[str, ...] = param((), doc="Clean volume files, beside or instead of clean_dir.")
+    validation_files: tuple[str, ...] = param(
+        (), doc="Clean volumes used only for validation (checkpoint choice, gate calibration): "
+        "whole volumes never trained on, so the choice measures generalisation, not recall.")
+    validation_views: int = param(1, doc="Single views simulated per validation volume (seeds 10000+).",
+                                  ge=1, le=64)
+    validate_on_training_volumes: bool = param(
+        True, doc="Also validate on views simulated from the training volumes (seen content).")
+    validation_simulator: SimulatorConfig | None = param(
+        None, doc="Simulator of the validation views (null = the training simulator). Keep it the "
+        "physical default when training on domain-randomised views.")
+    init_weights: str = param("", doc="Weights that start training instead of a random initialisation: "
+                              "a member folder (config.json + weights.pt), or an ensemble folder whose "
+                              "member_<k> starts member k ('' = random). Not read when resuming.")
     phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
                           ge=0, le=10_000)
     phantom_shape: tuple[int, int, int] = param((48, 128, 128), doc="Shape of each phantom (Z, Y, X).",
@@ -133,9 +147,11 @@ class SimulatedPairs:
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self._patches is None or self._draws % self.config.resimulate_every == 0:
-            view, _ = simulate_single_view(self.clean, self.voxel_size, config=self.config.simulator,
-                                           seed=rng)
-            self._patches = PairPatches(view, self.clean, self.config.patch_settings())
+            simulator = self.config.simulator
+            clean = (randomise_content(self.clean, self.voxel_size, simulator, rng)
+                     if simulator.randomises_content else self.clean)
+            view, _ = simulate_single_view(clean, self.voxel_size, config=simulator, seed=rng)
+            self._patches = PairPatches(view, clean, self.config.patch_settings())
         self._draws += 1
         return self._patches.sample(rng)
 
@@ -164,6 +180,14 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
     return make(shape, rng=np.random.default_rng(seed))
 
 
+def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
+                          simulator: SimulatorConfig, seed: int) -> ValidationCase:
+    """A validation case: one single view simulated from a whole clean volume, centre-cropped."""
+    view, _ = simulate_single_view(clean, voxel_size, config=simulator, seed=seed)
+    return ValidationCase(f"{name} (simulated, seed {seed})", _centre_crop(view, VALIDATION_CROP),
+                          _centre_crop(clean, VALIDATION_CROP))
+
+
 def build_data(config: TrainConfig, *, validation_only: bool = False
                ) -> tuple[list[PatchSource], list[ValidationCase]]:
     """Training sources and validation cases from every data source the config names.
@@ -174,6 +198,7 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
     sources: list[PatchSource] = []
     validation: list[ValidationCase] = []
     settings = config.patch_settings()
+    validation_simulator = config.validation_simulator or config.simulator
     if config.fmc_dir:
         pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
         train, held = split_by_study(pairs, config.validation_studies)
@@ -196,22 +221,29 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
             if c.meta.channel != config.channel:
                 log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, config.channel)
         chosen = [read_case(c.path, info=c) for c in chosen_infos]
+        for case in chosen:
+            check_clean_volume(case.path.name, case.volume)
         for i, case in enumerate(chosen):
             clean = case.volume.astype(np.float32)
             if not validation_only:
                 sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
-            view, _ = simulate_single_view(clean, case.meta.voxel_size.zyx, config=config.simulator,
-                                           seed=10_000 + i)
-            validation.append(ValidationCase(f"{case.path.name} (simulated, seed {10_000 + i})",
-                                             _centre_crop(view, VALIDATION_CROP),
-                                             _centre_crop(clean, VALIDATION_CROP)))
+            if config.validate_on_training_volumes:
+                validation.append(_simulated_validation(case.path.name, clean, case.meta.voxel_size.zyx,
+                                                        validation_simulator, 10_000 + i))
+    for i, path in enumerate(Path(f) for f in config.validation_files):
+        case = read_case(path)
+        check_clean_volume(path.name, case.volume)
+        for k in range(config.validation_views):
+            validation.append(_simulated_validation(
+                path.name, case.volume.astype(np.float32), case.meta.voxel_size.zyx, validation_simulator,
+                10_000 + 100 * (i + 1) + k))
     for i in range(0 if validation_only else config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
         sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
     for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
         seed = 1_000_000_007 + i  # never a training phantom's seed
         clean = _phantom(config.channel, config.phantom_shape, seed)
-        view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=config.simulator, seed=seed)
+        view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=validation_simulator, seed=seed)
         validation.append(ValidationCase(f"validation phantom {i}", view, clean))
     if validation_only and not validation:
         raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
@@ -357,6 +389,9 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
         start_step, best_score, best = state["step"], state["best_score"], state["best"]
         log.info("resumed %s at step %d", run_dir, start_step)
+    elif config.init_weights:
+        model.load_state_dict(_initial_state(config))
+        log.info("%s starts from the weights of %s", run_dir, config.init_weights)
     net: torch.nn.Module = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -406,6 +441,28 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     return MemberResult(run_dir=run_dir, best=best, steps=config.steps, seconds=time.perf_counter() - started)
 
 
+def _member_init(init_weights: str, k: int) -> str:
+    """Member k's starting weights: ``init_weights/member_<k mod n>`` when it names an ensemble."""
+    folder = Path(init_weights)
+    members = sorted(folder.glob("member_*")) if init_weights and folder.is_dir() else []
+    return str(members[k % len(members)]) if members else init_weights
+
+
+def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of ``config.init_weights`` (a member folder), checked against ``config.model``."""
+    folder = Path(config.init_weights)
+    weights = folder / "weights.pt" if folder.is_dir() else folder
+    if not weights.is_file():
+        raise InputError(f"init_weights {config.init_weights}: no weights.pt there")
+    member_config = folder / "config.json" if folder.is_dir() else weights.with_name("config.json")
+    if member_config.is_file():
+        saved = ModelConfig.load(member_config)
+        if saved != config.model:
+            raise ConfigError(f"init_weights {config.init_weights}: its model {saved.to_dict()} differs "
+                              f"from the config's {config.model.to_dict()}")
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
     new = not path.is_file()
     fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min"]
@@ -426,13 +483,16 @@ def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
 
 
 def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
-                   resume: bool = False, progress: bool = True) -> list[MemberResult]:
-    """Train ``members`` members (seeds seed, seed+1, ...) and write ``weights_dir/<channel>/``."""
+                   resume: bool = False, progress: bool = True, calibrate: bool = True) -> list[MemberResult]:
+    """Train ``members`` members (seeds seed, seed+1, ...) and write ``weights_dir/<channel>/``.
+
+    ``calibrate=False`` skips the gate's calibration (training in phases calibrates once, at the end).
+    """
     runs_dir, weights_dir = Path(runs_dir), Path(weights_dir)
     data = build_data(config)
     results = []
     for k in range(members):
-        member_config = config.replace(seed=config.seed + k)
+        member_config = config.replace(seed=config.seed + k, init_weights=_member_init(config.init_weights, k))
         result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
                               data=data)
         results.append(result)
@@ -443,7 +503,7 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
         info = {"members": members, "best": [r.best for r in results]}
         write_manifest(folder, config.channel, info=info)
         _, validation = data
-        if validation:
+        if validation and calibrate:
             recalibrate_gate(folder, validation, device=config.device, info=info, progress=progress)
     return results
 
@@ -454,9 +514,14 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
     if info is None:
         info = json.loads((folder / "manifest.json").read_text()).get("info", {})
     gate, table = calibrate_ensemble_gate(folder, validation, device=device, progress=progress)
+    names = [v.name for v in validation]
+    cv = cross_validate(names, table)
+    if cv is not None:
+        log.info("leave-one-volume-out N-SSIM of the choice rule: mean %.4f, worst %.4f", cv.mean, cv.worst)
     write_manifest(folder, folder.name, gate=gate, info={
-        **info, "gate_cases": [v.name for v in validation],
-        "gate_calibration": [c.to_dict() for c in table]})
+        **info, "gate_cases": names, "gate_calibration": [c.to_dict() for c in table],
+        "gate_cross_validation": None if cv is None else [
+            {"held_out": held, "gate": g.to_dict(), "n_ssim": list(scores)} for held, g, scores in cv.folds]})
     return gate
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from conftest import write_fmc_tif
+from conftest import REPO, write_fmc_tif
 from fusecare.data import (
     PairPatches,
     PatchConfigView,
     augment,
+    check_clean_volume,
     discover_fmc_pairs,
     foreground_blocks,
+    load_split,
     split_by_study,
 )
 from fusecare.errors import InputError
@@ -75,12 +79,23 @@ def test_split_holds_whole_studies_out(tmp_path):
 def test_foreground_blocks_equal_a_direct_block_maximum(rng):
     target = rng.random((10, 21, 19)).astype(np.float32) ** 8
     blocks = foreground_blocks(target, (4, 8, 8))
-    level = 0.4 * np.percentile(target, 99.9)
-    expected = np.zeros(blocks.shape, bool)
+    maxima = np.zeros(blocks.shape)
     for idx in np.ndindex(blocks.shape):
         region = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, (4, 8, 8)))
-        expected[idx] = target[region].max() > level
-    np.testing.assert_array_equal(blocks, expected)
+        maxima[idx] = target[region].max()
+    level = 0.4 * min(np.percentile(target, 99.9), np.percentile(maxima, 90))
+    np.testing.assert_array_equal(blocks, maxima > level)
+
+
+def test_foreground_survives_a_saturated_outlier():
+    """Dim structure everywhere plus one bright object holding the top percentiles: the dim
+    structure stays foreground (with the plain 0.4 x p99.9 rule it would all be background)."""
+    target = np.zeros((16, 64, 64), np.float32)
+    target[:, ::8, :] = 1.0  # dim sheets in every block
+    target[2:10, 2:14, 2:14] = 50.0  # a saturated object, 0.9 % of the voxels
+    blocks = foreground_blocks(target, (8, 16, 16))
+    assert 0.4 * np.percentile(target, 99.9) > 1.0  # the old rule would drop the sheets
+    assert blocks.all()
 
 
 def _sparse_pair(rng):
@@ -127,3 +142,51 @@ def test_sampling_never_modifies_the_volumes(rng):
         patches.sample(rng)
     np.testing.assert_array_equal(source, before)
     np.testing.assert_array_equal(target, before)
+
+
+# --------------------------------------------------------------------------- splits and clean volumes
+
+
+def _split(tmp_path, content: dict) -> tuple:
+    for name in ("a.tif", "b.tif", "c.tif"):
+        (tmp_path / name).write_bytes(b"")
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(content))
+    return path, tmp_path
+
+
+def test_split_loads_paths_per_role(tmp_path):
+    path, data = _split(tmp_path, {"about": "x", "membrane": {"train": ["a.tif"], "test": ["b.tif", "c.tif"]}})
+    split = load_split(path, data)
+    assert split == {"membrane": {"train": [data / "a.tif"], "validation": [], "test": [data / "b.tif", data / "c.tif"]}}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"membrane": {"train": ["a.tif"], "test": ["a.tif"]}}, "a.tif is listed under both 'train' and 'test'"),
+    ({"membrane": {"train": ["missing.tif"]}}, "membrane train volume missing.tif not found"),
+    ({"cytoplasm": {"train": ["a.tif"]}}, "unknown channel 'cytoplasm'"),
+    ({"nucleus": {"holdout": ["a.tif"]}}, r"unknown role\(s\) \['holdout'\]"),
+    (["a.tif"], "expected a JSON object"),
+])
+def test_split_refuses_leaks_and_unknown_volumes(tmp_path, content, message):
+    path, data = _split(tmp_path, content)
+    with pytest.raises(InputError, match=message):
+        load_split(path, data)
+
+
+def test_shipped_split_holds_out_three_volumes_per_channel_with_a_lightsheet_one(shared_data):
+    split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
+    for channel in ("membrane", "nucleus"):
+        assert len(split[channel]["test"]) >= 3
+        assert any("lateralroot" in p.name or "tribolium" in p.name for p in split[channel]["test"])
+
+
+@pytest.mark.parametrize(("volume", "message"), [
+    (np.full((8, 16, 16), 7, np.uint16), "percentiles collapse"),
+    (np.zeros((8, 16, 16), np.float32), "percentiles collapse"),  # no foreground at all
+    (np.pad(np.ones((1, 1, 1), np.uint16), ((0, 7), (0, 15), (0, 15))), "percentiles collapse"),
+])
+def test_clean_volumes_that_cannot_train_are_refused_by_name(volume, message):
+    with pytest.raises(InputError, match=f"clean volume v.tif: .*{message}"):
+        check_clean_volume("v.tif", volume)
+    check_clean_volume("ok.tif", np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16))

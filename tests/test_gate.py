@@ -1,4 +1,4 @@
-"""Do-no-harm gate: weights, smoothing, candidates and the choice rule."""
+"""The safety net: weights, smoothing, the consistency term and its reach."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ import pytest
 from scipy import ndimage
 
 from fusecare.gate import (
+    FIELDS,
     INPUT_ONLY,
-    GateCandidate,
     GateConfig,
-    ValidationPrediction,
-    calibrate_gate,
-    choose_gate,
-    default_candidates,
-    evaluate_candidates,
+    consistency_map,
+    gate_fields,
     gate_weight,
     gated,
-    score_gate,
+    gated_fields,
     smooth,
 )
+from fusecare.metrics import score_ssim
 from fusecare.normalize import PercentileNorm
 
 
@@ -49,23 +47,10 @@ def test_fallback_is_the_smoothed_input(rng):
 
 
 def test_old_manifest_gates_fall_back_to_the_input():
-    """Gates calibrated before fallback smoothing existed keep their meaning."""
+    """Gates calibrated before fallback smoothing or the consistency term existed keep their meaning."""
     gate = GateConfig.from_dict({"spread_scale": 0.2, "blend": 0.75, "spread_sigma": 0.0})
-    assert gate.fallback_sigma == 0.0 and gate.prediction_sigma == 0.0
+    assert gate.fallback_sigma == 0.0 and gate.prediction_sigma == 0.0 and gate.consistency_scale == 0.0
     assert GateConfig.from_dict({"blend": 0.0}).keeps_input
-
-
-def test_smoothed_input_scores_like_the_gaussian_baseline(rng):
-    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
-    source = (target + 0.05 * rng.standard_normal(target.shape)).astype(np.float32)
-    norm = PercentileNorm.fit(target)
-    from fusecare.metrics import fmc_ssim, score_ssim
-
-    fallback = smooth(PercentileNorm.fit(source).forward(source), 0.8)
-    ssim_input = fmc_ssim(target, source, target_norm=norm)
-    gate = GateConfig(blend=0.0, fallback_sigma=0.8)
-    score = score_gate(target, norm, ssim_input, fallback, np.zeros_like(source), np.zeros_like(source), gate)
-    assert score == score_ssim(target, fallback, source).n_ssim > 0
 
 
 def test_spread_smoothing_is_a_gaussian_and_leaves_its_input_alone(rng):
@@ -77,81 +62,69 @@ def test_spread_smoothing_is_a_gaussian_and_leaves_its_input_alone(rng):
     assert smooth(spread, 0.0) is spread
 
 
-def _gc(n_ssim, **gate):
-    return GateCandidate(GateConfig(**gate) if gate else None, tuple(n_ssim))
 
 
-def test_choice_prefers_best_mean_among_safe_candidates():
-    table = [_gc((0.5, -0.3)), _gc((0.4, -0.01), spread_scale=0.1), _gc((0.3, 0.01), spread_scale=0.05),
-             _gc((0.1, 0.02), spread_scale=0.02), _gc((0.0, 0.0), blend=0.0)]
-    assert choose_gate(table).gate == GateConfig(spread_scale=0.05)
-    unsafe = [_gc((0.4, -0.2), spread_scale=0.1), _gc((0.1, -0.05), spread_scale=0.01)]
-    assert choose_gate(unsafe).gate == GateConfig(spread_scale=0.01)  # the most cautious when none is safe
+def test_consistency_context_covers_both_smoothings():
+    gate = GateConfig(spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=0.5, consistency_scale=0.05,
+                      consistency_sigma=4.0)
+    assert gate.context == pytest.approx(4.0 * (4.0 + 0.8))
+    assert GateConfig(spread_sigma=2.0, consistency_sigma=4.0).context == 8.0  # term off: no reach
 
 
-def test_candidates_include_the_input_itself_and_smoothed_fallbacks():
-    candidates = default_candidates()
-    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates)
-    assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8}
-    assert {c.prediction_sigma for c in candidates} == {0.0, 0.5, 1.0}
-    assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
+def test_gate_fields_follow_the_documented_formula(rng):
+    """Each field equals its definition, computed here with scipy directly."""
+    block, mean, spread = (rng.random((10, 24, 24)).astype(np.float32) for _ in range(3))
+    gate = GateConfig(spread_scale=0.1, blend=0.75, spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=0.5,
+                      consistency_scale=0.05, consistency_sigma=3.0)
+    fields = gate_fields(gate, block, mean, spread)
+    assert fields.shape == (len(FIELDS), *block.shape)
+    g = lambda v, s: ndimage.gaussian_filter(v, s, mode="reflect", truncate=4.0)  # noqa: E731
+    mean_s, fallback = g(mean, 0.5), g(block, 0.8)
+    expected = [mean_s, spread, g(spread, 2.0), fallback, np.abs(g(mean_s - fallback, 3.0))]
+    for name, got, want in zip(FIELDS, fields, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+    w = 0.75 / (1 + (expected[2] / 0.1) ** 2) / (1 + (expected[4] / 0.05) ** 2)
+    np.testing.assert_allclose(gated_fields(fields, gate), fallback + w * (mean_s - fallback), atol=1e-5)
+    with pytest.raises(ValueError, match="needs the consistency map"):
+        gated(fallback, mean_s, spread, gate)
 
 
-def _case(rng, *, good: bool) -> ValidationPrediction:
-    """A case where the 'ensemble' is right (good), or wrong and with members disagreeing."""
-    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
-    source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
-    if good:
-        mean = PercentileNorm.fit(target).forward(target)
-    else:
-        mean = PercentileNorm.fit(source).forward(source) + rng.standard_normal(target.shape).astype(np.float32)
-    spread = np.full(target.shape, 0.01 if good else 1.0, np.float32)
-    return ValidationPrediction("c", source, target, mean, spread)
+def _membrane_pair(rng):
+    """A target with dim sheets beside a saturated bright object, and its noisy single view."""
+    target = np.zeros((24, 64, 64), np.float32)
+    target[:, ::6, :] = 0.25
+    target[:, :, ::6] = 0.25
+    target[6:18, 20:44, 20:44] = 1.0  # the saturated object
+    target = ndimage.gaussian_filter(target, 0.7)
+    source = (target + 0.03 * rng.standard_normal(target.shape)).astype(np.float32)
+    return target, source
 
 
-def test_calibration_keeps_every_case_at_or_above_zero(rng):
-    cases = [_case(rng, good=True), _case(rng, good=False)]
-    gate, table = calibrate_gate(cases)
-    ungated = table[0]
-    assert ungated.gate is None and ungated.worst < 0  # ungated, the bad case hurts
-    chosen = next(c for c in table if c.gate == gate)
-    assert chosen.worst >= 0 and chosen.mean > 0 and gate.blend > 0
-    with pytest.raises(ValueError):
-        calibrate_gate([])
+def test_consistency_catches_an_error_all_members_share(rng):
+    """Both members brighten the dim sheets and flatten the bright object (their spread is 0, so
+    disagreement cannot see it): the consistency term falls back and the result scores above 0,
+    where the prediction scores far below; with the same gate a correct prediction keeps most of
+    its gain (the term also sees the offset between the input's and the target's normalisation:
+    the price calibration weighs when it picks the scale)."""
+    target, source = _membrane_pair(rng)
+    x = PercentileNorm.fit(source).forward(source)
+    t = PercentileNorm.fit(target).forward(target)
+    wrong = np.where(t > 0.6, 0.45, np.minimum(2.5 * t, 0.9)).astype(np.float32)  # shared systematic error
+    zero = np.zeros_like(x)
+    gate = GateConfig(spread_scale=0.2, spread_sigma=2.0, fallback_sigma=0.8, consistency_scale=0.02)
+    no_net = gate.replace(consistency_scale=0.0)
+    caught = gated_fields(gate_fields(gate, x, wrong, zero), gate)
+    missed = gated_fields(gate_fields(no_net, x, wrong, zero), no_net)
+    score = lambda v: score_ssim(target, v, source).n_ssim  # noqa: E731
+    assert score(missed) < -1.0 and score(caught) > 0.1
+    kept = gated_fields(gate_fields(gate, x, t, zero), gate)
+    assert score(kept) > 0.5 * score(t)
 
 
-def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
-    target = rng.random((16, 40, 40)).astype(np.float32)  # white noise: smoothing it hurts too
-    source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
-    wrong = rng.random(target.shape).astype(np.float32)
-    bad = ValidationPrediction("bad", source, target, wrong, np.zeros_like(wrong))  # confidently wrong
-    gate, table = calibrate_gate([bad])
-    assert gate == INPUT_ONLY
-    assert next(c for c in table if c.gate == gate).worst == 0.0
-
-
-def test_calibration_scores_the_smoothed_mean(rng):
-    """A candidate with ``prediction_sigma`` is scored on the Gaussian-smoothed members' mean, and
-    calibration finds it when the networks left noise that the target lacks."""
-    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
-    source = (target + 0.01 * rng.standard_normal(target.shape)).astype(np.float32)
-    noisy_mean = (PercentileNorm.fit(target).forward(target)
-                  + 0.3 * rng.standard_normal(target.shape)).astype(np.float32)
-    case = ValidationPrediction("noisy", source, target, noisy_mean, np.zeros_like(target))
-    gate = GateConfig(spread_scale=1.0, blend=1.0, prediction_sigma=1.0)
-    _, unsmoothed, smoothed = (c.n_ssim[0] for c in evaluate_candidates([case], [GateConfig(spread_scale=1.0), gate]))
-    from fusecare.metrics import score_ssim
-
-    assert smoothed == pytest.approx(score_ssim(target, smooth(noisy_mean, 1.0), source).n_ssim, abs=1e-9)
-    assert smoothed > unsmoothed
-    chosen, _ = calibrate_gate([case])
-    assert chosen.prediction_sigma > 0
-
-
-def test_calibration_shows_a_bar_over_candidates_only_when_asked(rng, capsys):
-    cases = [_case(rng, good=True)]
-    candidates = default_candidates()[:5]
-    calibrate_gate(cases, candidates)
-    assert "gate calibration" not in capsys.readouterr().err
-    calibrate_gate(cases, candidates, progress=True)
-    assert "gate calibration" in capsys.readouterr().err
+def test_consistency_map_is_zero_for_a_detail_only_change(rng):
+    """A restoration that only sharpens (zero-mean detail) barely moves the local mean."""
+    x = ndimage.gaussian_filter(rng.random((16, 48, 48)), 1.5).astype(np.float32)
+    detail = (x - ndimage.gaussian_filter(x, 1.0)).astype(np.float32)
+    shift = consistency_map(x + 2.0 * detail, x, 4.0)
+    bright = consistency_map(x + 0.2, x, 4.0)
+    assert shift.max() < 0.1 * bright.min()

@@ -21,6 +21,7 @@ from fusecare.simulate import (
     camera_noise,
     depth_scatter_blur,
     expected_photons,
+    randomise_content,
     shadow_stripes,
     simulate_single_view,
 )
@@ -370,3 +371,72 @@ def test_calibration_on_real_volumes(shared_data, name: str) -> None:
     scores = [fmc_ssim(clean, simulate_single_view(clean, vs, seed=s)[0]) for s in range(4)]
     assert 0.5 <= float(np.median(scores)) <= 0.9, scores
     assert all(0.35 <= s <= 0.95 for s in scores), scores
+
+
+# --------------------------------------------------------------------------- domain randomisation
+
+WIDE = {"axial_sigma_voxels": [1.0, 2.0], "lateral_sigma_voxels": [0.3, 0.6], "quantize_probability": 1.0,
+        "quantize_levels": [100, 100], "content_gamma": [0.5, 2.0], "bright_objects": [2, 2],
+        "bright_object_level": [5.0, 5.0], "saturate_probability": 1.0, "sparse_probability": 1.0}
+
+
+def test_default_config_draws_no_randomisation() -> None:
+    config = SimulatorConfig()
+    params = config.sample(np.random.default_rng(0))
+    assert (params.axial_sigma_voxels, params.lateral_sigma_voxels, params.quantize_levels) == (0.0, 0.0, 0)
+    assert not config.randomises_content
+    assert SimulatorConfig.from_dict(WIDE).randomises_content
+
+
+def test_wide_draws_stay_in_their_ranges() -> None:
+    config = SimulatorConfig.from_dict(WIDE)
+    for seed in range(10):
+        p = config.sample(np.random.default_rng(seed))
+        assert 1.0 <= p.axial_sigma_voxels <= 2.0 and 0.3 <= p.lateral_sigma_voxels <= 0.6
+        assert p.quantize_levels == 100
+
+
+def test_quantized_views_have_few_grey_levels(nuclei: np.ndarray) -> None:
+    view, params = simulate_single_view(nuclei, VS, config=SimulatorConfig.from_dict(WIDE), seed=3)
+    assert params.quantize_levels == 100 and view.dtype == np.uint16
+    assert view.max() == 100 and len(np.unique(view)) <= 101
+
+
+def test_axial_blur_in_voxels_acts_along_z_only() -> None:
+    clean = np.zeros((32, 32, 32), np.float32)
+    clean[16, 16, 16] = 1.0
+    base = SimulatorConfig().sample(np.random.default_rng(0)).replace(
+        mu_illumination=0.0, mu_detection=0.0, scatter_rate=0.0, stripe_count=0, axial_sigma_um=0.0)
+    sharp = expected_photons(clean, (1.0, 1.0, 1.0), base)
+    blurred = expected_photons(clean, (1.0, 1.0, 1.0), base.replace(axial_sigma_voxels=2.0))
+    z_profile = blurred[:, 16, 16] / blurred[:, 16, 16].sum()
+    z = np.arange(32) - 16
+    assert np.sqrt((z_profile * z**2).sum()) == pytest.approx(2.0, rel=0.05)
+    np.testing.assert_allclose(blurred.sum(axis=0), sharp.sum(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_bright_objects_take_the_top_percentiles_and_keep_the_structure(nuclei: np.ndarray) -> None:
+    """The failure mode of unseen real data: p99.8 on a saturated outlier, dim structure beside it."""
+    config = SimulatorConfig(bright_objects=(2, 2), bright_object_level=(5.0, 5.0))
+    out = randomise_content(nuclei, VS, config, np.random.default_rng(0))
+    base = randomise_content(nuclei, VS, SimulatorConfig(), np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape == nuclei.shape
+    assert np.percentile(out, 99.8) > 2.0 * np.percentile(base, 99.8)
+    structure = base > 0.5
+    np.testing.assert_array_equal(out[structure & (out <= base)], base[structure & (out <= base)])
+    assert (out >= base).all()
+
+
+def test_gamma_keeps_the_intensity_order(nuclei: np.ndarray) -> None:
+    config = SimulatorConfig(content_gamma=(2.0, 2.0))
+    out = randomise_content(nuclei, VS, config, np.random.default_rng(0))
+    base = randomise_content(nuclei, VS, SimulatorConfig(), np.random.default_rng(0))
+    np.testing.assert_allclose(out, base**2, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_mask_blanks_part_of_the_specimen(nuclei: np.ndarray) -> None:
+    config = SimulatorConfig(sparse_probability=1.0)
+    out = randomise_content(nuclei, VS, config, np.random.default_rng(0))
+    base = randomise_content(nuclei, VS, SimulatorConfig(), np.random.default_rng(0))
+    kept = out.sum() / base.sum()
+    assert 0.05 < kept < 0.9 and (out <= base + 1e-6).all()

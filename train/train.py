@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue each member from its last.pt")
     run.add_argument("--calibrate-only", action="store_true",
                      help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
+    run.add_argument("--init-weights", help="member or ensemble folder to start from (see --describe)")
+    run.add_argument("--no-calibrate", action="store_true",
+                     help="skip the gate calibration after training (e.g. between training phases)")
     run.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -59,6 +62,7 @@ def merged_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {"channel": args.channel, "fmc_dir": args.fmc_dir, "clean_dir": args.clean_dir,
                  "phantoms": args.phantoms, "steps": args.steps, "batch_size": args.batch_size,
                  "ssim_weight": args.ssim_weight, "seed": args.seed, "device": args.device,
+                 "init_weights": args.init_weights,
                  "validation_studies": tuple(args.validation_studies) if args.validation_studies else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(values)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_dir = args.runs / config.channel
         results = train_ensemble(config, runs_dir=run_dir, weights_dir=args.weights, members=args.members,
-                                 resume=args.resume, progress=not args.quiet)
+                                 resume=args.resume, progress=not args.quiet, calibrate=not args.no_calibrate)
     except json.JSONDecodeError as exc:
         log.error("config %s is not valid JSON: %s", args.config, exc)
         return 2

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train both ensembles for unseen content (issue 9): domain-randomised simulation of the 'train'
+# volumes of train/splits/heldout.json, checkpoints chosen on its 'validation' volumes, in phases
+# of PHASE steps that alternate between the channels, so that both progress evenly and the run
+# can stop at any point and resume (also on another machine: the run folder is committed).
+# One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
+# usage: scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+final="${1:-3000}"
+phase="${2:-200}"
+python="${PYTHON:-.venv/bin/python}"
+runs="${RUNS:-train/checkpoints/generalise}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+for (( steps = phase; steps <= final; steps += phase )); do
+    for channel in membrane nucleus; do
+        "$python" -m train --config "train/configs/generalise_${channel}.json" --members 2 \
+            --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --quiet
+    done
+done
