@@ -131,7 +131,7 @@ def summarise(result: dict) -> list[str]:
         lines.append(f"{result['channel']:<9}{label:<24}{len(rows):>4}{cells}")
         if group == "test":
             gated_mean, gauss_mean, worst = table[:, 3].mean(), table[:, 1].mean(), table[:, 3].min()
-            ratio = gated_mean / gauss_mean if gauss_mean > 0 else float("inf")
+            ratio = gated_mean / gauss_mean if gauss_mean > 0 else None  # no ratio to a baseline <= 0
             result["heldout"] = {"gated_mean": gated_mean, "gaussian_mean": gauss_mean, "ratio": ratio,
                                  "worst": worst, "ensemble_mean": table[:, 2].mean(), "n": len(rows)}
     return lines
@@ -160,9 +160,10 @@ def main() -> None:
         print("\n".join(summarise(result)))
     for result in results:
         h = result["heldout"]
-        print(f"{result['channel']}: held-out gated {h['gated_mean']:.3f} = {h['ratio']:.2f}x the tuned Gaussian "
-              f"(sigma {result['sigma']}; targets >= 0.15 and >= 1.5x), worst {h['worst']:.3f} (target >= 0); "
-              f"gate {result['gate']}")
+        ratio = f"{h['ratio']:.2f}x" if h["ratio"] is not None else "n/a (Gaussian <= 0)"
+        print(f"{result['channel']}: held-out gated {h['gated_mean']:.3f}, {ratio} the tuned Gaussian's "
+              f"{h['gaussian_mean']:.3f} (sigma {result['sigma']}; targets >= 0.15 and >= 1.5x), worst "
+              f"{h['worst']:.3f} (target >= 0); gate {result['gate']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"split": str(args.split), "weights": str(args.weights),

@@ -63,6 +63,11 @@ class TrainConfig(Config):
         "whole volumes never trained on, so the choice measures generalisation, not recall.")
     validation_views: int = param(1, doc="Single views simulated per validation volume (seeds 10000+).",
                                   ge=1, le=64)
+    validation_randomised_views: int = param(
+        0, doc="Extra views per validation volume (and phantom) whose content is first randomised by "
+        "the training simulator's content settings (bright saturated objects, gamma, sparse masks): "
+        "the failure modes of unseen real content, made from validation volumes, so calibration "
+        "sees them without touching a test volume.", ge=0, le=64)
     validate_on_training_volumes: bool = param(
         True, doc="Also validate on views simulated from the training volumes (seen content).")
     validation_simulator: SimulatorConfig | None = param(
@@ -188,6 +193,21 @@ def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float,
                           _centre_crop(clean, VALIDATION_CROP))
 
 
+def _randomised_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
+                           config: TrainConfig, views: int, seed: int) -> list[ValidationCase]:
+    """``views`` validation cases whose clean content is randomised first (see
+    ``TrainConfig.validation_randomised_views``); named so they group with their volume."""
+    cases = []
+    simulator = config.validation_simulator or config.simulator
+    for k in range(views):
+        rng = np.random.default_rng(seed + k)
+        target = randomise_content(clean, voxel_size, config.simulator, rng)
+        view, _ = simulate_single_view(target, voxel_size, config=simulator, seed=rng)
+        cases.append(ValidationCase(f"{name} (randomised content, seed {seed + k})",
+                                    _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP)))
+    return cases
+
+
 def build_data(config: TrainConfig, *, validation_only: bool = False
                ) -> tuple[list[PatchSource], list[ValidationCase]]:
     """Training sources and validation cases from every data source the config names.
@@ -233,10 +253,12 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
     for i, path in enumerate(Path(f) for f in config.validation_files):
         case = read_case(path)
         check_clean_volume(path.name, case.volume)
+        clean = case.volume.astype(np.float32)
         for k in range(config.validation_views):
-            validation.append(_simulated_validation(
-                path.name, case.volume.astype(np.float32), case.meta.voxel_size.zyx, validation_simulator,
-                10_000 + 100 * (i + 1) + k))
+            validation.append(_simulated_validation(path.name, clean, case.meta.voxel_size.zyx,
+                                                    validation_simulator, 10_000 + 100 * (i + 1) + k))
+        validation += _randomised_validation(path.name, clean, case.meta.voxel_size.zyx, config,
+                                             config.validation_randomised_views, 50_000 + 100 * (i + 1))
     for i in range(0 if validation_only else config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
         sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
@@ -245,6 +267,8 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         clean = _phantom(config.channel, config.phantom_shape, seed)
         view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=validation_simulator, seed=seed)
         validation.append(ValidationCase(f"validation phantom {i}", view, clean))
+        validation += _randomised_validation(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config,
+                                             config.validation_randomised_views, 60_000 + 100 * i)
     if validation_only and not validation:
         raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
     if not sources and not validation_only:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, write_fmc_tif
+from fusecare.calibration import volume_of
 from fusecare.data import PairPatches, PatchConfigView, load_split
 from fusecare.ensemble import load_ensemble
 from fusecare.errors import ConfigError
@@ -23,6 +24,7 @@ from fusecare.training import (
     RealPairs,
     SimulatedPairs,
     TrainConfig,
+    build_data,
     ssim_torch,
     train_ensemble,
     train_member,
@@ -267,3 +269,16 @@ def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
         assert config.channel == channel and not config.validate_on_training_volumes
         assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
         assert [Path(f).name for f in config.validation_files] == [p.name for p in split[channel]["validation"]]
+
+
+def test_randomised_validation_views_group_with_their_volume():
+    config = tiny(validation_randomised_views=2, simulator={"bright_objects": [1, 1]})
+    _, validation = build_data(config, validation_only=True)
+    names = [v.name for v in validation]
+    assert names[0] == "validation phantom 0" and len(names) == 3
+    assert all("randomised content" in n for n in names[1:])
+    assert {volume_of(n) for n in names} == {"validation phantom 0"}
+    # the randomised targets are in signal units (p99.8 of the clean volume = 1) and carry the
+    # bright object, at 2-8x that level
+    for case in validation[1:]:
+        assert case.target.max() >= 2.0 - 1e-6
