@@ -151,6 +151,11 @@ class SimulatorConfig(Config):
         0.0, doc="Chance that a smooth random mask blanks part of the specimen (sparse foreground).",
         ge=0.0, le=1.0,
     )
+    target_noise: tuple[float, float] = param(
+        (0.0, 0.0), doc="Noise left in the clean volume itself (standard deviation at signal 1, "
+        "shot-noise-like: scaled by sqrt(signal)): real fused targets are not noise-free, and a "
+        "restoration that smooths their texture away loses SSIM.", ge=0.0, le=2.0,
+    )
 
     def validate(self) -> None:
         if not self.illumination_axes:
@@ -198,7 +203,7 @@ class SimulatorConfig(Config):
     def randomises_content(self) -> bool:
         """Whether ``randomise_content`` changes a clean volume under this config."""
         return (self.content_gamma != (1.0, 1.0) or self.bright_objects[1] > 0
-                or self.saturate_probability > 0 or self.sparse_probability > 0)
+                or self.saturate_probability > 0 or self.sparse_probability > 0 or self.target_noise[1] > 0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -607,6 +612,10 @@ def randomise_content(clean: np.ndarray, voxel_size_zyx: VoxelSize, config: Simu
         level = float(rng.uniform(*config.bright_object_level))
         blobs = _blob_field(signal.shape, vs, count, config.bright_object_radius_voxels, rng)
         np.maximum(signal, np.float32(level) * blobs, out=signal)
+    if config.target_noise[1] > 0:
+        sigma = float(rng.uniform(*config.target_noise))
+        signal += np.float32(sigma) * np.sqrt(signal) * rng.standard_normal(signal.shape, dtype=np.float32)
+        np.maximum(signal, 0.0, out=signal)
     return signal
 
 

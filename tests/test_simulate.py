@@ -440,3 +440,14 @@ def test_sparse_mask_blanks_part_of_the_specimen(nuclei: np.ndarray) -> None:
     base = randomise_content(nuclei, VS, SimulatorConfig(), np.random.default_rng(0))
     kept = out.sum() / base.sum()
     assert 0.05 < kept < 0.9 and (out <= base + 1e-6).all()
+
+
+def test_target_noise_is_shot_like(nuclei: np.ndarray) -> None:
+    config = SimulatorConfig(target_noise=(0.2, 0.2))
+    out = randomise_content(nuclei, VS, config, np.random.default_rng(0))
+    base = randomise_content(nuclei, VS, SimulatorConfig(), np.random.default_rng(0))
+    residual = out - base
+    bright, dark = base > 0.8, (base > 0.05) & (base < 0.2)
+    assert residual[bright].std() == pytest.approx(0.2 * np.sqrt(base[bright]).mean(), rel=0.15)
+    assert residual[dark].std() < 0.6 * residual[bright].std()
+    assert (out >= 0).all()
