@@ -22,7 +22,8 @@ from fusecare.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.metrics import fmc_ssim, n_ssim
 from fusecare.normalize import PercentileNorm
 
-FALLBACK_SIGMAS: tuple[float, ...] = (0.5, 0.8, 1.2)
+FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8, 1.2)
+"""0: the input itself, for targets whose texture (noise included) any smoothing would lose."""
 PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5)
 SPREAD_SCALES: tuple[float, ...] = (0.05, 0.2, 10.0)
 """10 normalised units: members never disagree that much, so the spread term is off."""
@@ -78,8 +79,8 @@ def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: floa
 
 def default_candidates() -> list[GateConfig]:
     """The input itself, the Gaussian-smoothed inputs, then the (fallback, prediction smoothing,
-    spread scale, consistency scale) grid: 76 in all."""
-    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS]
+    spread scale, consistency scale) grid: 100 in all."""
+    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
             + [GateConfig(spread_scale=s, spread_sigma=SPREAD_SIGMA, fallback_sigma=f, prediction_sigma=p,
                           consistency_scale=c)
                for f, p, s, c in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
