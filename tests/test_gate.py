@@ -116,7 +116,7 @@ def test_calibration_keeps_every_case_at_or_above_zero(rng):
     assert ungated.gate is None and ungated.worst < 0  # ungated, the bad case hurts
     chosen = next(c for c in table if c.gate == gate)
     assert chosen.worst >= 0 and chosen.mean > 0 and gate.blend > 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs at least one validation case"):
         calibrate_gate([])
 
 

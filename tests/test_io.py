@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -295,7 +296,7 @@ def test_write_case_failure_keeps_a_previous_output_intact(tmp_path, volume, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tifffile, "imwrite", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # the very interrupt raised above: nothing to match
         write_case(path, np.zeros_like(volume), CaseMeta())
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.tif"]
@@ -382,7 +383,7 @@ def test_bad_file_message_says_what_is_wrong(tmp_path, rng, kind, words):
 @pytest.mark.parametrize("kind", ["zero-byte", "not-a-tiff", "2-D", "4-D", "RGB"])
 def test_bad_file_is_rejected_from_its_header_alone(tmp_path, rng, kind):
     path = _make_bad(kind, tmp_path / "bad.tif", rng)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=re.escape(path.name)):
         inspect_case(path)
 
 
@@ -390,7 +391,7 @@ def test_truncated_file_emits_no_stray_tifffile_log_lines(tmp_path, rng, caplog)
     """A truncated case must be reported once, by us: tifffile's own complaints (which do not
     name the file) must not reach the log as separate ERROR lines."""
     path = _make_bad("truncated", tmp_path / "bad.tif", rng)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="truncated"):
         read_case(path)
     stray = [r for r in caplog.records if r.name.startswith("tifffile") and r.levelno >= 30]
     assert stray == [], [r.getMessage() for r in stray]
@@ -484,7 +485,7 @@ def test_paged_volume_reads_only_the_planes_indexed(tmp_path, volume, monkeypatc
 def test_paged_volume_out_of_range_is_an_index_error(tmp_path, volume):
     with io.open_volume(_write_formats(tmp_path, volume)["template"]) as paged:
         for key in (5, -6, np.array([0, 5]), (np.array([[0]]),), 1.5, (np.array([0, 1]), slice(None), [1, 2])):
-            with pytest.raises(IndexError):
+            with pytest.raises(IndexError, match="out of range for 5 planes|PagedVolume takes an int|cannot be combined"):
                 paged[key]
 
 

@@ -285,20 +285,20 @@ def test_constant_volumes_do_not_divide_by_zero(rng):
 
 
 @pytest.mark.parametrize(
-    ("shapes", "kw", "error"),
+    ("shapes", "kw", "error", "match"),
     [
-        (((8, 20, 20), (8, 20, 21)), {}, InputError),
-        (((20, 20), (20, 20)), {}, InputError),
-        (((5, 20, 20), (5, 20, 20)), {}, InputError),  # z < 7-voxel window
-        (((8, 20, 20), (8, 20, 20)), {"win_size": 4}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"window": "box"}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"slab": 0}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"data_range": 0.0}, ValueError),
+        (((8, 20, 20), (8, 20, 21)), {}, InputError, "one shape"),
+        (((20, 20), (20, 20)), {}, InputError, "3-D volumes"),
+        (((5, 20, 20), (5, 20, 20)), {}, InputError, "smaller than the 7-voxel"),  # z < 7-voxel window
+        (((8, 20, 20), (8, 20, 20)), {"win_size": 4}, ValueError, "win_size must be odd"),
+        (((8, 20, 20), (8, 20, 20)), {"window": "box"}, ValueError, "window must be"),
+        (((8, 20, 20), (8, 20, 20)), {"slab": 0}, ValueError, "slab must be >= 1"),
+        (((8, 20, 20), (8, 20, 20)), {"data_range": 0.0}, ValueError, "data_range must be > 0"),
     ],
 )
-def test_bad_arguments_raise(shapes, kw, error):
+def test_bad_arguments_raise(shapes, kw, error, match):
     a, b = (np.zeros(s, np.float32) for s in shapes)
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         ssim(a, b, **kw)
 
 

@@ -101,7 +101,7 @@ def test_uncertainty_stays_the_members_spread_under_a_smoothing_gate(rng):
 
 
 def test_non_finite_prediction_is_an_error(volume):
-    with pytest.raises(NonFinitePredictionError):
+    with pytest.raises(NonFinitePredictionError, match="NaN/Inf"):
         restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING)
 
 
@@ -130,7 +130,7 @@ def test_out_of_memory_halves_the_tile_once(volume):
 
 def test_out_of_memory_twice_raises(volume):
     predict, _ = _oom_above(100)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
         restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
 
 

@@ -215,7 +215,7 @@ def test_iou_edge_cases():
     merged = (target > 0).astype(np.uint8)  # all cells as one: foreground perfect, instances not
     scores = iou_scores(target, merged)
     assert scores.foreground == 1.0 and scores.instance < 0.5
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="labels must be integers, got float32"):
         iou_scores(target, merged.astype(np.float32))
 
 
@@ -331,7 +331,7 @@ def test_score_segmentation_wiring():
     assert stages[-1] == "pred: same as input"
     assert scores.iou_input == scores.input.instance == scores.iou_pred and scores.n_iou == 0.0
     assert scores.best_iou == 0.9 and scores.spacing == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="iou must be one of .* got 'dice'"):
         SegOptions(iou="dice")
 
 
