@@ -269,6 +269,40 @@ def test_write_case_leaves_no_temporary_file(written):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
+def test_write_case_temporary_file_lives_beside_the_destination(tmp_path, volume, monkeypatch):
+    """The rename is atomic only within one file system: the temporary file must be created in
+    the destination's folder, never in the system temp folder (in the container /tmp is a
+    separate, small tmpfs). The system temp folder points elsewhere here, and stays empty."""
+    import tempfile
+
+    elsewhere = tmp_path / "system_tmp"
+    elsewhere.mkdir()
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    written_to: list[Path] = []
+    replaced: list[tuple[Path, Path]] = []
+    real_imwrite, real_replace = tifffile.imwrite, os.replace
+
+    def spy_imwrite(file, data, **kwargs):
+        written_to.append(Path(file))
+        assert list(elsewhere.iterdir()) == []
+        return real_imwrite(file, data, **kwargs)
+
+    def spy_replace(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tifffile, "imwrite", spy_imwrite)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = write_case(out / "case.tif", volume, CaseMeta())
+    assert replaced == [(written_to[0], path)]
+    assert written_to[0].parent == path.parent and written_to[0].name.startswith(".case.tif.")
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["case.tif"]
+
+
 def test_write_case_replaces_an_existing_output(tmp_path, volume):
     path = write_case(tmp_path / "case.tif", np.zeros_like(volume), CaseMeta())
     write_case(path, volume, CaseMeta())
