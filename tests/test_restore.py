@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from fusecare.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
@@ -222,3 +223,44 @@ def test_tile_the_tiling_cannot_use_is_rounded_up_not_failed(volume, tile, caplo
     np.testing.assert_array_equal(restored.output, volume)
     assert all(t % 4 == 0 and (t >= 12 or t >= n) for t, n in zip(restored.tile, volume.shape))
     assert "rounded up" in caplog.text
+
+
+def _documented_gate(volume: np.ndarray, mean_of, spread_of, gate: GateConfig) -> np.ndarray:
+    """The gate of ``fusecare/gate.py``'s docstring, computed on the whole volume with scipy alone:
+    ``f + blend * w * (mean - f)``, ``w = 1 / (1 + (spread / spread_scale)**2)``, where ``f`` is the
+    normalised input smoothed by ``fallback_sigma``, ``mean`` the members' mean smoothed by
+    ``prediction_sigma`` and ``spread`` their spread smoothed by ``spread_sigma`` (reflect, 4 sigmas;
+    sigma 0 = unsmoothed). Returned as the uint16 output, mapped back like the input's scale."""
+    def blur(v: np.ndarray, sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(v, sigma, mode="reflect", truncate=4.0) if sigma > 0 else v
+
+    low, high = np.percentile(volume, (2.0, 99.8))
+    x = ((volume - low) / (high - low)).astype(np.float32)
+    f = blur(x, gate.fallback_sigma).astype(np.float64)
+    mean = blur(mean_of(x), gate.prediction_sigma).astype(np.float64)
+    spread = blur(spread_of(x), gate.spread_sigma).astype(np.float64)
+    w = 1.0 / (1.0 + (spread / gate.spread_scale) ** 2)
+    out = (f + gate.blend * w * (mean - f)) * (high - low) + low
+    assert volume.min() - HEADROOM * (volume.max() - volume.min()) >= 0  # the output keeps the input's scale
+    return np.clip(np.rint(out), 0, 65535)
+
+
+@pytest.mark.parametrize("gate", [
+    GateConfig(spread_scale=0.1, blend=0.75, spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=1.0),
+    GateConfig(spread_scale=0.1, blend=1.0, spread_sigma=2.0),
+    GateConfig(spread_scale=0.1, blend=0.5, fallback_sigma=0.8),
+    GateConfig(spread_scale=0.1, blend=0.75, prediction_sigma=0.5),
+], ids=["all-sigmas", "spread-sigma", "fallback-sigma", "prediction-sigma"])
+def test_tiled_gated_output_is_the_documented_formula(rng, gate):
+    """The gated output of the tiled production path equals the documented formula computed on
+    the whole volume, independently of ``fusecare.gate``: so the weight must see the *smoothed*
+    spread and the fallback must be the *smoothed* input (the spread here is voxel-wise noise,
+    far from its smoothed self; the input is noise too, far from its smoothing)."""
+    volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
+    mean_of = lambda x: (1.0 - x).astype(np.float32)  # noqa: E731 - pointwise: tiles need no network margin
+    spread_of = lambda x: (0.3 * np.abs(x - 0.5)).astype(np.float32)  # noqa: E731 - varies voxel to voxel
+    restored = restore_volume(volume, lambda x: np.stack([mean_of(x), spread_of(x)]), tile=(24, 40, 32),
+                              margin=0, align=4, gate=gate)
+    expected = _documented_gate(volume, mean_of, spread_of, gate)
+    assert restored.clipped == 0
+    assert np.abs(restored.output.astype(np.int64) - expected.astype(np.int64)).max() <= 1
