@@ -264,3 +264,28 @@ def test_tiled_gated_output_is_the_documented_formula(rng, gate):
     expected = _documented_gate(volume, mean_of, spread_of, gate)
     assert restored.clipped == 0
     assert np.abs(restored.output.astype(np.int64) - expected.astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeypatch, request, cuda):
+    """``--device auto`` with CUDA reported (faked: tensors stay on the CPU) loads the ensemble on
+    CUDA and restores with the CUDA tile default; without CUDA, with the CPU one."""
+    from conftest import write_fmc_tif
+    from fusecare import restore
+
+    if cuda:
+        request.getfixturevalue("fake_cuda")
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 3000, (8, 32, 32)).astype(np.uint16))
+    tiles: list[tuple[int, int, int]] = []
+    real = restore.restore_volume
+
+    def spy(volume, predict_block, **kwargs):
+        tiles.append(kwargs["tile"])
+        return real(volume, predict_block, **kwargs)
+
+    monkeypatch.setattr(restore, "restore_volume", spy)
+    options = restore.RestoreOptions(device="auto", gate=False, progress=False)
+    results = restore.restore_folder(tmp_path / "in", tmp_path / "out", tiny_weights, options)
+    assert [r.status for r in results] == ["restored"]
+    assert tiles == [restore.DEFAULT_TILE["cuda" if cuda else "cpu"]]
+    assert restore.DEFAULT_TILE["cuda"] != restore.DEFAULT_TILE["cpu"]

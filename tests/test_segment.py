@@ -382,9 +382,10 @@ def test_blob_model_on_real_nuclei(shared_data, blob_model):
     assert scores.n_matched == scores.n_target == 11
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_requested_without_cuda_says_so_not_that_the_model_failed(tmp_path):
+def test_cuda_requested_without_cuda_says_so_not_that_the_model_failed(tmp_path, monkeypatch):
     from fusecare.errors import FuseCareError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on machines with a GPU
 
     with pytest.raises(FuseCareError, match="CUDA is not available") as caught:
         CellposeSegmenter(tmp_path / "any_model", device="cuda", allow_download=False)
