@@ -368,7 +368,9 @@ def test_blob_model_on_real_nuclei(shared_data, blob_model):
     A model trained for 25 s on synthetic discs is no nuclei model: it splits the nuclei into
     pieces, so its own diameter estimate is small (6 voxels, which also makes cellpose upsample
     the volume 2x and take minutes). At the reference's median sphere-equivalent diameter (21
-    voxels) it covers the nuclei with foreground IoU 0.47 (42 masks for 11 nuclei).
+    voxels) it covers the nuclei with foreground IoU 0.40-0.47 and touches 10 or 11 of the 11
+    nuclei (39-44 masks): measured with training seeds 0-3 and 1 or 2 torch threads, which move
+    cellpose's float rounding as another CPU does. So the bounds leave margins, not one run's counts.
     """
     from fusecare.io import read_case
 
@@ -378,8 +380,9 @@ def test_blob_model_on_real_nuclei(shared_data, blob_model):
     iso = to_isotropic(case.volume, case.meta.voxel_size.zyx)
     assert iso.shape == reference.shape
     scores = iou_scores(reference, segmenter.segment(iso, 20.0))
+    assert scores.n_target == 11  # the reference's own count, not the model's
     assert scores.foreground > 0.35, scores
-    assert scores.n_matched == scores.n_target == 11
+    assert scores.n_matched >= 0.75 * scores.n_target, scores  # most nuclei found (9 of 11)
 
 
 def test_cuda_requested_without_cuda_says_so_not_that_the_model_failed(tmp_path, monkeypatch):
