@@ -44,7 +44,7 @@ cp -- "${inputs[@]}" "$in_dir/"
 chmod -R a+rX "$work/in"
 chmod 0777 "$out_dir" # the container's user (uid 1001) writes here
 
-# shellcheck disable=SC2317 # reached through the EXIT trap
+# shellcheck disable=SC2317,SC2329 # reached through the EXIT trap
 cleanup() {
     # Outputs belong to the container's user: make them removable by us before removing.
     docker run --rm --network none --entrypoint chmod -v "$out_dir:/output" "$image" \

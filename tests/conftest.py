@@ -24,6 +24,32 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _off_cuda(value: object) -> object:
+    """A CUDA device (or its name) as the CPU; anything else unchanged."""
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return torch.device("cpu") if isinstance(value, torch.device) and value.type == "cuda" else value
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA reported available, while tensors and modules sent to it stay on the CPU.
+
+    Runs the CUDA branches (the device ``auto`` picks, the tile defaults, the fp16 switch, the
+    SSIM's GPU tiling) on machines without a GPU, which CI has; what a real GPU computes is left to
+    the tests that skip without one.
+    """
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cls in (torch.Tensor, torch.nn.Module):
+        def to(self, *args, _real=cls.to, **kwargs):
+            return _real(self, *map(_off_cuda, args), **{k: _off_cuda(v) for k, v in kwargs.items()})
+        monkeypatch.setattr(cls, "to", to)
+
+
 def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilistic: bool = False,
                        first_filters: int = 4, gate_scale: float | None = None) -> Path:
     """A randomly initialised ensemble folder (fast, for wiring tests; not a trained model)."""

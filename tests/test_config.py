@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -58,7 +59,7 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
 def test_configs_are_frozen_and_integers_coerce_to_float():
     config = Example(rate=1)
     assert isinstance(config.rate, float)
-    with pytest.raises(AttributeError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'count'"):
         config.count = 4  # type: ignore[misc]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -13,11 +14,10 @@ from fusecare.ensemble import (
     MANIFEST,
     Ensemble,
     load_ensemble,
-    resolve_device,
     save_member,
     write_manifest,
 )
-from fusecare.errors import FuseCareError, WeightsError
+from fusecare.errors import WeightsError
 from fusecare.gate import GateConfig
 from fusecare.model import CareUNet, ModelConfig
 
@@ -152,11 +152,33 @@ def test_missing_folder_and_manifest_are_weights_errors(tmp_path):
         load_ensemble(tmp_path / "empty")
 
 
-def test_device_resolution():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(FuseCareError, match="CUDA is not available"):
-            resolve_device("cuda")
-    with pytest.raises(FuseCareError, match="unknown device"):
-        resolve_device("tpu9")
+@pytest.fixture
+def autocast_calls(monkeypatch) -> list[dict[str, object]]:
+    """Every ``torch.autocast`` the ensemble enters (device type, dtype, enabled), as a no-op."""
+    calls: list[dict[str, object]] = []
+
+    def record(device_type: str, dtype: torch.dtype | None = None, enabled: bool = True, **_: object):
+        calls.append({"device_type": device_type, "dtype": dtype, "enabled": enabled})
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", record)
+    return calls
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_fp16_autocast_is_never_enabled_on_cpu(tmp_path, rng, autocast_calls, fp16):
+    """bf16/fp16 autocast on CPU is ~200x slower: --fp16 is ignored there."""
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus"), device="cpu", fp16=fp16)
+    ensemble.predict_block(rng.random((8, 16, 16), dtype=np.float32))
+    assert len(autocast_calls) == 2  # one per member
+    assert not any(call["enabled"] for call in autocast_calls)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_fp16_autocast_is_enabled_on_cuda_when_asked(tmp_path, rng, fake_cuda, autocast_calls, fp16):
+    """On CUDA (faked: tensors stay on the CPU), --fp16 enters a float16 autocast around every member."""
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus"), device="auto", fp16=fp16)
+    assert ensemble.device == torch.device("cuda")
+    out = ensemble.predict_block(rng.random((8, 16, 16), dtype=np.float32))
+    assert out.shape == (2, 8, 16, 16)
+    assert autocast_calls == [{"device_type": "cuda", "dtype": torch.float16, "enabled": fp16}] * 2

@@ -243,7 +243,7 @@ def test_channel_from_metadata_and_override(tmp_path):
     options = EvalOptions(segment=False, progress=False, channel="membrane")
     results = evaluate_folder(dirs["pred"], dirs["gt"], dirs["input"], options)
     assert {r.channel for r in results} == {"membrane"} and all(r.ssim.n_ssim == 0.0 for r in results)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="channel must be one of .* got 'cytoplasm'"):
         EvalOptions(channel="cytoplasm")
 
 

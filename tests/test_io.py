@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -268,6 +269,40 @@ def test_write_case_leaves_no_temporary_file(written):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
+def test_write_case_temporary_file_lives_beside_the_destination(tmp_path, volume, monkeypatch):
+    """The rename is atomic only within one file system: the temporary file must be created in
+    the destination's folder, never in the system temp folder (in the container /tmp is a
+    separate, small tmpfs). The system temp folder points elsewhere here, and stays empty."""
+    import tempfile
+
+    elsewhere = tmp_path / "system_tmp"
+    elsewhere.mkdir()
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    written_to: list[Path] = []
+    replaced: list[tuple[Path, Path]] = []
+    real_imwrite, real_replace = tifffile.imwrite, os.replace
+
+    def spy_imwrite(file, data, **kwargs):
+        written_to.append(Path(file))
+        assert list(elsewhere.iterdir()) == []
+        return real_imwrite(file, data, **kwargs)
+
+    def spy_replace(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(tifffile, "imwrite", spy_imwrite)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    out = tmp_path / "out"
+    out.mkdir()
+    path = write_case(out / "case.tif", volume, CaseMeta())
+    assert replaced == [(written_to[0], path)]
+    assert written_to[0].parent == path.parent and written_to[0].name.startswith(".case.tif.")
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["case.tif"]
+
+
 def test_write_case_replaces_an_existing_output(tmp_path, volume):
     path = write_case(tmp_path / "case.tif", np.zeros_like(volume), CaseMeta())
     write_case(path, volume, CaseMeta())
@@ -295,7 +330,7 @@ def test_write_case_failure_keeps_a_previous_output_intact(tmp_path, volume, mon
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tifffile, "imwrite", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # the very interrupt raised above: nothing to match
         write_case(path, np.zeros_like(volume), CaseMeta())
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.tif"]
@@ -382,7 +417,7 @@ def test_bad_file_message_says_what_is_wrong(tmp_path, rng, kind, words):
 @pytest.mark.parametrize("kind", ["zero-byte", "not-a-tiff", "2-D", "4-D", "RGB"])
 def test_bad_file_is_rejected_from_its_header_alone(tmp_path, rng, kind):
     path = _make_bad(kind, tmp_path / "bad.tif", rng)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=re.escape(path.name)):
         inspect_case(path)
 
 
@@ -390,7 +425,7 @@ def test_truncated_file_emits_no_stray_tifffile_log_lines(tmp_path, rng, caplog)
     """A truncated case must be reported once, by us: tifffile's own complaints (which do not
     name the file) must not reach the log as separate ERROR lines."""
     path = _make_bad("truncated", tmp_path / "bad.tif", rng)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="truncated"):
         read_case(path)
     stray = [r for r in caplog.records if r.name.startswith("tifffile") and r.levelno >= 30]
     assert stray == [], [r.getMessage() for r in stray]
@@ -484,7 +519,7 @@ def test_paged_volume_reads_only_the_planes_indexed(tmp_path, volume, monkeypatc
 def test_paged_volume_out_of_range_is_an_index_error(tmp_path, volume):
     with io.open_volume(_write_formats(tmp_path, volume)["template"]) as paged:
         for key in (5, -6, np.array([0, 5]), (np.array([[0]]),), 1.5, (np.array([0, 1]), slice(None), [1, 2])):
-            with pytest.raises(IndexError):
+            with pytest.raises(IndexError, match="out of range for 5 planes|PagedVolume takes an int|cannot be combined"):
                 paged[key]
 
 

@@ -183,14 +183,38 @@ def test_inputs_are_not_modified(rng):
     np.testing.assert_array_equal(b, b0)
 
 
-def test_torch_devices_agree(rng):
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_tiling_agrees_with_the_cpu(rng, monkeypatch, request, cuda):
+    """``device='auto'`` takes the CUDA branch (one big tile, no thread cap) exactly when CUDA is
+    reported, and that branch's tiling gives the CPU's many-tile result. CUDA is faked here
+    (tensors stay on the CPU); a real GPU's arithmetic is ``test_cuda_matches_cpu``'s."""
+    if cuda:
+        request.getfixturevalue("fake_cuda")
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     a, b = smooth_pair(rng, (16, 50, 50))
+    monkeypatch.setattr(metrics, "_TILE_VOXELS", 4096)  # many CPU tiles; CUDA's budget stays 32 M voxels
     cpu = ssim(a, b)
     assert ssim(a, b, device="cpu") == cpu
+    devices: list[torch.device] = []
+    real = metrics._tile_sum
+
+    def spy(xa, ya, spec, device):
+        devices.append(device)
+        return real(xa, ya, spec, device)
+
+    monkeypatch.setattr(metrics, "_tile_sum", spy)
     assert ssim(a, b, device="auto") == pytest.approx(cpu, abs=TOL)
+    assert cpu == pytest.approx(sk_ssim(a, b), abs=TOL)
+    if cuda:
+        assert devices == [torch.device("cuda")]  # the whole volume in one tile
+    else:
+        assert len(devices) > 1 and set(devices) == {torch.device("cpu")}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: compares a real GPU's SSIM with the CPU's "
+                           "(the CUDA branch itself runs on CPU in test_auto_device_tiling_agrees_with_the_cpu)")
 def test_cuda_matches_cpu(rng):
     a, b = smooth_pair(rng, (32, 128, 128))
     assert ssim(a, b, device="cuda") == pytest.approx(ssim(a, b), abs=TOL)
@@ -285,20 +309,20 @@ def test_constant_volumes_do_not_divide_by_zero(rng):
 
 
 @pytest.mark.parametrize(
-    ("shapes", "kw", "error"),
+    ("shapes", "kw", "error", "match"),
     [
-        (((8, 20, 20), (8, 20, 21)), {}, InputError),
-        (((20, 20), (20, 20)), {}, InputError),
-        (((5, 20, 20), (5, 20, 20)), {}, InputError),  # z < 7-voxel window
-        (((8, 20, 20), (8, 20, 20)), {"win_size": 4}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"window": "box"}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"slab": 0}, ValueError),
-        (((8, 20, 20), (8, 20, 20)), {"data_range": 0.0}, ValueError),
+        (((8, 20, 20), (8, 20, 21)), {}, InputError, "one shape"),
+        (((20, 20), (20, 20)), {}, InputError, "3-D volumes"),
+        (((5, 20, 20), (5, 20, 20)), {}, InputError, "smaller than the 7-voxel"),  # z < 7-voxel window
+        (((8, 20, 20), (8, 20, 20)), {"win_size": 4}, ValueError, "win_size must be odd"),
+        (((8, 20, 20), (8, 20, 20)), {"window": "box"}, ValueError, "window must be"),
+        (((8, 20, 20), (8, 20, 20)), {"slab": 0}, ValueError, "slab must be >= 1"),
+        (((8, 20, 20), (8, 20, 20)), {"data_range": 0.0}, ValueError, "data_range must be > 0"),
     ],
 )
-def test_bad_arguments_raise(shapes, kw, error):
+def test_bad_arguments_raise(shapes, kw, error, match):
     a, b = (np.zeros(s, np.float32) for s in shapes)
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         ssim(a, b, **kw)
 
 

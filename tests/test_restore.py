@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from fusecare.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
@@ -101,7 +102,7 @@ def test_uncertainty_stays_the_members_spread_under_a_smoothing_gate(rng):
 
 
 def test_non_finite_prediction_is_an_error(volume):
-    with pytest.raises(NonFinitePredictionError):
+    with pytest.raises(NonFinitePredictionError, match="NaN/Inf"):
         restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING)
 
 
@@ -130,7 +131,7 @@ def test_out_of_memory_halves_the_tile_once(volume):
 
 def test_out_of_memory_twice_raises(volume):
     predict, _ = _oom_above(100)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
         restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
 
 
@@ -222,3 +223,69 @@ def test_tile_the_tiling_cannot_use_is_rounded_up_not_failed(volume, tile, caplo
     np.testing.assert_array_equal(restored.output, volume)
     assert all(t % 4 == 0 and (t >= 12 or t >= n) for t, n in zip(restored.tile, volume.shape))
     assert "rounded up" in caplog.text
+
+
+def _documented_gate(volume: np.ndarray, mean_of, spread_of, gate: GateConfig) -> np.ndarray:
+    """The gate of ``fusecare/gate.py``'s docstring, computed on the whole volume with scipy alone:
+    ``f + blend * w * (mean - f)``, ``w = 1 / (1 + (spread / spread_scale)**2)``, where ``f`` is the
+    normalised input smoothed by ``fallback_sigma``, ``mean`` the members' mean smoothed by
+    ``prediction_sigma`` and ``spread`` their spread smoothed by ``spread_sigma`` (reflect, 4 sigmas;
+    sigma 0 = unsmoothed). Returned as the uint16 output, mapped back like the input's scale."""
+    def blur(v: np.ndarray, sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(v, sigma, mode="reflect", truncate=4.0) if sigma > 0 else v
+
+    low, high = np.percentile(volume, (2.0, 99.8))
+    x = ((volume - low) / (high - low)).astype(np.float32)
+    f = blur(x, gate.fallback_sigma).astype(np.float64)
+    mean = blur(mean_of(x), gate.prediction_sigma).astype(np.float64)
+    spread = blur(spread_of(x), gate.spread_sigma).astype(np.float64)
+    w = 1.0 / (1.0 + (spread / gate.spread_scale) ** 2)
+    out = (f + gate.blend * w * (mean - f)) * (high - low) + low
+    assert volume.min() - HEADROOM * (volume.max() - volume.min()) >= 0  # the output keeps the input's scale
+    return np.clip(np.rint(out), 0, 65535)
+
+
+@pytest.mark.parametrize("gate", [
+    GateConfig(spread_scale=0.1, blend=0.75, spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=1.0),
+    GateConfig(spread_scale=0.1, blend=1.0, spread_sigma=2.0),
+    GateConfig(spread_scale=0.1, blend=0.5, fallback_sigma=0.8),
+    GateConfig(spread_scale=0.1, blend=0.75, prediction_sigma=0.5),
+], ids=["all-sigmas", "spread-sigma", "fallback-sigma", "prediction-sigma"])
+def test_tiled_gated_output_is_the_documented_formula(rng, gate):
+    """The gated output of the tiled production path equals the documented formula computed on
+    the whole volume, independently of ``fusecare.gate``: so the weight must see the *smoothed*
+    spread and the fallback must be the *smoothed* input (the spread here is voxel-wise noise,
+    far from its smoothed self; the input is noise too, far from its smoothing)."""
+    volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
+    mean_of = lambda x: (1.0 - x).astype(np.float32)  # noqa: E731 - pointwise: tiles need no network margin
+    spread_of = lambda x: (0.3 * np.abs(x - 0.5)).astype(np.float32)  # noqa: E731 - varies voxel to voxel
+    restored = restore_volume(volume, lambda x: np.stack([mean_of(x), spread_of(x)]), tile=(24, 40, 32),
+                              margin=0, align=4, gate=gate)
+    expected = _documented_gate(volume, mean_of, spread_of, gate)
+    assert restored.clipped == 0
+    assert np.abs(restored.output.astype(np.int64) - expected.astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeypatch, request, cuda):
+    """``--device auto`` with CUDA reported (faked: tensors stay on the CPU) loads the ensemble on
+    CUDA and restores with the CUDA tile default; without CUDA, with the CPU one."""
+    from conftest import write_fmc_tif
+    from fusecare import restore
+
+    if cuda:
+        request.getfixturevalue("fake_cuda")
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 3000, (8, 32, 32)).astype(np.uint16))
+    tiles: list[tuple[int, int, int]] = []
+    real = restore.restore_volume
+
+    def spy(volume, predict_block, **kwargs):
+        tiles.append(kwargs["tile"])
+        return real(volume, predict_block, **kwargs)
+
+    monkeypatch.setattr(restore, "restore_volume", spy)
+    options = restore.RestoreOptions(device="auto", gate=False, progress=False)
+    results = restore.restore_folder(tmp_path / "in", tmp_path / "out", tiny_weights, options)
+    assert [r.status for r in results] == ["restored"]
+    assert tiles == [restore.DEFAULT_TILE["cuda" if cuda else "cpu"]]
+    assert restore.DEFAULT_TILE["cuda"] != restore.DEFAULT_TILE["cpu"]

@@ -215,7 +215,7 @@ def test_iou_edge_cases():
     merged = (target > 0).astype(np.uint8)  # all cells as one: foreground perfect, instances not
     scores = iou_scores(target, merged)
     assert scores.foreground == 1.0 and scores.instance < 0.5
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="labels must be integers, got float32"):
         iou_scores(target, merged.astype(np.float32))
 
 
@@ -331,7 +331,7 @@ def test_score_segmentation_wiring():
     assert stages[-1] == "pred: same as input"
     assert scores.iou_input == scores.input.instance == scores.iou_pred and scores.n_iou == 0.0
     assert scores.best_iou == 0.9 and scores.spacing == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="iou must be one of .* got 'dice'"):
         SegOptions(iou="dice")
 
 
@@ -368,7 +368,9 @@ def test_blob_model_on_real_nuclei(shared_data, blob_model):
     A model trained for 25 s on synthetic discs is no nuclei model: it splits the nuclei into
     pieces, so its own diameter estimate is small (6 voxels, which also makes cellpose upsample
     the volume 2x and take minutes). At the reference's median sphere-equivalent diameter (21
-    voxels) it covers the nuclei with foreground IoU 0.47 (42 masks for 11 nuclei).
+    voxels) it covers the nuclei with foreground IoU 0.40-0.47 and touches 10 or 11 of the 11
+    nuclei (39-44 masks): measured with training seeds 0-3 and 1 or 2 torch threads, which move
+    cellpose's float rounding as another CPU does. So the bounds leave margins, not one run's counts.
     """
     from fusecare.io import read_case
 
@@ -378,13 +380,15 @@ def test_blob_model_on_real_nuclei(shared_data, blob_model):
     iso = to_isotropic(case.volume, case.meta.voxel_size.zyx)
     assert iso.shape == reference.shape
     scores = iou_scores(reference, segmenter.segment(iso, 20.0))
+    assert scores.n_target == 11  # the reference's own count, not the model's
     assert scores.foreground > 0.35, scores
-    assert scores.n_matched == scores.n_target == 11
+    assert scores.n_matched >= 0.75 * scores.n_target, scores  # most nuclei found (9 of 11)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_requested_without_cuda_says_so_not_that_the_model_failed(tmp_path):
+def test_cuda_requested_without_cuda_says_so_not_that_the_model_failed(tmp_path, monkeypatch):
     from fusecare.errors import FuseCareError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on machines with a GPU
 
     with pytest.raises(FuseCareError, match="CUDA is not available") as caught:
         CellposeSegmenter(tmp_path / "any_model", device="cuda", allow_download=False)

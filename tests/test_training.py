@@ -17,7 +17,7 @@ from conftest import REPO, write_fmc_tif
 from fusecare.calibration import volume_of
 from fusecare.data import PairPatches, PatchConfigView, load_split
 from fusecare.ensemble import load_ensemble
-from fusecare.errors import ConfigError
+from fusecare.errors import ConfigError, InputError
 from fusecare.metrics import ssim
 from fusecare.model import ModelConfig
 from fusecare.training import (
@@ -159,7 +159,7 @@ def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
     sources, validation = build_data(tiny(phantoms=0, validation_phantoms=0, clean_files=[str(nuc), str(mem)]))
     assert [s.name for s in sources] == ["n.tif"]
     assert len(validation) == 1 and validation[0].name.startswith("n.tif (simulated")
-    with pytest.raises(Exception, match="no clean volume of channel 'nucleus'"):
+    with pytest.raises(InputError, match="no clean volume of channel 'nucleus'"):
         build_data(tiny(phantoms=0, clean_files=[str(mem)]))
 
 
@@ -179,7 +179,7 @@ def test_validation_only_builds_the_same_validation_and_no_training_source(tmp_p
     for mine, theirs in zip(validation, full):
         np.testing.assert_array_equal(mine.source, theirs.source)
         np.testing.assert_array_equal(mine.target, theirs.target)
-    with pytest.raises(Exception, match="no validation case"):
+    with pytest.raises(InputError, match="no validation case in the config"):
         training.build_data(tiny(phantoms=1, validation_phantoms=0), validation_only=True)
 
 
