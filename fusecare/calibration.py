@@ -32,11 +32,10 @@ SPREAD_SIGMA = 2.0
 SAFETY_TOLERANCE = 1e-6
 """A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
 
-@dataclass(frozen=True)
-class GateCandidate:
-    """N-SSIM over the validation cases for one gate (``None`` = ungated)."""
 
-    gate: GateConfig | None
+class _Scores:
+    """Mean and worst case of a sequence of per-case N-SSIM (``n_ssim``)."""
+
     n_ssim: tuple[float, ...]
 
     @property
@@ -46,6 +45,14 @@ class GateCandidate:
     @property
     def worst(self) -> float:
         return float(np.min(self.n_ssim))
+
+
+@dataclass(frozen=True)
+class GateCandidate(_Scores):
+    """N-SSIM over the validation cases for one gate (``None`` = ungated)."""
+
+    gate: GateConfig | None
+    n_ssim: tuple[float, ...]
 
     def to_dict(self) -> dict[str, object]:
         return {"gate": self.gate.to_dict() if self.gate else None, "n_ssim_mean": self.mean,
@@ -168,23 +175,15 @@ def volume_of(case_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class CrossValidation:
+class CrossValidation(_Scores):
     """Leave-one-volume-out: for each held-out volume, the gate chosen on the others and its
     N-SSIM on the held-out volume's cases."""
 
     folds: tuple[tuple[str, GateConfig, tuple[float, ...]], ...]
 
-    @property
+    @property  # type: ignore[override]
     def n_ssim(self) -> tuple[float, ...]:
         return tuple(v for _, _, scores in self.folds for v in scores)
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.n_ssim))
-
-    @property
-    def worst(self) -> float:
-        return float(np.min(self.n_ssim))
 
 
 def cross_validate(names: Sequence[str], table: Sequence[GateCandidate]) -> CrossValidation | None:
