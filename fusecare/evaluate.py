@@ -218,6 +218,9 @@ def exclusion(ssim: SsimScores | None, seg: SegScores | None) -> str | None:
     if ssim is not None and (ssim.ssim_input >= 1.0 or not math.isfinite(ssim.n_ssim)):
         reasons.append(f"target equals input (SSIM(input, target) = {ssim.ssim_input:.6g}): N-SSIM is "
                        "undefined; were --pred and --gt swapped?")
+    elif ssim is not None and not (math.isfinite(ssim.ssim_pred) and math.isfinite(ssim.ssim_input)):
+        reasons.append(f"SSIM is not finite (input {ssim.ssim_input}, prediction {ssim.ssim_pred}): N-SSIM is "
+                       "undefined")
     if seg is not None and not math.isfinite(seg.n_iou):
         reasons.append(f"N-IoU is undefined (IoU of the input {seg.iou_input:.4g} equals the best IoU "
                        f"{seg.best_iou:g})")
