@@ -499,7 +499,7 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
         raise ConfigError(f"--members must be >= 1, got {members}")
     folder = weights_dir / config.channel
     check_ensemble_target(folder, overwrite=overwrite)
-    writer = not _is_distributed() or dist.get_rank() == 0
+    writer = int(os.environ.get("RANK", "0")) == 0  # the process group starts in train_member
     data = build_data(config)
     staging = weights_dir / f".{config.channel}.staging-{os.getpid()}"
     results = []
