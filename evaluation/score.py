@@ -8,9 +8,13 @@ median, min, count; the four leaderboard numbers; failures; settings) and png/<c
 (projections of input, prediction, target, |prediction - target|, uncertainty). The summary
 table goes to stdout, progress and per-case lines to stderr.
 
-Exit status: 0 when every case was scored, 1 when some case could not be (each named in one
-line; the others are still scored), 2 for a usage error (missing folder, cellpose model not
-available, ...).
+A prediction (or target, or input) with NaN/Inf voxels is a failed case; a case whose target
+equals its input (N-SSIM undefined, e.g. --pred and --gt swapped) is scored but excluded from the
+means, with a warning naming it; the summary counts and lists both.
+
+Exit status: 0 when every case was scored and counted, 1 when some case could not be scored or
+was excluded from the means (each named in one line; the others are still scored), 2 for a usage
+error (missing folder, --out naming an existing file, cellpose model not available, ...).
 """
 
 from __future__ import annotations
@@ -98,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(quiet=args.quiet, debug=args.debug)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        log.error("--out %s is an existing file, not a folder: choose a folder for scores.csv and summary.json",
+                  args.out)
+        return 2
     if not args.debug:
         logging.getLogger("cellpose").setLevel(logging.WARNING)
     if args.threads is not None:

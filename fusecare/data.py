@@ -54,7 +54,9 @@ def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> lis
     Files that do not follow the FMC naming are ignored with a warning; an unpaired angle or
     fused file, or a shape mismatch between the two, raises ``InputError`` naming them. The
     metadata of angle and fused may disagree (a known quirk of nucleus ids 213..399): only
-    shapes are compared.
+    shapes are compared. A file that cannot be read (damaged header, broken link, ...) is one
+    ``FAILED <file>: <reason>`` line and its pair is left out: one bad file among hundreds
+    must not stop a training run (the readers' one rule, see ``io.reading``).
     """
     found: dict[tuple[int, str], dict[str, Path]] = {}
     for path in tiff_files(folder, kind="FMC folder"):
@@ -72,7 +74,16 @@ def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> lis
             (only,) = kinds.values()
             missing = "fused" if "angle" in kinds else "angle"
             raise InputError(f"{only.name} has no {missing} partner in {folder}")
-        angle, fused = inspect_case(kinds["angle"]), inspect_case(kinds["fused"])
+        infos: dict[str, CaseInfo] = {}
+        for kind in ("angle", "fused"):
+            try:
+                infos[kind] = inspect_case(kinds[kind])
+            except InputError as exc:
+                reason = str(exc).removeprefix(f"{kinds[kind].name}: ")
+                log.error("FAILED %s: %s; pair %d (%s) left out", kinds[kind].name, reason, case_id, ch)
+        if len(infos) < 2:
+            continue
+        angle, fused = infos["angle"], infos["fused"]
         if angle.shape != fused.shape:
             raise InputError(f"shape mismatch: {angle.path.name} is {angle.shape}, "
                              f"{fused.path.name} is {fused.shape}")

@@ -57,7 +57,7 @@ def save_member(member_dir: Path, model: CareUNet, *, extra_files: Mapping[str, 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, member_dir / MEMBER_WEIGHTS)
     for name, content in (extra_files or {}).items():
-        (member_dir / name).write_text(json.dumps(content, indent=2) + "\n")
+        (member_dir / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
 
 
 def write_manifest(ensemble_dir: Path, channel: str, *, gate: GateConfig | None = None,
@@ -75,7 +75,7 @@ def write_manifest(ensemble_dir: Path, channel: str, *, gate: GateConfig | None 
         "gate": gate.to_dict() if gate is not None else None, "info": dict(info or {}),
     }
     path = ensemble_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")  # strict JSON parsers read it
     return path
 
 

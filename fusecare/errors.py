@@ -21,3 +21,7 @@ class InputError(FuseCareError):
 
 class WeightsError(FuseCareError):
     """Model weights are missing, corrupt or do not match their manifest."""
+
+
+class TrainingError(FuseCareError):
+    """Training cannot write what was asked (an existing ensemble, an untrained member, ...)."""

@@ -8,6 +8,12 @@ still scored. ``score_volumes`` scores volumes already opened; its N-SSIM is
 very same numbers as ``evaluation/score.py``. Each volume is histogrammed once per case
 (``fit_norms``): the scores and the picture share the fitted normalisations.
 
+Numbers it cannot stand behind are never reported: a volume with NaN/Inf voxels is a failed
+case with its reason (the challenge's normalisation and SSIM are undefined on it), and a case
+whose target equals its input (SSIM(input, target) = 1, so N-SSIM is -inf or NaN: typically
+``--pred`` and ``--gt`` swapped) or whose N-IoU is undefined is scored but ``excluded`` from the
+means, with a named warning and the reason in the report.
+
 Pairing: names are compared without their ``.tif``/``.tiff`` suffix and without a trailing
 ``_angle`` or ``_fused`` (the challenge's input and target names), case-insensitively. The
 channel comes from the input's metadata (``nucleus``, anything else membrane), else the
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +39,7 @@ from tqdm import tqdm
 from .errors import FuseCareError, InputError
 from .io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume, tiff_files
 from .metrics import SsimScores, Window, score_ssim
-from .normalize import PercentileNorm, percentiles
+from .normalize import PercentileNorm, percentiles, z_slabs
 from .segment import SegmenterCache, SegOptions, SegScores, score_segmentation
 
 log = logging.getLogger(__name__)
@@ -109,10 +116,17 @@ class CaseResult:
     seconds: float = 0.0
     error: str | None = None
     png: Path | None = None
+    excluded: str | None = None
+    """Why this scored case is left out of the means (its scores are undefined), or None."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def counted(self) -> bool:
+        """Scored and counted in the means."""
+        return self.ok and self.excluded is None
 
 
 # --------------------------------------------------------------------------- pairing
@@ -186,6 +200,31 @@ def case_channel(infos: Mapping[str, CaseInfo], override: str | None = None) -> 
 
 
 # --------------------------------------------------------------------------- scoring
+
+
+def non_finite_voxels(volume: Volume) -> int:
+    """How many voxels are NaN or Inf (0 for integer volumes, without reading them), slab by slab."""
+    if np.dtype(volume.dtype).kind not in "fc":
+        return 0
+    n_z = volume.shape[0]
+    plane = math.prod(volume.shape[1:])
+    return sum(int(volume[z0:z1].size - np.count_nonzero(np.isfinite(volume[z0:z1])))
+               for z0, z1 in z_slabs(n_z, plane))
+
+
+def exclusion(ssim: SsimScores | None, seg: SegScores | None) -> str | None:
+    """Why a scored case's numbers cannot enter a mean, or None when they can."""
+    reasons = []
+    if ssim is not None and (ssim.ssim_input >= 1.0 or not math.isfinite(ssim.n_ssim)):
+        reasons.append(f"target equals input (SSIM(input, target) = {ssim.ssim_input:.6g}): N-SSIM is "
+                       "undefined; were --pred and --gt swapped?")
+    elif ssim is not None and not (math.isfinite(ssim.ssim_pred) and math.isfinite(ssim.ssim_input)):
+        reasons.append(f"SSIM is not finite (input {ssim.ssim_input}, prediction {ssim.ssim_pred}): N-SSIM is "
+                       "undefined")
+    if seg is not None and not math.isfinite(seg.n_iou):
+        reasons.append(f"N-IoU is undefined (IoU of the input {seg.iou_input:.4g} equals the best IoU "
+                       f"{seg.best_iou:g})")
+    return "; ".join(reasons) or None
 
 
 def fit_norms(target: Volume, pred: Volume, input: Volume) -> dict[str, PercentileNorm]:
@@ -278,6 +317,11 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
                 volumes[role] = files.enter_context(opened_volume(getattr(case, role), info=infos[role]))
             except InputError as exc:
                 raise InputError(f"{_ROLE_NAMES[role]} {exc}") from None
+        for role in ROLES:
+            bad = non_finite_voxels(volumes[role])
+            if bad:
+                raise InputError(f"{_ROLE_NAMES[role]} {getattr(case, role).name} has {bad} non-finite "
+                                 "voxel(s) (NaN/Inf): its normalisation and SSIM are undefined, not scored")
         voxel_size = infos["target"].meta.voxel_size.zyx
         if infos["input"].meta.voxel_size.zyx != voxel_size:
             log.debug("%s: input voxel size %s differs from the target's %s; using the target's",
@@ -286,6 +330,7 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
         result.ssim, result.seg = score_volumes(
             volumes["target"], volumes["pred"], volumes["input"], channel=result.channel,
             voxel_size=voxel_size, options=options, segmenters=segmenters, step=step, norms=norms)
+        result.excluded = exclusion(result.ssim, result.seg)
         if options.png_dir is not None:
             if step is not None:
                 step("png")
@@ -319,6 +364,8 @@ def _draw(case: CasePaths, volumes: Mapping[str, Volume], voxel_size: Sequence[f
 def _describe(result: CaseResult) -> str:
     if not result.ok:
         return f"FAILED {result.case}: {result.error}"
+    if result.excluded:
+        return f"EXCLUDED from the means {result.case}: {result.excluded}"
     text = f"{result.case} ({result.channel}): N-SSIM {result.ssim.n_ssim:+.4f}" if result.ssim else result.case
     if result.seg is not None:
         text += (f", N-IoU {result.seg.n_iou:+.4f} (IoU input {result.seg.iou_input:.4f}, "
@@ -357,11 +404,13 @@ def evaluate_folder(pred_dir: str | Path, target_dir: str | Path, input_dir: str
                 bar.set_postfix_str(f"{name}: {stage}")
 
             result = failed or score_case(case, options, segmenters, infos, step)
-            (log.error if not result.ok else log.info)("%s", _describe(result))
+            level = logging.ERROR if not result.ok else logging.WARNING if result.excluded else logging.INFO
+            log.log(level, "%s", _describe(result))
             results.append(result)
     return results
 
 
 def all_scored(results: Sequence[CaseResult]) -> bool:
-    return all(r.ok for r in results)
+    """Every case scored and counted in the means (none failed, none excluded)."""
+    return all(r.counted for r in results)
 

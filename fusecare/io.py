@@ -13,12 +13,15 @@ This module knows nothing of torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,19 @@ NUCLEUS, MEMBRANE = "nucleus", "membrane"
 CHANNELS = (NUCLEUS, MEMBRANE)
 
 DEFAULT_VOXEL_SIZE_UM = 1.0
-"""Voxel size assumed for an axis whose size is missing or not a positive number."""
+"""Voxel size assumed for an axis whose size is missing, not a number, or out of range."""
+
+VOXEL_SIZE_RANGE_UM = (1e-9, 1e9)
+"""Voxel sizes accepted from metadata. Outside it the TIFF resolution rational (pixels per unit,
+two uint32) cannot hold ``1 / size``: tifffile fails on sizes below about 2.3e-10 and writes
+0 pixels per unit above about 4.3e9. No microscope is near either end."""
+
+PARTIAL_SUFFIX = ".partial"
+"""Outputs are written as ``.<name>.<random>.partial`` and renamed; see ``stale_partials``."""
+_PARTIAL_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
+_TEMP_NAME_CHARS = 64
+"""At most this many characters of the output's name go into its temporary name, so that the
+temporary name stays under the usual 255-byte limit however long the output's name is."""
 
 OUTPUT_TILE = (128, 128)
 
@@ -71,6 +86,11 @@ class CaseMeta:
     notes: tuple[str, ...] = ()
     channel_in_metadata: bool = False
     """Whether ``channel`` came from a channel key of the metadata (not the file name)."""
+    stored_shape: tuple[int, ...] | None = None
+    """The shape as stored (e.g. (1, Z, Y, X)) when it has singleton axes beside ZYX: outputs are
+    written back in it, so they have the input's shape."""
+    stored_axes: str | None = None
+    """tifffile's axes of ``stored_shape``, written back with it."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +127,31 @@ def _key(name: str) -> str:
 def _positive_float(value: Any) -> float | None:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) and number > 0 else None
+
+
+def _voxel_size(value: Any) -> float | None:
+    """A voxel size in ``VOXEL_SIZE_RANGE_UM``, else None (the caller assumes the default)."""
+    size = _positive_float(value)
+    low, high = VOXEL_SIZE_RANGE_UM
+    return size if size is not None and low <= size <= high else None
+
+
+def _study(value: Any) -> int | None:
+    """An integral, finite study number; None for anything else (NaN, Infinity, 2.5, "x")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(number) or number != int(number) or abs(number) > 2**31:
+        return None
+    return int(number)
 
 
 def _resolution_size(page: tifffile.TiffPage, tag: str) -> float | None:
@@ -120,17 +162,22 @@ def _resolution_size(page: tifffile.TiffPage, tag: str) -> float | None:
     try:
         numerator, denominator = entry.value
         pixels_per_unit = numerator / denominator
-    except (TypeError, ValueError, ZeroDivisionError):
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None
     if not pixels_per_unit > 0 or (numerator, denominator) == (1, 1):
         return None  # (1, 1) is tifffile's default: no information
-    return _positive_float(1.0 / pixels_per_unit)
+    return _voxel_size(1.0 / pixels_per_unit)
 
 
 def parse_meta(raw: Mapping[str, Any], *, path: Path | None = None,
                page: tifffile.TiffPage | None = None) -> CaseMeta:
-    """Interpret a metadata dict (shaped JSON or ImageJ) into a ``CaseMeta``; never raises."""
-    keys = {_key(k): v for k, v in raw.items()}
+    """Interpret a metadata dict (shaped JSON or ImageJ) into a ``CaseMeta``; never raises.
+
+    Every value is validated: voxel sizes outside ``VOXEL_SIZE_RANGE_UM`` (which the output's
+    resolution tag could not hold) and a ``study`` that is not a finite integer are treated as
+    missing, each with a note.
+    """
+    keys = {_key(str(k)): v for k, v in raw.items()}
     notes: list[str] = []
 
     sizes: dict[str, float] = {}
@@ -139,12 +186,14 @@ def parse_meta(raw: Mapping[str, Any], *, path: Path | None = None,
         value = keys.get(f"physicalsize{axis}")
         if value is None and axis == "z":
             value = keys.get("spacing")
-        size = _positive_float(value)
+        size = _voxel_size(value)
         if size is None and axis in "yx" and page is not None:
             size = _resolution_size(page, f"{axis.upper()}Resolution")
         if size is None:
             if value is not None:
-                notes.append(f"PhysicalSize{axis.upper()}={value!r} is not a positive number")
+                low, high = VOXEL_SIZE_RANGE_UM
+                notes.append(f"PhysicalSize{axis.upper()}={value!r} is not a positive number "
+                             f"in [{low:g}, {high:g}] um")
             unknown.append(axis.upper())
             size = DEFAULT_VOXEL_SIZE_UM
         sizes[axis] = size
@@ -161,13 +210,10 @@ def parse_meta(raw: Mapping[str, Any], *, path: Path | None = None,
         if str(channel_value).strip().lower() not in CHANNELS:
             notes.append(f"channel {channel_value!r} is not nucleus/membrane, treating as membrane")
 
-    study: int | None = None
     study_value = keys.get("study")
-    if study_value is not None:
-        try:
-            study = int(study_value)
-        except (TypeError, ValueError):
-            notes.append(f"study {study_value!r} is not an integer, ignoring it")
+    study = _study(study_value) if study_value is not None else None
+    if study_value is not None and study is None:
+        notes.append(f"study {study_value!r} is not a finite integer, treating it as missing")
 
     unit = str(keys.get("unit", "micron"))
     return CaseMeta(
@@ -176,13 +222,45 @@ def parse_meta(raw: Mapping[str, Any], *, path: Path | None = None,
     )
 
 
+_OME_UNITS_UM = {"pm": 1e-6, "nm": 1e-3, "um": 1.0, "\u00b5m": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4,
+                 "m": 1e6}
+"""OME ``PhysicalSize*Unit`` symbols -> micrometres (OME's default unit is um)."""
+
+
+def ome_metadata(xml: str) -> dict[str, Any]:
+    """``PhysicalSizeX/Y/Z`` in um from an OME-XML document's first ``Pixels`` element.
+
+    Sizes in another unit (``PhysicalSizeXUnit="nm"``) are converted; an unknown unit leaves the
+    size out (the default is then assumed, with a note). Empty when there is no such element.
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return {}
+    out: dict[str, Any] = {}
+    for axis in "XYZ":
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "um")
+        factor = _OME_UNITS_UM.get(unit.strip().lower())
+        size = _positive_float(value)
+        if size is not None and factor is not None:
+            out[f"PhysicalSize{axis}"] = size * factor
+    return out
+
+
 def _raw_metadata(tif: tifffile.TiffFile) -> dict[str, Any]:
-    """The shaped JSON dict if there is one, else ImageJ metadata, else an empty dict."""
+    """The shaped JSON dict if there is one, else ImageJ metadata, else the voxel sizes of
+    OME-XML, else an empty dict."""
     shaped = tif.shaped_metadata
     if shaped and isinstance(shaped[0], Mapping):
         return dict(shaped[0])
     if tif.imagej_metadata:
         return dict(tif.imagej_metadata)
+    if tif.is_ome and tif.ome_metadata:
+        return ome_metadata(tif.ome_metadata)
     return {}
 
 
@@ -217,45 +295,68 @@ def _tifffile_quiet(path: Path) -> Iterator[None]:
         logger.removeFilter(to_debug)
 
 
-def _open(path: Path) -> tifffile.TiffFile:
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line: its type where the message alone would be cryptic."""
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str = "not a readable TIFF") -> Iterator[None]:
+    """Turn ANY exception raised while opening, parsing or decoding ``path`` into one
+    ``InputError`` naming the file.
+
+    A damaged header or IFD makes tifffile (and numpy under it) raise nearly anything:
+    struct.error, TiffFileError, ValueError, ZeroDivisionError, TypeError, KeyError,
+    AssertionError, RuntimeError, MemoryError (a header claiming a huge image) were all seen. The
+    one rule for every reader (inference, scoring, training) is: that file fails, with one line,
+    and the run goes on. ``InputError`` passes through unchanged; KeyboardInterrupt and SystemExit
+    are not ``Exception``s and still stop the run.
+    """
     try:
+        with _tifffile_quiet(path):
+            yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring: a damaged file raises anything
+        log.debug("%s: %s", path.name, what, exc_info=True)
+        raise InputError(f"{path.name}: {what} ({_reason(exc)})") from None
+
+
+def _open(path: Path) -> tifffile.TiffFile:
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path.name}: broken symbolic link (to {os.readlink(path)})")
+    with reading(path):
         if path.stat().st_size == 0:
             raise InputError(f"{path.name}: empty file (0 bytes)")
         return tifffile.TiffFile(path)
-    except InputError:
-        raise
-    except (tifffile.TiffFileError, ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{path.name}: not a readable TIFF ({exc})") from None
 
 
 def inspect_case(path: str | Path) -> CaseInfo:
-    """Read a case's header and metadata without reading its pixels."""
+    """Read a case's header and metadata without reading its pixels; ``InputError`` (one line
+    naming the file) for anything that goes wrong, whatever tifffile raised."""
     path = Path(path)
-    with _tifffile_quiet(path), _open(path) as tif:
+    with _open(path) as tif, reading(path):
         if not tif.series:
             raise InputError(f"{path.name}: TIFF holds no image")
         series = tif.series[0]
-        shape = _squeezed_3d_shape(series.shape, series.axes, path)
+        series_shape = tuple(int(n) for n in series.shape)
+        shape = _squeezed_3d_shape(series_shape, series.axes, path)
         meta = parse_meta(_raw_metadata(tif), path=path, page=tif.pages[0])
+        if series_shape != shape:
+            meta = dataclasses.replace(meta, stored_shape=series_shape, stored_axes=str(series.axes))
         return CaseInfo(path=path, shape=shape, dtype=np.dtype(series.dtype), meta=meta)
-
-
-_PIXEL_ERRORS = (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError, RuntimeError)
-"""What decoding damaged pixels raises; imagecodecs' codec errors (e.g. DeflateError) are RuntimeErrors."""
 
 
 def read_case(path: str | Path, *, info: CaseInfo | None = None) -> Case:
     """Read a 3-D volume and its metadata; ``InputError`` for anything that is not one."""
     path = Path(path)
     info = info or inspect_case(path)
-    try:
-        with _tifffile_quiet(path), _open(path) as tif:
-            volume = tif.series[0].asarray()
-    except InputError:
-        raise
-    except _PIXEL_ERRORS as exc:
-        raise InputError(f"{path.name}: truncated or corrupt TIFF ({exc})") from None
-    volume = volume.reshape(info.shape)
+    with _open(path) as tif, reading(path, "truncated or corrupt TIFF"):
+        volume = tif.series[0].asarray()
+        volume = volume.reshape(info.shape)
     return Case(path=path, volume=volume, meta=info.meta)
 
 
@@ -296,14 +397,11 @@ class PagedVolume:
         """The planes ``indices`` (any order, repeats allowed), each page decoded once."""
         unique, inverse = np.unique(indices, return_inverse=True)
         out = np.empty((len(unique),) + self.shape[1:], dtype=self.dtype)
-        try:
-            with self._lock, _tifffile_quiet(self.path):
-                for start in range(0, len(unique), 64):  # bounded key lists, one decode call each
-                    chunk = unique[start:start + 64]
-                    out[start:start + len(chunk)] = self._tif.asarray(
-                        key=[int(i) for i in chunk], series=0).reshape((len(chunk),) + self.shape[1:])
-        except _PIXEL_ERRORS as exc:
-            raise InputError(f"{self.path.name}: truncated or corrupt TIFF ({exc})") from None
+        with self._lock, reading(self.path, "truncated or corrupt TIFF"):
+            for start in range(0, len(unique), 64):  # bounded key lists, one decode call each
+                chunk = unique[start:start + 64]
+                out[start:start + len(chunk)] = self._tif.asarray(
+                    key=[int(i) for i in chunk], series=0).reshape((len(chunk),) + self.shape[1:])
         return out if len(unique) == len(indices) and (np.diff(indices) > 0).all() else out[inverse]
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -367,16 +465,22 @@ def open_volume(path: str | Path, *, info: CaseInfo | None = None,
 
     def mapped() -> np.ndarray | None:
         try:
-            return tifffile.memmap(path, mode="r").reshape(info.shape)
-        except (ValueError, tifffile.TiffFileError, OSError):
+            with _tifffile_quiet(path):
+                return tifffile.memmap(path, mode="r").reshape(info.shape)
+        except Exception:  # noqa: BLE001 - not mappable (compressed, tiled, damaged): read otherwise
             return None
 
     if memmap and (volume := mapped()) is not None:
         return volume
-    with _tifffile_quiet(path):
-        tif = _open(path)
-    series = tif.series[0]
-    if len(series.pages) == info.shape[0] and tuple(series.keyframe.shape) == info.shape[1:]:
+    tif = _open(path)
+    try:
+        with reading(path):
+            series = tif.series[0]
+            paged = len(series.pages) == info.shape[0] and tuple(series.keyframe.shape) == info.shape[1:]
+    except BaseException:
+        tif.close()
+        raise
+    if paged:
         return PagedVolume(path, tif, info.shape, info.dtype)
     tif.close()
     if not memmap and (volume := mapped()) is not None:
@@ -398,12 +502,17 @@ def opened_volume(path: str | Path, *, info: CaseInfo | None = None, memmap: boo
 
 def tiff_files(folder: str | Path, *, kind: str = "input folder") -> list[Path]:
     """The ``.tif``/``.tiff`` files of a folder, sorted, hidden files skipped (maybe none);
-    ``InputError`` "<kind> not found" when there is no such folder."""
+    ``InputError`` "<kind> not found" when there is no such folder.
+
+    A broken symbolic link named ``.tif`` is listed (opening it fails with its own line), so it
+    is never skipped silently; folders and other non-files named ``.tif`` are not cases.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{kind} not found: {folder}")
     return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file())
+                  if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def list_cases(folder: str | Path) -> list[Path]:
@@ -423,12 +532,14 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf"/"nan": the written metadata stays strict JSON
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return str(value)
     return value
@@ -439,8 +550,8 @@ def output_metadata(meta: CaseMeta) -> dict[str, Any]:
 
     ``shape`` is dropped because tifffile writes its own (a stale one corrupts the header).
     """
-    md = {k: _jsonable(v) for k, v in meta.raw.items() if k != "shape"}
-    md["axes"] = "ZYX"
+    md = {str(k): _jsonable(v) for k, v in meta.raw.items() if k != "shape"}
+    md["axes"] = meta.stored_axes if meta.stored_shape is not None and meta.stored_axes else "ZYX"
     keys = {_key(k) for k in md}
     for axis, size in zip("ZYX", meta.voxel_size.zyx):
         if f"physicalsize{axis.lower()}" not in keys:
@@ -451,20 +562,28 @@ def output_metadata(meta: CaseMeta) -> dict[str, Any]:
 def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta) -> Path:
     """Write a uint16 ZYX volume like the organisers' template, atomically.
 
-    The file is written under a hidden temporary name in the destination folder and renamed
-    into place, so readers never see a partial output.
+    The file is written under a hidden temporary name in the destination folder (at most
+    ``_TEMP_NAME_CHARS`` characters of the name, so long names still fit) and renamed into
+    place, so readers never see a partial output. A case stored with singleton axes
+    (``meta.stored_shape``, e.g. (1, Z, Y, X)) is written back in that shape. Voxel sizes outside
+    ``VOXEL_SIZE_RANGE_UM`` (only possible in a hand-made ``CaseMeta``) get the default in the
+    resolution tag rather than failing the write.
     """
     path = Path(path)
     if volume.ndim != 3 or volume.dtype != np.uint16:
         raise ValueError(f"write_case expects a 3-D uint16 volume, got {volume.ndim}-D {volume.dtype}")
+    if meta.stored_shape is not None and math.prod(meta.stored_shape) == volume.size:
+        volume = volume.reshape(meta.stored_shape)
     vs = meta.voxel_size
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    resolution = tuple(1.0 / (_voxel_size(size) or DEFAULT_VOXEL_SIZE_UM) for size in (vs.x, vs.y))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:_TEMP_NAME_CHARS]}.", suffix=PARTIAL_SUFFIX,
+                                    dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         tifffile.imwrite(
             tmp, volume, bigtiff=True, tile=OUTPUT_TILE, photometric="minisblack",
-            resolution=(1.0 / vs.x, 1.0 / vs.y), metadata=output_metadata(meta),
+            resolution=resolution, metadata=output_metadata(meta),
         )
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the grader may read as another user
         os.replace(tmp, path)
@@ -472,3 +591,11 @@ def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def stale_partials(folder: str | Path) -> list[Path]:
+    """Temporary outputs (``.<name>.<8 random>.partial``) a killed run left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _PARTIAL_NAME.match(p.name) and p.is_file())

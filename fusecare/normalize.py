@@ -110,8 +110,17 @@ class PercentileNorm:
     def scale(self) -> float:
         return self.high - self.low if not self.is_degenerate else 1.0
 
+    @property
+    def needs_float64(self) -> bool:
+        """Whether float32 arithmetic would overflow or underflow this map (levels beyond about
+        1e30, or a scale below 1e-30: float inputs near 1e300 or subnormal ones)."""
+        return max(abs(self.low), abs(self.high)) > 1e30 or self.scale < 1e-30
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Raw intensities -> normalised float32 (no clipping)."""
+        """Raw intensities -> normalised float32 (no clipping); in float64 first when float32
+        could not hold the raw values or ``1 / scale`` (see ``needs_float64``)."""
+        if self.needs_float64:
+            return ((np.asarray(x, dtype=np.float64) - self.low) / self.scale).astype(np.float32)
         out = np.asarray(x, dtype=np.float32) - np.float32(self.low)
         out *= np.float32(1.0 / self.scale)
         return out

@@ -3,7 +3,9 @@
 The summary holds the four leaderboard numbers (N_SSIM_nucleus, N_SSIM_membrane,
 N_IOU_nucleus, N_IOU_membrane: the mean over the cases of each channel, as the challenge ranks)
 and, per channel and metric, the mean, median, minimum and count, so one bad case that drags a
-mean down is visible. Cases that could not be scored are listed with their one-line reason.
+mean down is visible. Cases that could not be scored are listed with their one-line reason, and
+so are scored cases excluded from the means (``CaseResult.excluded``: undefined N-scores); the
+counts say how many of each.
 
 PNGs are drawn with Pillow (a scikit-image dependency): maximum-intensity projections along Z
 (XY) and Y (XZ, stretched to physical aspect) of the percentile-normalised input, prediction and
@@ -60,8 +62,9 @@ def result_row(result: CaseResult) -> dict[str, Any]:
         "n_ssim": ssim.n_ssim if ssim else "",
         "iou_input": seg.iou_input if seg else "", "iou_pred": seg.iou_pred if seg else "",
         "n_iou": seg.n_iou if seg else "",
-        "seconds": round(result.seconds, 3), "status": "ok" if result.ok else "failed",
-        "error": result.error or "",
+        "seconds": round(result.seconds, 3),
+        "status": "failed" if not result.ok else "excluded" if result.excluded else "ok",
+        "error": result.error or result.excluded or "",
     }
 
 
@@ -87,13 +90,13 @@ def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
 def summarize(results: Sequence[CaseResult], settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Per-channel statistics, the leaderboard numbers, the failures and the settings used.
 
-    Non-finite values (an N-score of -inf when the input was already perfect) count in the
-    statistics but are written as null.
+    Only counted cases (scored, not excluded) enter the statistics; excluded ones (an N-score of
+    -inf when the target equals the input) are listed under ``excluded`` with their reason.
     """
     channels: dict[str, dict[str, Any]] = {}
     leaderboard: dict[str, float | None] = {key: None for key in LEADERBOARD}
     for channel in CHANNELS:
-        scored = [r for r in results if r.ok and r.channel == channel]
+        scored = [r for r in results if r.counted and r.channel == channel]
         entry: dict[str, Any] = {}
         for attr, label in _METRICS:
             values = [getattr(getattr(r, "ssim" if attr == "n_ssim" else "seg"), attr) for r in scored
@@ -102,11 +105,14 @@ def summarize(results: Sequence[CaseResult], settings: Mapping[str, Any] | None 
             leaderboard[f"{label}_{channel}"] = entry[attr]["mean"]
         channels[channel] = entry
     failed = [r for r in results if not r.ok]
+    excluded = [r for r in results if r.ok and r.excluded]
     return {
         "leaderboard": leaderboard,
         "channels": channels,
-        "cases": {"total": len(results), "scored": len(results) - len(failed), "failed": len(failed)},
+        "cases": {"total": len(results), "scored": len(results) - len(failed), "failed": len(failed),
+                  "excluded": len(excluded), "counted": len(results) - len(failed) - len(excluded)},
         "errors": [{"case": r.case, "error": r.error} for r in failed],
+        "excluded": [{"case": r.case, "reason": r.excluded} for r in excluded],
         "settings": dict(settings or {}),
     }
 
@@ -136,7 +142,10 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines.extend(f"{key:<16} {_fmt(value)}" for key, value in summary["leaderboard"].items())
     cases = summary["cases"]
     lines.append(f"\n{cases['scored']} of {cases['total']} cases scored")
+    if cases.get("excluded"):
+        lines.append(f"{cases['excluded']} scored case(s) excluded from the means, {cases['counted']} counted")
     lines.extend(f"FAILED {e['case']}: {e['error']}" for e in summary["errors"])
+    lines.extend(f"EXCLUDED {e['case']}: {e['reason']}" for e in summary.get("excluded", []))
     return "\n".join(lines)
 
 

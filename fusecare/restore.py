@@ -3,7 +3,9 @@
 Do no harm: a case that fails for any reason after it was read (no weights for its channel,
 a corrupt model, CUDA out of memory twice, a non-finite prediction, ...) gets its input written
 back unchanged, which scores exactly 0 where a missing output scores worse. Each such fallback
-is logged as one ERROR line naming the case and the reason; the folder run goes on.
+is logged as one ERROR line naming the case and the reason; the folder run goes on. A file
+that cannot be read at all (any exception while opening, parsing or decoding it) gets one
+``FAILED <file>: <reason>`` line and no output; the run goes on with the next case.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from fusecare.device import resolve_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
 from fusecare.gate import GateConfig, gate_fields, gated_fields
-from fusecare.io import CaseInfo, CaseMeta, inspect_case, list_cases, read_case, write_case
-from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
+from fusecare.io import (CaseInfo, CaseMeta, inspect_case, list_cases, read_case, stale_partials,
+                         write_case)
+from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.tiling import Region, predict_tiled
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,50 @@ def input_as_uint16(volume: np.ndarray) -> np.ndarray:
     if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
         return volume.astype(np.uint16)
     out, _ = Uint16Map.for_input(low, high).apply(volume)
+    return out
+
+
+FLOAT_COMFORT = (1e-6, 1e9, 1e-4)
+"""A float input is used as it is when its span is at least 1e-6, its largest magnitude at most
+1e9 and its span at least 1e-4 of that magnitude; otherwise float32 arithmetic (normalisation,
+the uint16 map) would overflow, underflow or round it to a constant: see ``rescale_float``."""
+
+RESCALED_MAX = 60000.0
+"""``rescale_float`` maps an input's [min, max] onto [0, RESCALED_MAX]."""
+
+
+def rescale_float(volume: np.ndarray, name: str) -> np.ndarray:
+    """A float volume whose values float32 arithmetic cannot handle, rescaled affinely.
+
+    Inputs near 1e300, subnormal ones, or ones spanning 1e-12 came out constant: float32 casts
+    overflow to Inf, ``1 / scale`` overflows, or the span rounds away. The metric normalises
+    every volume by its own percentiles, so a positive-affine map is invisible to it: the
+    [min, max] of such an input is mapped onto [0, ``RESCALED_MAX``] in float64, slab by slab,
+    with one warning. Other volumes (and constant ones) are returned unchanged.
+    """
+    if volume.dtype.kind != "f" or volume.size == 0:
+        return volume
+    low, high = float(volume.min()), float(volume.max())
+    span, magnitude = high - low, max(abs(low), abs(high))
+    min_span, max_magnitude, min_relative = FLOAT_COMFORT
+    if span == 0 or (span >= min_span and magnitude <= max_magnitude and span >= min_relative * magnitude):
+        return volume
+    if not np.isfinite(span):  # e.g. -1e308 .. 1e308: halve first
+        low, high = low / 2, high / 2
+        span = high - low
+        halve = True
+    else:
+        halve = False
+    out = np.empty(volume.shape, dtype=np.float32)
+    plane = int(np.prod(volume.shape[1:])) if volume.ndim > 1 else 1
+    for z0, z1 in z_slabs(volume.shape[0], plane):
+        slab = np.asarray(volume[z0:z1], dtype=np.float64)
+        if halve:
+            slab = slab / 2
+        out[z0:z1] = (slab - low) / span * RESCALED_MAX
+    log.warning("%s: float input spans [%g, %g], beyond what float32 arithmetic keeps: rescaled "
+                "affinely to [0, %g] (the metric's normalisation is blind to it)", name,
+                float(volume.min()), float(volume.max()), RESCALED_MAX)
     return out
 
 
@@ -254,12 +301,21 @@ def available_memory() -> int:
     return int(available) if math.isfinite(available) else 1 << 62
 
 
+FLOAT_PERCENTILE_BYTES = 17
+"""Bytes per voxel ``normalize.percentiles`` holds for a float volume: a float64 copy, the
+finiteness mask and the float64 copy of the finite voxels (8 + 1 + 8)."""
+
+
 def required_memory(info: CaseInfo, *, with_uncertainty: bool) -> int:
-    """Peak host bytes to restore a case: input + uint16 output (+ uncertainty) + overhead."""
+    """Peak host bytes to restore a case: input + uint16 output (+ uncertainty) + overhead.
+
+    Float inputs also hold a sanitised copy (NaN/Inf replaced), a float32 rescaled copy
+    (``rescale_float``) and the percentiles' float64 working set (``FLOAT_PERCENTILE_BYTES``).
+    """
     voxels = math.prod(info.shape)
     per_voxel = info.dtype.itemsize + 2 + (2 if with_uncertainty else 0)
     if info.dtype.kind == "f":
-        per_voxel += info.dtype.itemsize  # a sanitised copy when NaN/Inf are present
+        per_voxel += info.dtype.itemsize + 4 + FLOAT_PERCENTILE_BYTES
     return voxels * per_voxel + MODEL_OVERHEAD_BYTES
 
 
@@ -303,11 +359,33 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, FuseCareError) else f"{type(exc).__name__}: {text}"
 
 
+def _reason(exc: BaseException, name: str) -> str:
+    """``_one_line`` without a leading ``<name>: `` (the FAILED line names the file already)."""
+    text = _one_line(exc)
+    return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
+
+
+class ConstantOutputError(FuseCareError):
+    """The uint16 output came out constant although the input is not."""
+
+
 def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
                  options: RestoreOptions) -> CaseResult:
-    """Restore one file into ``output_dir`` (same name), falling back to the input on failure."""
+    """Restore one file into ``output_dir`` (same name), falling back to the input on failure.
+
+    Reading: any failure (the readers turn whatever a damaged file raises into ``InputError``;
+    anything else, e.g. MemoryError, is caught here too) is one ``FAILED <file>: <reason>`` line
+    and no output. After the case was read: any failure, ours included, writes the input back
+    (``FALLBACK``), and only a failing write of that is FAILED. Success is logged after the file
+    is in place, never before.
+    """
     start = time.perf_counter()
     name = path.name
+
+    def failed(reason: str) -> CaseResult:
+        log.error("FAILED %s: %s; no output written", name, reason)
+        return CaseResult(name, "failed", reason, time.perf_counter() - start)
+
     try:
         info = inspect_case(path)
         limit = options.memory_limit if options.memory_limit is not None else available_memory()
@@ -320,23 +398,27 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         case = read_case(path, info=info)
         for note in case.meta.notes:
             log.warning("%s: %s", name, note)
-        volume = replace_non_finite(case.volume, name)
+        volume = rescale_float(replace_non_finite(case.volume, name), name)
     except FuseCareError as exc:
-        log.error("case %s FAILED, no output written: %s", name, _one_line(exc))
-        return CaseResult(name, "failed", _one_line(exc), time.perf_counter() - start)
+        return failed(_reason(exc, name))
+    except Exception as exc:  # noqa: BLE001 - one rule: a case that cannot be read fails alone
+        log.debug("%s: reading failed", name, exc_info=True)
+        return failed(_reason(exc, name))
     try:
         restored = _predict_case(volume, case.meta, ensembles, options, name)
+        if restored.output.size and restored.output.min() == restored.output.max():
+            raise ConstantOutputError("the output came out constant although the input is not")
         _write_outputs(output_dir / name, restored, case.meta, options)
         status, message = "restored", f"restored with tile {restored.tile}"
     except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
         message = _one_line(exc)
-        log.error("case %s FALLBACK, wrote the input back unchanged (scores N-SSIM 0): %s", name, message)
         log.debug("traceback of the fallback", exc_info=True)
         try:
             write_case(output_dir / name, input_as_uint16(volume), case.meta)
-        except OSError as write_exc:
-            log.error("case %s FAILED, cannot write output: %s", name, _one_line(write_exc))
-            return CaseResult(name, "failed", _one_line(write_exc), time.perf_counter() - start)
+        except Exception as write_exc:  # noqa: BLE001 - the run goes on with the next case
+            log.debug("traceback of the failed fallback write", exc_info=True)
+            return failed(f"{message}; writing the input back failed too: {_reason(write_exc, name)}")
+        log.error("case %s FALLBACK, wrote the input back unchanged (scores N-SSIM 0): %s", name, message)
         status = "fallback"
     seconds = time.perf_counter() - start
     log.info("case %s %s in %.1f s", name, status, seconds)
@@ -372,10 +454,20 @@ def _write_outputs(path: Path, restored: Restored, meta: CaseMeta, options: Rest
         write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta)
 
 
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or inside it, symbolic links and ``..`` resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: str | Path,
                    options: RestoreOptions = RestoreOptions()) -> list[CaseResult]:
     """Restore every case of ``input_dir`` into ``output_dir``; ``InputError`` if there is none."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    for folder, what in ((output_dir, "output"), (options.uncertainty_dir, "uncertainty")):
+        if folder is not None and is_within(folder, input_dir):
+            raise FuseCareError(f"{what} folder {folder} is the input folder {input_dir} or inside it: "
+                                "refusing, it would overwrite or mix with the inputs; choose another folder")
     cases = list_cases(input_dir)
     for folder in (output_dir, options.uncertainty_dir):
         if folder is None:
@@ -386,6 +478,12 @@ def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: s
             raise FuseCareError(f"cannot create output folder {folder}: {exc.strerror}") from None
         if not os.access(folder, os.W_OK):
             raise FuseCareError(f"output folder {folder} is not writable")
+        for stale in stale_partials(folder):
+            try:
+                stale.unlink()
+                log.warning("removed %s, a temporary file an interrupted run left in %s", stale.name, folder)
+            except OSError as exc:
+                log.warning("cannot remove %s, a temporary file an interrupted run left: %s", stale, exc.strerror)
     ensembles = EnsembleCache(Path(weights_dir), resolve_device(options.device), fp16=options.fp16)
     log.info("%d case(s) in %s -> %s (device %s)", len(cases), input_dir, output_dir, ensembles.device)
     return [restore_case(p, output_dir, ensembles, options) for p in cases]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +32,10 @@ from tqdm.auto import tqdm
 from fusecare.config import Config, param
 from fusecare.data import PairPatches, PatchConfigView, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.device import resolve_device
-from fusecare.ensemble import Ensemble, load_ensemble, save_member, write_manifest
 from fusecare.calibration import GateCandidate, calibrate_gate, cross_validate, predict_validation
+from fusecare.ensemble import MANIFEST, Ensemble, load_ensemble, save_member, write_manifest
+from fusecare.errors import ConfigError, InputError, TrainingError, WeightsError
 from fusecare.gate import GateConfig
-from fusecare.errors import ConfigError, InputError
 from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
 from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
@@ -441,7 +443,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
                "seconds": round(time.perf_counter() - started, 1), **metrics}
         _append_csv(run_dir / LOG_NAME, row)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
-        if _score(metrics) > best_score:
+        # step 0 is logged; it may be the best only when it is a warm start, not random weights
+        if (done > 0 or config.init_weights) and _score(metrics) > best_score:
             best_score, best = _score(metrics), dict(row)
             torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -497,55 +500,149 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
+def _finite_numbers(values: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in values.values() if isinstance(v, (int, float)))
+
+
+def check_trained(run_dir: Path, best: dict[str, Any], *, warm_started: bool = False) -> None:
+    """``TrainingError`` unless a run's best checkpoint is trained (step > 0, or step 0 of a warm
+    start) with finite metrics.
+
+    Step 0 of a random start is the untrained network, which validation can prefer when training
+    never improved on it (too few steps, a diverged loss); exporting it would ship random weights.
+    Step 0 of a warm start is the network it started from, already trained.
+    """
+    if not best or not (run_dir / CHECKPOINT_BEST).is_file():
+        raise TrainingError(f"{run_dir}: no best checkpoint (every validation was NaN?): nothing to export")
+    if int(best.get("step", 0)) <= 0 and not warm_started:
+        raise TrainingError(f"{run_dir}: the best checkpoint is step 0, the untrained network (training never "
+                            "improved on it: more steps, another learning rate?); not exported")
+    # step 0 has no training loss yet (NaN by design); everything measured must be finite
+    measured = {k: v for k, v in best.items() if k != "loss" or int(best.get("step", 0)) > 0}
+    if not _finite_numbers(measured):
+        raise TrainingError(f"{run_dir}: the best checkpoint (step {best.get('step')}) has non-finite metrics "
+                            f"{ {k: v for k, v in best.items() if isinstance(v, float)} }; not exported")
+
+
 def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
-    """Best checkpoint of a run -> ``member_dir`` (config.json, weights.pt, training.json)."""
+    """Best checkpoint of a run -> ``member_dir`` (config.json, weights.pt, training.json).
+
+    ``TrainingError`` (see ``check_trained``) for an untrained or non-finite best checkpoint.
+    """
+    if not (run_dir / CHECKPOINT_BEST).is_file():
+        raise TrainingError(f"{run_dir}: no {CHECKPOINT_BEST}: nothing to export")
     state = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=False)
+    check_trained(run_dir, {**state.get("metrics", {}), "step": state.get("step", 0)},
+                  warm_started=bool(config.init_weights))
     model = CareUNet(config.model)
     model.load_state_dict(state["model"])
     save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(),
-                                                                   "best": state["metrics"]}})
+                                                                   "best": _strict(state["metrics"])}})
+
+
+def check_ensemble_target(folder: Path, *, overwrite: bool) -> None:
+    """``TrainingError`` when ``folder`` holds anything and ``overwrite`` is off.
+
+    Checked before any data is read, so a run is refused in seconds, not after hours of
+    training; the shipped ``model_weights/<channel>/`` is never replaced by accident.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise TrainingError(f"{folder} already holds an ensemble (or other files): refusing to write into it; "
+                            "pass --overwrite to replace it, or choose a new --weights folder")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with non-finite floats as None, so that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete ensemble in ``staging`` in place of ``folder`` (whatever it held)."""
+    old = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
-                   resume: bool = False, progress: bool = True, calibrate: bool = True) -> list[MemberResult]:
+                   resume: bool = False, progress: bool = True, overwrite: bool = False,
+                   calibrate: bool = True) -> list[MemberResult]:
     """Train ``members`` members (seeds seed, seed+1, ...) and write ``weights_dir/<channel>/``.
 
+    The ensemble is assembled in a hidden staging folder beside the target and swapped in only
+    when complete (every member of this run exported, manifest and gate written), so the target
+    never mixes members of two runs nor holds half an ensemble. A non-empty target is refused
+    unless ``overwrite`` (then it is replaced as a whole, stale ``member_*`` included); an
+    untrained or non-finite member stops the run before anything is written (``check_trained``).
     ``calibrate=False`` skips the gate's calibration (training in phases calibrates once, at the end).
     """
     runs_dir, weights_dir = Path(runs_dir), Path(weights_dir)
+    if members < 1:
+        raise ConfigError(f"--members must be >= 1, got {members}")
+    folder = weights_dir / config.channel
+    check_ensemble_target(folder, overwrite=overwrite)
+    writer = int(os.environ.get("RANK", "0")) == 0  # the process group starts in train_member
     data = build_data(config)
+    staging = weights_dir / f".{config.channel}.staging-{os.getpid()}"
     results = []
-    for k in range(members):
-        member_config = config.replace(seed=config.seed + k, init_weights=_member_init(config.init_weights, k))
-        result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
-                              data=data)
-        results.append(result)
-        if not _is_distributed() or dist.get_rank() == 0:
-            export_member(result.run_dir, weights_dir / config.channel / f"member_{k}", member_config)
-    if not _is_distributed() or dist.get_rank() == 0:
-        folder = weights_dir / config.channel
-        info = {"members": members, "best": [r.best for r in results]}
-        write_manifest(folder, config.channel, info=info)
-        _, validation = data
-        if validation and calibrate:
-            recalibrate_gate(folder, validation, device=config.device, info=info, progress=progress)
+    try:
+        for k in range(members):
+            member_config = config.replace(seed=config.seed + k,
+                                           init_weights=_member_init(config.init_weights, k))
+            result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
+                                  data=data)
+            results.append(result)
+            if writer:
+                check_trained(result.run_dir, result.best, warm_started=bool(member_config.init_weights))
+                export_member(result.run_dir, staging / f"member_{k}", member_config)
+        if writer:
+            info = _strict({"members": members, "best": [r.best for r in results]})
+            write_manifest(staging, config.channel, info=info)
+            _, validation = data
+            if validation and calibrate:
+                recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
+            check_ensemble_target(folder, overwrite=overwrite)  # nothing appeared there meanwhile
+            _swap_in(staging, folder)
+            log.info("wrote the %d-member %s ensemble to %s", members, config.channel, folder)
+    finally:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
     return results
 
 
 def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, device: str = "cpu",
                      info: dict[str, Any] | None = None, progress: bool = False) -> GateConfig:
-    """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table."""
+    """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table.
+
+    ``WeightsError`` when ``folder`` holds no ensemble (no readable manifest).
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise WeightsError(f"no ensemble to calibrate in {folder} (no {MANIFEST}); train one first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"{path}: not an ensemble manifest")
     if info is None:
-        info = json.loads((folder / "manifest.json").read_text()).get("info", {})
+        info = manifest.get("info", {})
     gate, table = calibrate_ensemble_gate(folder, validation, device=device, progress=progress)
     names = [v.name for v in validation]
     cv = cross_validate(names, table)
     if cv is not None:
         log.info("leave-one-volume-out N-SSIM of the choice rule: mean %.4f, worst %.4f", cv.mean, cv.worst)
-    write_manifest(folder, folder.name, gate=gate, info={
+    write_manifest(folder, str(manifest.get("channel", folder.name)), gate=gate, info=_strict({
         **info, "gate_cases": names, "gate_calibration": [c.to_dict() for c in table],
         "gate_cross_validation": None if cv is None else [
-            {"held_out": held, "gate": g.to_dict(), "n_ssim": list(scores)} for held, g, scores in cv.folds]})
+            {"held_out": held, "gate": g.to_dict(), "n_ssim": list(scores)} for held, g, scores in cv.folds]}))
     return gate
 
 

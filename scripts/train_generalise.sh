@@ -15,6 +15,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 for (( steps = phase; steps <= final; steps += phase )); do
     for channel in membrane nucleus; do
         "$python" -m train --config "train/configs/generalise_${channel}.json" --members 2 \
-            --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --quiet
+            --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --overwrite --quiet
     done
 done

@@ -190,3 +190,23 @@ def test_clean_volumes_that_cannot_train_are_refused_by_name(volume, message):
     with pytest.raises(InputError, match=f"clean volume v.tif: .*{message}"):
         check_clean_volume("v.tif", volume)
     check_clean_volume("ok.tif", np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16))
+
+
+def test_unreadable_file_is_one_failed_line_and_its_pair_is_left_out(tmp_path, caplog):
+    import logging
+
+    volume = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
+    for i in (1, 2, 3):
+        for kind in ("angle", "fused"):
+            write_fmc_tif(tmp_path / f"image_{i}_nucleus_{kind}.tif", volume)
+    data = (tmp_path / "image_2_nucleus_angle.tif").read_bytes()
+    (tmp_path / "image_2_nucleus_angle.tif").write_bytes(data[:12])  # cut inside the header
+    (tmp_path / "image_3_nucleus_fused.tif").unlink()
+    (tmp_path / "image_3_nucleus_fused.tif").symlink_to(tmp_path / "gone.tif")
+    with caplog.at_level(logging.ERROR):
+        pairs = discover_fmc_pairs(tmp_path)
+    assert [p.case_id for p in pairs] == [1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert errors[0].startswith("FAILED image_2_nucleus_angle.tif: ") and "\n" not in errors[0]
+    assert errors[1].startswith("FAILED image_3_nucleus_fused.tif: broken symbolic link")

@@ -132,7 +132,7 @@ def test_failed_cases_are_one_line_each_and_the_others_scored(tmp_path):
     assert rows["good.tif"]["status"] == "ok" and float(rows["good.tif"]["n_ssim"]) == 0.0
     assert {rows[n]["status"] for n in ("nopred.tif", "shape.tif", "broken.tif", "orphan.tif")} == {"failed"}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["cases"] == {"total": 5, "scored": 1, "failed": 4}
+    assert summary["cases"] == {"total": 5, "scored": 1, "failed": 4, "excluded": 0, "counted": 1}
     assert "FAILED shape.tif: shapes differ" in proc.stdout
 
 
@@ -278,3 +278,55 @@ def test_segmentation_path_of_a_folder(tmp_path, monkeypatch):
     dirs = make_folders(tmp_path / "perfect", {"a.tif": "nucleus"}, identity=False)
     (result,) = evaluate_folder(dirs["pred"], dirs["gt"], dirs["input"], options)
     assert result.seg.n_iou == 1.0 and result.ssim.n_ssim == 1.0
+
+
+# --------------------------------------------------------------------------- issue 10: numbers we stand behind
+
+
+def test_prediction_with_non_finite_voxels_is_a_failed_row(tmp_path, caplog, capsys):
+    dirs = make_folders(tmp_path, {"good.tif": "nucleus", "nan.tif": "nucleus"})
+    _, single = make_pair(1)
+    bad = single.astype(np.float32)
+    bad[3, 5, :4] = np.nan
+    bad[4, 6, :2] = np.inf
+    write_fmc_tif(dirs["pred"] / "nan.tif", bad, channel="nucleus", **VOXEL)
+    out = tmp_path / "report"
+    assert load_score_cli().main([*map(str, folder_args(dirs)), "--out", str(out), "--no-seg", "--quiet"]) == 1
+    rows = read_rows(out / "scores.csv")
+    assert rows["nan.tif"]["status"] == "failed" and rows["nan.tif"]["n_ssim"] == ""
+    assert "6 non-finite voxel(s)" in rows["nan.tif"]["error"]
+    assert rows["good.tif"]["status"] == "ok"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["leaderboard"]["N_SSIM_nucleus"] == 0.0 and summary["channels"]["nucleus"]["n_ssim"]["count"] == 1
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert record.getMessage().startswith("FAILED nan.tif: prediction nan.tif has 6 non-finite")
+
+
+def test_target_equal_to_input_is_excluded_from_the_means_with_a_named_warning(tmp_path, caplog, capsys):
+    dirs = make_folders(tmp_path, {"a.tif": "nucleus", "b.tif": "membrane"})
+    out = tmp_path / "report"
+    # --pred and --gt swapped: the "target" is the identity prediction, i.e. the input itself
+    code = load_score_cli().main(["--pred", str(dirs["gt"]), "--gt", str(dirs["pred"]), "--input",
+                                  str(dirs["input"]), "--out", str(out), "--no-seg", "--quiet"])
+    assert code == 1
+    stdout = capsys.readouterr().out
+    assert "inf" not in stdout.lower().replace("info", "")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == 30]
+    assert sum(m.startswith("EXCLUDED from the means a.tif: target equals input") for m in warnings) == 1
+    assert any("swapped" in m for m in warnings)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cases"] == {"total": 2, "scored": 2, "failed": 0, "excluded": 2, "counted": 0}
+    assert summary["leaderboard"]["N_SSIM_nucleus"] is None
+    assert [e["case"] for e in summary["excluded"]] == ["a.tif", "b.tif"]
+    assert "2 scored case(s) excluded from the means" in stdout and "EXCLUDED a.tif: target equals input" in stdout
+    assert read_rows(out / "scores.csv")["a.tif"]["status"] == "excluded"
+
+
+def test_out_naming_an_existing_file_is_a_usage_error(tmp_path, caplog):
+    dirs = make_folders(tmp_path, {"a.tif": "nucleus"})
+    existing = tmp_path / "scores.txt"
+    existing.write_text("keep me")
+    assert load_score_cli().main([*map(str, folder_args(dirs)), "--out", str(existing), "--no-seg"]) == 2
+    assert existing.read_text() == "keep me"
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert "existing file" in record.getMessage()

@@ -351,7 +351,7 @@ def test_bad_input_gets_one_clear_error_line(zoo, name):
     result, _, out = zoo
     [line] = lines_naming(result.stderr, name)
     assert line.startswith("fusecare ERROR:")
-    assert "FAILED, no output written" in line
+    assert line.startswith(f"fusecare ERROR: FAILED {name}: ") and "no output written" in line
     assert BAD[name] in line
     assert not (out / name).exists()
 
@@ -513,3 +513,144 @@ def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_pa
     forced = run_inference("--input", inp, "--output", tmp_path / "out2", "--weights", weights, "--no-gate")
     assert forced.returncode == 0 and "FALLBACK" not in forced.stderr
     assert not np.array_equal(read(tmp_path / "out2" / "nuc.tif")[0], original)
+
+
+# --------------------------------------------------------------------------- issue 10: never lose a case
+
+
+def test_unexpected_reader_errors_fail_only_that_case(tmp_path, tiny_weights, inference, monkeypatch, caplog):
+    import fusecare.restore
+
+    real = fusecare.restore.inspect_case
+
+    def flaky(path):
+        if path.name == "a_bad.tif":
+            raise MemoryError()  # not an InputError: what a header claiming a huge image raised
+        return real(path)
+
+    monkeypatch.setattr(fusecare.restore, "inspect_case", flaky)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_fmc_tif(inp / "a_bad.tif", volume(20))
+    write_fmc_tif(inp / "b_good.tif", volume(21))
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["b_good.tif"]
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().startswith("FAILED a_bad.tif: MemoryError")
+
+
+def test_odd_metadata_values_never_crash_a_case_or_its_fallback(tmp_path, membrane_only_weights, inference, caplog):
+    """Voxel sizes the resolution tag cannot hold and study=Infinity, through a restored case and
+    through the fallback writer (no nucleus weights)."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    odd = {"PhysicalSizeX": 1e-12, "PhysicalSizeY": 1e300, "study": float("inf")}
+    write_fmc_tif(inp / "mem.tif", volume(22), channel="membrane", **odd)
+    write_fmc_tif(inp / "nuc.tif", volume(23), channel="nucleus", **{**odd, "study": float("nan")})
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(membrane_only_weights),
+                           "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mem.tif", "nuc.tif"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("mem.tif" in m and "PhysicalSizeX=1e-12" in m for m in messages)
+    assert any("nuc.tif" in m and "study" in m and "finite integer" in m for m in messages)
+    assert any("nuc.tif FALLBACK" in m for m in messages)
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_equal_to_or_inside_the_input_is_refused(tmp_path, tiny_weights, inference, caplog, where):
+    inp = tmp_path / "in"
+    source = write_fmc_tif(inp / "a.tif", volume(24))
+    before = source.read_bytes()
+    out = inp if where == "same" else inp / "sub" / ".." / "out"
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights)]) == 2
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in inp.iterdir()) == ["a.tif"]
+    assert any("inside it" in r.getMessage() and "refusing" in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_missing_weights_is_a_usage_error(tmp_path, inference, caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_fmc_tif(inp / "a.tif", volume(25))
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights",
+                           str(tmp_path / "wieghts")]) == 2
+    assert not out.exists()
+    assert any("wieghts" in r.getMessage() and "no such folder" in r.getMessage() for r in caplog.records)
+
+
+def test_default_missing_weights_keeps_the_do_no_harm_fallback(tmp_path, inference, monkeypatch):
+    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", tmp_path / "absent")
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "absent"))  # as the Dockerfile sets it
+    inp, out = tmp_path / "in", tmp_path / "out"
+    original = volume(26)
+    write_fmc_tif(inp / "a.tif", original)
+    assert inference.main(["--input", str(inp), "--output", str(out), "--quiet"]) == 0
+    np.testing.assert_array_equal(read(out / "a.tif")[0], original)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "lots"])
+def test_max_memory_gb_must_be_a_finite_positive_number(inference, value, capsys):
+    with pytest.raises(SystemExit) as caught:
+        inference.build_parser().parse_args(["--max-memory-gb", value])
+    assert caught.value.code == 2
+    assert "--max-memory-gb" in capsys.readouterr().err
+
+
+def test_broken_symlink_gets_a_failed_line(tmp_path, tiny_weights, inference, caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_fmc_tif(inp / "a.tif", volume(27))
+    (inp / "b.tif").symlink_to(tmp_path / "gone.tif")
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage().startswith("FAILED b.tif: broken symbolic link")
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif"]
+
+
+def test_very_long_file_name_is_restored_and_logged_once(tmp_path, tiny_weights, inference, caplog):
+    name = "n" * 240 + ".tif"
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_fmc_tif(inp / name, volume(28))
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 0
+    assert os.listdir(out) == [name]
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.parametrize(("dtype", "scale", "offset"), [
+    (np.float64, 1e300, 0.0), (np.float32, 1e-42, 0.0), (np.float64, 1e-12, 0.0), (np.float64, 1e-9, 1.0),
+])
+def test_extreme_float_inputs_are_restored_not_constant(tmp_path, tiny_weights, inference, caplog,
+                                                        dtype, scale, offset):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    values = (volume(29).astype(np.float64) / 3200.0 * scale + offset).astype(dtype)
+    assert len(np.unique(values)) > 100
+    write_fmc_tif(inp / "f.tif", values)
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 0
+    restored, _ = read(out / "f.tif")
+    assert len(np.unique(restored)) > 100
+    assert any("rescaled affinely" in r.getMessage() for r in caplog.records)
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+@pytest.mark.parametrize("stored", [(1, *SHAPE), (*SHAPE, 1)])
+def test_singleton_axis_survives_inference(tmp_path, tiny_weights, inference, stored):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    tifffile.imwrite(inp / "s.tif", volume(30).reshape(stored), photometric="minisblack",
+                     metadata={"channel": "nucleus"})
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 0
+    with tifffile.TiffFile(out / "s.tif") as tif:
+        assert tif.series[0].shape == stored
+
+
+def test_stale_partial_files_of_a_killed_run_are_removed(tmp_path, tiny_weights, inference, caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_fmc_tif(inp / "a.tif", volume(31))
+    out.mkdir()
+    (out / ".a.tif.k9x2ab_Q.partial").write_bytes(b"half a file")
+    assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
+                           "--quiet"]) == 0
+    assert os.listdir(out) == ["a.tif"]
+    assert any(".a.tif.k9x2ab_Q.partial" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)

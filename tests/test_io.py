@@ -556,3 +556,146 @@ def test_paged_volume_names_the_file_when_its_pixels_are_damaged(tmp_path, volum
             paged[2:5]
     with pytest.raises(InputError, match="damaged.tif: truncated or corrupt TIFF"):
         read_case(path)
+
+
+# --------------------------------------------------------------------------- issue 10: one rule for every reader
+
+
+@pytest.mark.parametrize("error", [
+    __import__("struct").error("unpack requires a buffer of 8 bytes"), ZeroDivisionError("division by zero"),
+    TypeError("'NoneType' object is not subscriptable"), KeyError(277), AssertionError(),
+    RuntimeError("codec"), MemoryError(), IndexError("list index out of range"), ValueError("bad"),
+])
+def test_any_exception_opening_a_file_is_one_input_error_naming_it(tmp_path, volume, monkeypatch, error):
+    path = write_fmc_tif(tmp_path / "case.tif", volume)
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(io.tifffile, "TiffFile", broken)
+    with pytest.raises(InputError, match=r"^case\.tif: not a readable TIFF \(") as caught:
+        inspect_case(path)
+    assert "\n" not in str(caught.value)
+    assert type(error).__name__ in str(caught.value)
+
+
+@pytest.mark.parametrize("error", [KeyError("PhysicalSizeX"), TypeError("bad"), ZeroDivisionError()])
+def test_exception_parsing_metadata_is_an_input_error(tmp_path, volume, monkeypatch, error):
+    path = write_fmc_tif(tmp_path / "case.tif", volume)
+
+    def broken(tif):
+        raise error
+
+    monkeypatch.setattr(io, "_raw_metadata", broken)
+    with pytest.raises(InputError, match=r"^case\.tif: "):
+        inspect_case(path)
+
+
+@pytest.mark.parametrize("error", [__import__("struct").error("short"), MemoryError(), AssertionError()])
+def test_exception_decoding_pixels_is_an_input_error(tmp_path, volume, monkeypatch, error):
+    path = write_fmc_tif(tmp_path / "case.tif", volume)
+    info = inspect_case(path)
+
+    def broken(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", broken)
+    with pytest.raises(InputError, match=r"^case\.tif: truncated or corrupt TIFF"):
+        read_case(path, info=info)
+
+
+@pytest.mark.parametrize("size", [1e-12, 2e-10, 1e10, 1e300])
+def test_physical_size_the_resolution_tag_cannot_hold_is_the_default_with_a_note(tmp_path, volume, size):
+    path = write_fmc_tif(tmp_path / "case.tif", volume, PhysicalSizeX=size, PhysicalSizeY=size)
+    case = read_case(path)
+    assert case.meta.voxel_size.x == case.meta.voxel_size.y == DEFAULT_VOXEL_SIZE_UM
+    assert any("PhysicalSizeX" in n and "assuming 1.0" not in n for n in case.meta.notes)
+    (tmp_path / "out").mkdir()
+    out = write_case(tmp_path / "out" / "case.tif", volume, case.meta)
+    with tifffile.TiffFile(out) as tif:
+        assert _resolution(tif.pages[0], "XResolution") == pytest.approx(1.0)
+        assert tif.shaped_metadata[0]["PhysicalSizeX"] == size  # the input's value, written back
+
+
+def test_write_case_never_fails_on_a_voxel_size_out_of_range(tmp_path, volume):
+    meta = CaseMeta(voxel_size=VoxelSize(1.0, 1e-12, 1e300), raw={"study": float("inf"), "x": float("nan")})
+    path = write_case(tmp_path / "case.tif", volume, meta)
+    with tifffile.TiffFile(path) as tif:
+        assert _resolution(tif.pages[0], "XResolution") == pytest.approx(1.0)
+        md = tif.shaped_metadata[0]
+    assert md["study"] == "inf" and md["x"] == "nan"  # strict JSON: non-finite numbers as text
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "Infinity", 2.5, 1e300, True])
+def test_study_that_is_not_a_finite_integer_is_missing_with_a_note(value):
+    meta = parse_meta({"study": value})
+    assert meta.study is None
+    assert any("study" in n for n in meta.notes)
+
+
+def test_study_infinity_in_a_file_is_read_as_missing(tmp_path, volume):
+    path = write_fmc_tif(tmp_path / "case.tif", volume, study=float("inf"))
+    assert inspect_case(path).meta.study is None
+
+
+def test_ome_tiff_voxel_sizes_are_read(tmp_path, volume):
+    path = tmp_path / "case.ome.tif"
+    tifffile.imwrite(path, volume, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.3, "PhysicalSizeZ": 2.0,
+        "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm", "PhysicalSizeZUnit": "µm"})
+    info = inspect_case(path)
+    assert info.meta.voxel_size == VoxelSize(z=2.0, y=0.3, x=0.25)
+    assert not any("voxel size unknown" in n for n in info.meta.notes)
+
+
+def test_ome_voxel_sizes_in_nanometres_are_converted():
+    xml = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image><Pixels '
+           'PhysicalSizeX="195" PhysicalSizeXUnit="nm" PhysicalSizeY="0.2" PhysicalSizeZ="1" '
+           'PhysicalSizeZUnit="furlong"/></Image></OME>')
+    assert io.ome_metadata(xml) == {"PhysicalSizeX": pytest.approx(0.195), "PhysicalSizeY": 0.2}
+    assert io.ome_metadata("<not xml") == {}
+
+
+@pytest.mark.parametrize("stored", [(1, 5, 40, 150), (5, 40, 150, 1)])
+def test_singleton_axis_is_kept_on_output(tmp_path, volume, stored):
+    path = tmp_path / "case.tif"
+    tifffile.imwrite(path, volume.reshape(stored), photometric="minisblack", metadata={"channel": "nucleus"})
+    case = read_case(path)
+    assert case.volume.shape == volume.shape
+    out = write_case(tmp_path / "out.tif", case.volume, case.meta)
+    with tifffile.TiffFile(out) as tif:
+        assert tif.series[0].shape == stored
+        np.testing.assert_array_equal(tif.asarray().reshape(volume.shape), volume)
+    assert inspect_case(out).shape == volume.shape  # and it reads back as the same case
+
+
+def test_broken_symlink_is_listed_and_fails_with_its_own_line(tmp_path, volume):
+    write_fmc_tif(tmp_path / "a.tif", volume)
+    (tmp_path / "b.tif").symlink_to(tmp_path / "gone.tif")
+    assert [p.name for p in list_cases(tmp_path)] == ["a.tif", "b.tif"]
+    with pytest.raises(InputError, match=r"^b\.tif: broken symbolic link"):
+        inspect_case(tmp_path / "b.tif")
+
+
+def test_very_long_name_is_written_with_a_short_temporary_name(tmp_path, volume, monkeypatch):
+    name = "x" * 250 + ".tif"  # the old temporary name, ".<name>.<8>.partial", exceeded 255 bytes
+    seen: list[str] = []
+    original = tifffile.imwrite
+
+    def spy(file, *args, **kwargs):
+        seen.append(Path(file).name)
+        return original(file, *args, **kwargs)
+
+    monkeypatch.setattr(io.tifffile, "imwrite", spy)
+    write_case(tmp_path / name, volume, CaseMeta())
+    assert (tmp_path / name).is_file()
+    assert len(seen) == 1 and len(seen[0]) <= 100 and seen[0].endswith(".partial")
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_stale_partials_finds_only_temporary_outputs(tmp_path):
+    for name in (".a.tif.abcd1234.partial", ".b.tif.x_Y9z0Q1.partial", "a.tif", ".hidden", "c.partial",
+                 ".d.tif.short.partial"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in io.stale_partials(tmp_path)] == [".a.tif.abcd1234.partial",
+                                                              ".b.tif.x_Y9z0Q1.partial"]

@@ -49,3 +49,14 @@ def test_constant_volume_is_degenerate_but_invertible():
     norm = PercentileNorm.fit(np.full((3, 8, 8), 7, np.uint16))
     assert norm.is_degenerate and norm.scale == 1.0
     np.testing.assert_array_equal(norm.inverse(norm.forward(np.array([7.0, 9.0]))), [7.0, 9.0])
+
+
+@pytest.mark.parametrize(("scale", "dtype"), [(1e296, np.float64), (1e-42, np.float32)])
+def test_forward_of_extreme_float_volumes_stays_finite(scale, dtype):
+    """Float32 arithmetic overflowed on values near 1e300 and on 1 / scale of subnormal ones."""
+    base = np.linspace(0.0, 1000.0, 4096).reshape(4, 32, 32)
+    volume = (base * scale).astype(dtype)
+    out = PercentileNorm.fit(volume).forward(volume)
+    reference = PercentileNorm.fit(base).forward(base)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, reference, atol=1e-3)

@@ -15,7 +15,7 @@ from fusecare.evaluate import CaseResult
 from fusecare.metrics import SsimScores
 from fusecare.normalize import PercentileNorm
 from fusecare.report import (
-    CSV_COLUMNS, LEADERBOARD, format_table, png_size, projections, summarize, write_case_png, write_csv,
+    CSV_COLUMNS, LEADERBOARD, format_table, png_size, projections, result_row, summarize, write_case_png, write_csv,
     write_json,
 )
 from fusecare.segment import IouScores, SegScores
@@ -51,7 +51,7 @@ def test_summary_statistics_and_leaderboard():
     assert tuple(summary["leaderboard"]) == LEADERBOARD
     assert summary["leaderboard"] == {"N_SSIM_nucleus": pytest.approx(0.1), "N_SSIM_membrane": 0.05,
                                       "N_IOU_nucleus": pytest.approx(0.3), "N_IOU_membrane": -0.1}
-    assert summary["cases"] == {"total": 6, "scored": 4, "failed": 2}
+    assert summary["cases"] == {"total": 6, "scored": 4, "failed": 2, "excluded": 0, "counted": 4}
     assert summary["errors"] == [{"case": "e.tif", "error": "no prediction in /p"},
                                  {"case": "f.tif", "error": "f.tif: empty file (0 bytes)"}]
     assert summary["settings"] == {"iou": "foreground"}
@@ -143,3 +143,17 @@ def test_png_layout(tmp_path, rng, shape, voxel, columns, expected):
         assert image.size == expected and image.mode == "RGB"
         pixels = np.asarray(image)
     assert pixels.std() > 10  # something was drawn
+
+
+def test_excluded_cases_are_counted_listed_and_left_out_of_the_means():
+    kept = CaseResult(case="y.tif", channel="nucleus", ssim=SsimScores(0.5, 0.6, 0.2))
+    swapped = CaseResult(case="x.tif", channel="nucleus", ssim=SsimScores(1.0, 0.9, -math.inf),
+                         excluded="target equals input")
+    summary = summarize([swapped, kept])
+    assert summary["channels"]["nucleus"]["n_ssim"] == {"mean": 0.2, "median": 0.2, "min": 0.2, "count": 1}
+    assert summary["cases"] == {"total": 2, "scored": 2, "failed": 0, "excluded": 1, "counted": 1}
+    assert summary["excluded"] == [{"case": "x.tif", "reason": "target equals input"}]
+    table = format_table(summary)
+    assert "1 scored case(s) excluded from the means, 1 counted" in table
+    assert "EXCLUDED x.tif: target equals input" in table
+    assert result_row(swapped)["status"] == "excluded" and result_row(swapped)["error"] == "target equals input"

@@ -289,3 +289,34 @@ def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeyp
     assert [r.status for r in results] == ["restored"]
     assert tiles == [restore.DEFAULT_TILE["cuda" if cuda else "cpu"]]
     assert restore.DEFAULT_TILE["cuda"] != restore.DEFAULT_TILE["cpu"]
+
+
+def test_memory_budget_of_float32_inputs_covers_the_float_percentiles(tmp_path):
+    """Float percentiles hold a float64 copy, a mask and the finite values: 17 B/voxel more."""
+    from fusecare.restore import MODEL_OVERHEAD_BYTES
+
+    info = CaseInfo(path=tmp_path / "f.tif", shape=(10, 100, 100), dtype=np.dtype(np.float32), meta=CaseMeta())
+    per_voxel = (required_memory(info, with_uncertainty=False) - MODEL_OVERHEAD_BYTES) / 100_000
+    assert per_voxel >= 4 + 2 + 4 + 17
+
+
+@pytest.mark.parametrize(("scale", "offset", "dtype"), [(1e300, 0.0, np.float64), (1e-42, 0.0, np.float32),
+                                                         (1e-12, 0.0, np.float64), (1e-9, 1.0, np.float64),
+                                                         (1e308, -1e308, np.float64)])
+def test_rescale_float_keeps_the_structure_of_extreme_float_inputs(rng, scale, offset, dtype):
+    from fusecare.restore import rescale_float
+
+    base = rng.random((4, 16, 16))
+    volume = (base * scale + offset).astype(dtype)
+    out = rescale_float(volume, "x.tif")
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert np.corrcoef(out.ravel(), base.ravel())[0, 1] > 0.99
+    assert len(np.unique(input_as_uint16(out))) > 500
+
+
+def test_rescale_float_leaves_ordinary_volumes_alone(volume):
+    from fusecare.restore import rescale_float
+
+    floats = volume.astype(np.float32)
+    assert rescale_float(floats, "x") is floats
+    assert rescale_float(volume, "x") is volume

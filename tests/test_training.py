@@ -132,7 +132,7 @@ def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
     fmc = tmp_path / "fmc"
     write_fmc_tif(fmc / "image_4_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
     config.write_text(json.dumps({**TINY, "phantoms": 0, "fmc_dir": str(fmc)}))
-    result = _run_train("--config", config, "--runs", tmp_path / "runs")
+    result = _run_train("--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w")
     assert result.returncode == 2 and "image_4_nucleus_angle.tif has no fused partner" in result.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -282,3 +282,159 @@ def test_randomised_validation_views_group_with_their_volume():
     # bright object, at 2-8x that level
     for case in validation[1:]:
         assert case.target.max() >= 2.0 - 1e-6
+
+
+# --------------------------------------------------------------------------- issue 10: no silent data loss
+
+
+def _strict_json(path):
+    """Parse as a strict JSON parser would: NaN/Infinity are errors."""
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """``train_member`` replaced by one that saves an untrained tiny network as a step-5 best
+    checkpoint (``best`` overrides its metrics): the export path without minutes of training."""
+    from fusecare import training
+    from fusecare.model import CareUNet
+
+    calls: list[str] = []
+
+    def fake(config, run_dir, *, resume=False, progress=True, data=None, best=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = best if best is not None else {"step": 5, "loss": 0.1, "val_loss": 0.1, "val_nssim_mean": 0.2}
+        torch.manual_seed(config.seed)
+        torch.save({"model": CareUNet(config.model).state_dict(), "step": metrics["step"], "metrics": metrics},
+                   run_dir / training.CHECKPOINT_BEST)
+        calls.append(run_dir.name)
+        return training.MemberResult(run_dir=run_dir, best=metrics, steps=config.steps, seconds=0.0)
+
+    monkeypatch.setattr(training, "train_member", fake)
+    fake.calls = calls
+    return fake
+
+
+def test_members_below_one_is_refused_and_nothing_written(tmp_path, fake_training):
+    with pytest.raises(ConfigError, match="members"):
+        train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=0, progress=False)
+    assert not (tmp_path / "w").exists() and fake_training.calls == []
+
+
+def test_existing_ensemble_is_refused_before_any_data_is_read(tmp_path, fake_training, monkeypatch):
+    from conftest import make_tiny_ensemble
+    from fusecare import training
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.setattr(training, "build_data", lambda *a, **k: pytest.fail("data read before the refusal"))
+    with pytest.raises(training.TrainingError, match="--overwrite"):
+        train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=1, progress=False)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_writes_a_complete_ensemble_without_stale_members(tmp_path, fake_training):
+    from conftest import make_tiny_ensemble
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=2)
+    train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                   members=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "member_0"]
+    manifest = _strict_json(folder / "manifest.json")
+    assert manifest["members"] == ["member_0"]
+    assert len(load_ensemble(folder).members) == 1
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["nucleus"]  # no staging folder left
+
+
+def test_new_empty_folder_is_written_without_overwrite(tmp_path, fake_training):
+    (tmp_path / "w" / "nucleus").mkdir(parents=True)
+    train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                   members=2, progress=False)
+    assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 2
+
+
+@pytest.mark.parametrize("best", [
+    {"step": 0, "loss": float("nan"), "val_loss": 0.3, "val_nssim_mean": 0.1},
+    {"step": 7, "loss": float("nan"), "val_loss": float("nan"), "val_nssim_mean": 0.1},
+    {"step": 7, "loss": 0.1, "val_loss": 0.1, "val_nssim_mean": float("inf")},
+])
+def test_untrained_or_non_finite_member_is_never_exported(tmp_path, fake_training, monkeypatch, best):
+    from conftest import make_tiny_ensemble
+    from fusecare import training
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=2)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    real = training.train_member
+    monkeypatch.setattr(training, "train_member", lambda config, run_dir, **k: real(
+        config, run_dir, **{**k, "best": best if config.seed == 1 else None}))
+    with pytest.raises(training.TrainingError, match="step 0|non-finite"):
+        train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                       members=2, progress=False, overwrite=True)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # old ensemble intact
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["nucleus"]
+    with pytest.raises(training.TrainingError, match="step 0|non-finite"):
+        training.export_member(tmp_path / "runs" / "member_1", tmp_path / "x", tiny().replace(seed=1))
+    assert not (tmp_path / "x").exists()
+
+
+def test_step_0_is_never_the_best_checkpoint(tmp_path, monkeypatch):
+    """The untrained network is logged (step 0 of log.csv) but never kept as the best."""
+    from fusecare import training
+
+    scores = iter([0.9, 0.1, 0.2])  # the untrained network "validates" best of all
+    monkeypatch.setattr(training, "validate", lambda *a, **k: {"val_loss": 1.0, "val_nssim_mean": next(scores)})
+    result = train_member(tiny(steps=4, validate_every=2), tmp_path / "run", progress=False)
+    assert result.best["step"] == 4
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 4
+
+
+def test_written_json_is_strict(tmp_path, fake_training):
+    train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=1, progress=False)
+    for path in [tmp_path / "w" / "nucleus" / "manifest.json", tmp_path / "runs" / "member_0" / "config.json",
+                 *(tmp_path / "w").rglob("*.json")]:
+        if path.is_file():
+            _strict_json(path)
+    from fusecare.ensemble import write_manifest
+
+    with pytest.raises(ValueError):
+        write_manifest(tmp_path / "w" / "nucleus", "nucleus", info={"loss": float("nan")})
+
+
+def _main(*args):
+    from train.train import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, "config file not found"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"learning_rate": NaN, "phantoms": 1}', "'learning_rate' must be a finite number"),
+    ('{"phantoms": 1, "ssim_weight": Infinity}', "'ssim_weight' must be a finite number"),
+    ("{not json", "not valid JSON"),
+])
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, caplog, content, words):
+    config = tmp_path / "c.json"
+    if content is not None:
+        config.write_text(content)
+    assert _main("--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w") == 2
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert words in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_calibrate_only_without_an_ensemble_is_exit_2(tmp_path, caplog):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(TINY))
+    assert _main("--config", config, "--weights", tmp_path / "w", "--calibrate-only") == 2
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert "no ensemble to calibrate" in record.getMessage()
+
+
+@pytest.mark.parametrize("members", ["0", "-1", "two"])
+def test_cli_members_below_one_is_a_usage_error(members):
+    with pytest.raises(SystemExit) as caught:
+        _main("--members", members)
+    assert caught.value.code == 2

@@ -6,6 +6,11 @@
 
 Command-line options override the config file's values; the merged config is validated before
 any data is read, and saved as runs/<...>/config.json and beside each member's weights.
+
+Nothing is lost: WEIGHTS/<channel>/ is written only when it is new or empty, unless --overwrite
+(then it is replaced as a whole, once the new ensemble is complete). Exit status 0 on success,
+2 for a usage error (missing or invalid config, --members < 1, an existing ensemble without
+--overwrite, --calibrate-only without an ensemble, an untrained member), each one line.
 """
 
 from __future__ import annotations
@@ -21,10 +26,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fusecare.cli import configure_logging  # noqa: E402
-from fusecare.errors import FuseCareError  # noqa: E402
+from fusecare.errors import ConfigError, FuseCareError  # noqa: E402
 from fusecare.training import TrainConfig, build_data, recalibrate_gate, train_ensemble  # noqa: E402
 
 log = logging.getLogger("fusecare")
+
+
+def _members(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"an ensemble needs at least 1 member, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int)
     run.add_argument("--ssim-weight", type=float, help="weight of the added (1 - SSIM) loss term")
     run.add_argument("--seed", type=int)
-    run.add_argument("--members", type=int, default=1, help="ensemble members (seeds seed..seed+K-1)")
+    run.add_argument("--members", type=_members, default=1, help="ensemble members (seeds seed..seed+K-1), >= 1")
     run.add_argument("--runs", type=Path, default=Path("runs"), help="checkpoints and logs go here")
     run.add_argument("--weights", type=Path, default=REPO / "model_weights",
-                     help="the ensemble is written to WEIGHTS/<channel>/")
+                     help="the ensemble is written to WEIGHTS/<channel>/ (refused if that holds anything, "
+                          "unless --overwrite)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing WEIGHTS/<channel>/ (once the new ensemble is complete)")
     run.add_argument("--resume", action="store_true", help="continue each member from its last.pt")
     run.add_argument("--calibrate-only", action="store_true",
                      help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
@@ -58,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def merged_config(args: argparse.Namespace) -> TrainConfig:
-    values = json.loads(args.config.read_text()) if args.config else {}
+    """The config file's values, overridden by the command line; ``ConfigError`` (one line) for a
+    missing or unreadable file, invalid JSON, or JSON that is not an object."""
+    values: object = {}
+    if args.config:
+        try:
+            values = json.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {args.config}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config {args.config} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {args.config} must be a JSON object (field: value), not a {type(values).__name__}")
     overrides = {"channel": args.channel, "fmc_dir": args.fmc_dir, "clean_dir": args.clean_dir,
                  "phantoms": args.phantoms, "steps": args.steps, "batch_size": args.batch_size,
                  "ssim_weight": args.ssim_weight, "seed": args.seed, "device": args.device,
@@ -84,10 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_dir = args.runs / config.channel
         results = train_ensemble(config, runs_dir=run_dir, weights_dir=args.weights, members=args.members,
-                                 resume=args.resume, progress=not args.quiet, calibrate=not args.no_calibrate)
-    except json.JSONDecodeError as exc:
-        log.error("config %s is not valid JSON: %s", args.config, exc)
-        return 2
+                                 resume=args.resume, progress=not args.quiet, overwrite=args.overwrite,
+                                 calibrate=not args.no_calibrate)
     except FuseCareError as exc:
         log.error("%s", exc)
         return 2
