@@ -15,7 +15,7 @@ declare -A phase2=([nucleus]="--ssim-weight 1.0" [membrane]="")
 declare -A final_steps=([nucleus]=2000 [membrane]=3000)
 for channel in nucleus membrane; do
     common=(--config "train/configs/shipped_${channel}.json" --members "$members" --runs runs/shipped
-            --weights model_weights)
+            --weights model_weights --overwrite)
     "$python" -m train "${common[@]}" "$@"
     # shellcheck disable=SC2086  # phase2 holds zero or more options
     "$python" -m train "${common[@]}" --resume --steps 1000 ${phase2[$channel]} "$@"
