@@ -21,3 +21,7 @@ class InputError(FuseCareError):
 
 class WeightsError(FuseCareError):
     """Model weights are missing, corrupt or do not match their manifest."""
+
+
+class ExportError(FuseCareError):
+    """A model cannot be exported (nothing to export, not expressible, output folder in the way)."""
