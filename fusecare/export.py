@@ -13,7 +13,8 @@ One zip per channel, ``DIR/fusecare-<channel>.zip``, built and validated with ``
   y, x; the output's halo is the receptive field rounded up to the alignment (``Ensemble.margin``),
   so tiling consumers crop what the network could not see;
 - preprocessing ``scale_range`` with percentiles 2 and 99.8 per sample over z, y, x (the
-  challenge's normalisation); the output stays in those normalised units;
+  challenge's normalisation); the output stays in those normalised units (bioimageio.core pads
+  by the halo before it takes the percentiles: a small difference to fusecare, see the tests);
 - test input: the bundled sample of the channel (or a phantom), reflect-padded to a valid size;
   test output computed by fusecare itself (``PercentileNorm`` then ``Ensemble.predict_block``);
 - a cover image, and documentation with the model card's validation numbers, the training-data
@@ -192,6 +193,9 @@ members' mean, computed inside one PyTorch module.
 - Output: the restored volume in the same normalised units (not mapped back to the input's
   intensities). A halo of {ensemble.margin} voxels per side (the receptive field) is cropped
   by tiling consumers.
+- bioimageio.core pads the input by the halo (symmetric) before it takes the percentiles, so its
+  normalisation (and output) differs slightly from fusecare's, which takes them on the volume
+  itself (about 1e-3 normalised units on a test volume); the network part agrees to 1e-4.
 
 ## Ungated
 
