@@ -382,13 +382,13 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
 """
 
 _CSS = """
-body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; color: #222; }
+body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1500px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 table.sortable th { cursor: pointer; } table.sortable th:hover { background: #e0e8ff; }
 td.bad { color: #b00; } td.good { color: #060; }
-figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #ddd; }
 .failed { color: #b00; }
 """
 
@@ -434,7 +434,7 @@ def write_html(results: Sequence[CaseResult], summary: Mapping[str, Any], path: 
         if png is not None:
             src = os.path.relpath(png, path.parent) if png.is_absolute() else str(png)
             figures.append(f'<figure id="{anchor}"><img src="{esc(Path(src).as_posix())}" alt="{esc(result.case)}" '
-                           f'loading="lazy"><figcaption>{esc(result.case)}</figcaption></figure>')
+                           f'loading="lazy"></figure>')
     cases = summary["cases"]
     settings = esc(json.dumps(summary.get("settings", {}), indent=2))
     page = f"""<!DOCTYPE html>
