@@ -4,8 +4,9 @@
 
 Cases are matched by file name across the three folders (ignoring .tif/.tiff and a trailing
 _angle/_fused). Writes, under --out: scores.csv (per case), summary.json (per channel: mean,
-median, min, count; the four leaderboard numbers; failures; settings) and png/<case>.png
-(projections of input, prediction, target, |prediction - target|, uncertainty). The summary
+median, min, count; the four leaderboard numbers; failures; settings), png/<case>.png
+(projections of input, prediction, target, |prediction - target|, uncertainty; the difference on
+one scale over the run) and index.html (all of it on one page: open it in a browser). The summary
 table goes to stdout, progress and per-case lines to stderr.
 
 A prediction (or target, or input) with NaN/Inf voxels is a failed case; a case whose target
@@ -32,7 +33,7 @@ from fusecare.cli import add_logging_arguments, configure_logging  # noqa: E402
 from fusecare.errors import FuseCareError  # noqa: E402
 from fusecare.evaluate import EvalOptions, SsimOptions, all_scored, evaluate_folder  # noqa: E402
 from fusecare.io import CHANNELS  # noqa: E402
-from fusecare.report import format_table, summarize, write_csv, write_json  # noqa: E402
+from fusecare.report import format_table, summarize, write_csv, write_html, write_json  # noqa: E402
 from fusecare.segment import IOU_MODES, MODELS_ENV, SegOptions  # noqa: E402
 
 log = logging.getLogger("fusecare")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--pred", type=Path, metavar="DIR", required=True, help="folder of predictions (.tif/.tiff)")
     io.add_argument("--gt", type=Path, metavar="DIR", required=True, help="folder of targets (fused volumes)")
     io.add_argument("--input", type=Path, metavar="DIR", required=True, help="folder of inputs (single views)")
-    io.add_argument("--out", type=Path, metavar="DIR", help="write scores.csv, summary.json and png/ here")
+    io.add_argument("--out", type=Path, metavar="DIR", help="write scores.csv, summary.json, png/ and index.html here")
     io.add_argument("--uncertainty", type=Path, metavar="DIR",
                     help="uncertainty maps of the same names (inference.py --uncertainty), drawn in the PNGs")
     io.add_argument("--no-png", dest="png", action="store_false", help="do not draw the per-case PNGs")
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         write_csv(results, args.out / "scores.csv")
         write_json(summary, args.out / "summary.json")
-        log.info("wrote %s and %s", args.out / "scores.csv", args.out / "summary.json")
+        page = write_html(results, summary, args.out / "index.html")
+        log.info("wrote %s, %s and %s (open it in a browser)", args.out / "scores.csv", args.out / "summary.json", page)
     print(format_table(summary))
     return 0 if all_scored(results) else 1
 

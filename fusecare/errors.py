@@ -25,3 +25,7 @@ class WeightsError(FuseCareError):
 
 class TrainingError(FuseCareError):
     """Training cannot write what was asked (an existing ensemble, an untrained member, ...)."""
+
+
+class ExportError(FuseCareError):
+    """A model cannot be exported (nothing to export, not expressible, output folder in the way)."""

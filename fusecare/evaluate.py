@@ -118,6 +118,8 @@ class CaseResult:
     png: Path | None = None
     excluded: str | None = None
     """Why this scored case is left out of the means (its scores are undefined), or None."""
+    picture: Any = None
+    """``report.CasePicture`` between scoring and drawing (drawn once the whole run is scored)."""
 
     @property
     def ok(self) -> bool:
@@ -335,7 +337,7 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
             if step is not None:
                 step("png")
             try:
-                result.png = _draw(case, volumes, voxel_size, options, files, norms)
+                result.picture = _picture(case, volumes, voxel_size, options, files, norms, result)
             except (OSError, ValueError, InputError) as exc:  # the scores stand without their picture
                 log.warning("%s: no PNG (%s)", case.name, exc)
     except FuseCareError as exc:
@@ -351,14 +353,35 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
     return result
 
 
-def _draw(case: CasePaths, volumes: Mapping[str, Volume], voxel_size: Sequence[float],
-          options: EvalOptions, files: contextlib.ExitStack, norms: Mapping[str, PercentileNorm]) -> Path:
-    from .report import write_case_png
+def _picture(case: CasePaths, volumes: Mapping[str, Volume], voxel_size: Sequence[float],
+             options: EvalOptions, files: contextlib.ExitStack, norms: Mapping[str, PercentileNorm],
+             result: CaseResult) -> Any:
+    """The case's projections, kept until the run is scored so all PNGs share one difference scale."""
+    from .report import case_picture
 
-    assert options.png_dir is not None
     uncertainty = _uncertainty(options, case, volumes["target"].shape, files)
-    return write_case_png(Path(options.png_dir) / f"{case_key(case.name)}.png", volumes["input"],
-                          volumes["pred"], volumes["target"], voxel_size, uncertainty=uncertainty, norms=norms)
+    picture = case_picture(volumes["input"], volumes["pred"], volumes["target"], voxel_size,
+                           uncertainty=uncertainty, norms=norms, case=case.name, channel=result.channel)
+    if result.ssim is not None:
+        picture.scores["n_ssim"] = result.ssim.n_ssim
+    if result.seg is not None:
+        picture.scores["n_iou"] = result.seg.n_iou
+    return picture
+
+
+def draw_pngs(results: Sequence[CaseResult], png_dir: str | Path) -> None:
+    """Draw every kept picture to ``png_dir/<case key>.png`` on the run's shared colour scales."""
+    from .report import render_case_png, run_scales
+
+    scales = run_scales(r.picture for r in results if r.picture is not None)
+    for result in results:
+        if result.picture is None:
+            continue
+        try:
+            result.png = render_case_png(Path(png_dir) / f"{case_key(result.case)}.png", result.picture, scales)
+        except (OSError, ValueError) as exc:  # the scores stand without their picture
+            log.warning("%s: no PNG (%s)", result.case, exc)
+        result.picture = None
 
 
 def _describe(result: CaseResult) -> str:
@@ -407,6 +430,8 @@ def evaluate_folder(pred_dir: str | Path, target_dir: str | Path, input_dir: str
             level = logging.ERROR if not result.ok else logging.WARNING if result.excluded else logging.INFO
             log.log(level, "%s", _describe(result))
             results.append(result)
+    if options.png_dir is not None:
+        draw_pngs(results, options.png_dir)
     return results
 
 

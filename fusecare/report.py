@@ -7,18 +7,24 @@ mean down is visible. Cases that could not be scored are listed with their one-l
 so are scored cases excluded from the means (``CaseResult.excluded``: undefined N-scores); the
 counts say how many of each.
 
-PNGs are drawn with Pillow (a scikit-image dependency): maximum-intensity projections along Z
-(XY) and Y (XZ, stretched to physical aspect) of the percentile-normalised input, prediction and
-target, of |prediction - target|, and of the ensemble's uncertainty when one is given. The
-projections are accumulated slab by slab, so no float copy of a whole volume is made.
+PNGs are drawn with matplotlib: maximum-intensity projections along Z (XY) and Y (XZ, at
+physical aspect) of the percentile-normalised input, prediction and target, of |prediction -
+target|, and of the ensemble's uncertainty when one is given, with the case, its channel and
+scores in the title and colour bars in normalised units. The projections are accumulated slab by
+slab in one pass (no float copy of a whole volume) and kept, shrunk to display size, until the
+run is scored, so the difference panels of every case share one scale (the 99th percentile over
+all cases): a bad case looks worse than a good one. ``index.html`` shows a run in one page.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import TYPE_CHECKING, Any
@@ -40,9 +46,15 @@ _METRICS = (("n_ssim", "N_SSIM"), ("n_iou", "N_IOU"))
 ROLES = ("input", "pred", "target")
 """Keys of ``write_case_png``'s ``norms``."""
 
-PANEL_MAX, PANEL_MIN = 256, 128
-"""Longest panel side in pixels: projections are shrunk to PANEL_MAX, small ones enlarged to PANEL_MIN."""
-TITLE_H, GAP = 14, 4
+STORED_MAX = 512
+"""Longest side, in pixels, of the projections kept per case until the run's PNGs are drawn."""
+UNCERTAINTY_UNIT = 1e-4
+"""Integer uncertainty maps count steps of this many normalised units (``restore.UNCERTAINTY_UNIT``)."""
+DIFFERENCE_PERCENTILE = 99.0
+"""The run-wide top of the difference colour scale: this percentile over all cases' projections."""
+DPI, COLUMN_IN, FONT_PT = 100, 2.6, 12
+"""PNG resolution, inches per panel column, smallest font (12 pt at 100 dpi is 17 px)."""
+_LEFT_IN, _RIGHT_IN, _TOP_IN, _BOTTOM_IN, _GAP_IN = 0.6, 0.2, 0.95, 1.0, 0.15
 _SLAB_VOXELS = 1 << 23
 
 
@@ -155,6 +167,12 @@ def format_table(summary: Mapping[str, Any]) -> str:
 Projections = tuple[np.ndarray, np.ndarray]
 """Maximum projections of a volume: XY (over Z) and XZ (over Y)."""
 
+COLUMNS: dict[str, str] = {
+    "input": "input", "pred": "prediction", "target": "target",
+    "difference": "|prediction - target|", "uncertainty": "uncertainty (spread)",
+}
+"""Panel keys of ``CasePicture.panels`` and their column titles, in drawing order."""
+
 
 def projections(volumes: Sequence[Volume], *, norms: Sequence[PercentileNorm | None] | None = None,
                 difference: tuple[int, int] | None = None) -> list[Projections]:
@@ -179,33 +197,169 @@ def projections(volumes: Sequence[Volume], *, norms: Sequence[PercentileNorm | N
     return list(zip(xy, xz))
 
 
-def panel_sizes(shape: Sequence[int], voxel_size: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(height, width) of the XY and of the XZ panel (see ``PANEL_MAX``), XZ at true aspect."""
-    n_z, n_y, n_x = shape
-    vz, _, vx = voxel_size
-    side = max(n_y, n_x)
-    scale = min(PANEL_MAX / side, max(1.0, PANEL_MIN / side))
-    width = max(1, round(n_x * scale))
-    xz_height = max(1, min(PANEL_MAX, round(n_z * vz / vx * scale)))
-    return (max(1, round(n_y * scale)), width), (xz_height, width)
+def _shrink(image: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """Block maximum down to at most ``limit`` (``STORED_MAX``) pixels a side: a maximum keeps
+    thin bright walls that an average would wash out."""
+    limit = limit or STORED_MAX
+    factors = [max(1, math.ceil(n / limit)) for n in image.shape]
+    if factors == [1, 1]:
+        return image
+    from skimage.measure import block_reduce
+
+    return block_reduce(image, tuple(factors), np.max).astype(np.float32)
+
+
+@dataclass
+class CasePicture:
+    """What one case's PNG shows, kept small (``STORED_MAX``) until every case of the run is scored.
+
+    ``panels`` maps keys of ``COLUMNS`` to (XY, XZ) projections in normalised units;
+    ``extent_um`` is the (Z, Y, X) size of the volume in microns, for the physical aspect.
+    """
+
+    case: str
+    channel: str | None
+    shape: tuple[int, int, int]
+    extent_um: tuple[float, float, float]
+    panels: dict[str, Projections] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def case_picture(input: Volume, pred: Volume, target: Volume, voxel_size: Sequence[float], *,
+                 uncertainty: Volume | None = None, norms: Mapping[str, PercentileNorm] | None = None,
+                 case: str = "", channel: str | None = None) -> CasePicture:
+    """The projections of one case (see the module doc): input, prediction and target each read
+    once (plus once for a norm not given in ``norms``), the uncertainty once when given.
+
+    Integer uncertainty maps (inference.py writes uint16) are converted with ``UNCERTAINTY_UNIT``
+    to normalised units, the units of the difference panel beside them.
+    """
+    norms = norms or {}
+    fitted = [norms.get(role) or PercentileNorm.fit(v) for role, v in zip(ROLES, (input, pred, target))]
+    *mips, difference = projections((input, pred, target), norms=fitted, difference=(1, 2))
+    panels = dict(zip(ROLES, mips))
+    panels["difference"] = difference
+    if uncertainty is not None:
+        [(xy, xz)] = projections([uncertainty])
+        unit = UNCERTAINTY_UNIT if np.dtype(uncertainty.dtype).kind in "ui" else 1.0
+        panels["uncertainty"] = (xy * unit, xz * unit)
+    shape = tuple(int(n) for n in target.shape)
+    extent = tuple(float(n * v) for n, v in zip(shape, voxel_size))
+    return CasePicture(case=case, channel=channel, shape=shape, extent_um=extent,  # type: ignore[arg-type]
+                       panels={k: (_shrink(xy), _shrink(xz)) for k, (xy, xz) in panels.items()})
+
+
+def run_scales(pictures: Iterable[CasePicture], q: float = DIFFERENCE_PERCENTILE) -> dict[str, float]:
+    """Tops of the difference and uncertainty colour scales: the ``q``-th percentile over every
+    case's projections, so the same colour means the same error in every PNG of the run."""
+    values: dict[str, list[np.ndarray]] = {"difference": [], "uncertainty": []}
+    for picture in pictures:
+        for key, found in values.items():
+            if key in picture.panels:
+                found.extend(p[np.isfinite(p)].ravel() for p in picture.panels[key])
+    return {key: max(float(np.percentile(np.concatenate(found), q)), 1e-6) if found else 1.0
+            for key, found in values.items() if found}
+
+
+def _layout(extent_um: Sequence[float], columns: int) -> tuple[float, float, float, float]:
+    """(width, height, XY row height, XZ row height) in inches; rows at physical aspect, clipped
+    to [0.4, 2] column widths so that a long thin volume stays readable."""
+    z, y, x = extent_um
+    h_xy = min(2 * COLUMN_IN, max(0.4 * COLUMN_IN, COLUMN_IN * y / max(x, 1e-9)))
+    h_xz = min(2 * COLUMN_IN, max(0.4 * COLUMN_IN, COLUMN_IN * z / max(x, 1e-9)))
+    width = _LEFT_IN + columns * COLUMN_IN + (columns - 1) * _GAP_IN + _RIGHT_IN
+    height = _TOP_IN + h_xy + _GAP_IN + h_xz + _BOTTOM_IN
+    return width, height, h_xy, h_xz
 
 
 def png_size(shape: Sequence[int], voxel_size: Sequence[float], columns: int) -> tuple[int, int]:
-    """(width, height) of the PNG ``write_case_png`` draws for a volume of ``shape``."""
-    (h_xy, w), (h_xz, _) = panel_sizes(shape, voxel_size)
-    return columns * (w + GAP) + GAP, TITLE_H + h_xy + GAP + h_xz + GAP
+    """(width, height) in pixels of the PNG drawn for a volume of ``shape`` with ``columns`` panels."""
+    width, height, _, _ = _layout([n * v for n, v in zip(shape, voxel_size)], columns)
+    return round(width * DPI), round(height * DPI)
 
 
-def _grey(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return np.repeat((scaled * 255 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
+def _title(picture: CasePicture) -> str:
+    parts = [picture.case or "case", picture.channel or "channel unknown"]
+    for key, label in (("n_ssim", "N-SSIM"), ("n_iou", "N-IoU")):
+        value = picture.scores.get(key)
+        if value is not None:
+            parts.append(f"{label} {value:+.3f}")
+    return "   |   ".join(parts)
 
 
-def _hot(values: np.ndarray, high: float) -> np.ndarray:
-    """Black-red-yellow-white colour map on [0, high]."""
-    v = np.clip(values / max(high, 1e-12), 0.0, 1.0)
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-    return (rgb * 255 + 0.5).astype(np.uint8)
+def render_case_png(path: str | Path, picture: CasePicture, scales: Mapping[str, float] | None = None) -> Path:
+    """Draw ``picture`` into ``path``: rows XY and XZ, one column per panel, colour bars under the
+    difference and uncertainty columns. ``scales``: tops of those colour maps (``run_scales``;
+    default this case's own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    scales = dict(scales or run_scales([picture]))
+    keys = [k for k in COLUMNS if k in picture.panels]
+    width, height, h_xy, h_xz = _layout(picture.extent_um, len(keys))
+    z_um, y_um, x_um = picture.extent_um
+    xy_t, xz_t = picture.panels["target"]
+    grey = {"xy": (_lower(xy_t), _upper(xy_t)), "xz": (_lower(xz_t), _upper(xz_t))}
+    fig = plt.figure(figsize=(width, height), dpi=DPI, facecolor="white")
+    fig.suptitle(_title(picture), x=0.5, y=1 - 0.12 / height, va="top", fontsize=FONT_PT + 3, fontweight="bold")
+
+    def box(left_in: float, bottom_in: float, w_in: float, h_in: float) -> list[float]:
+        return [left_in / width, bottom_in / height, w_in / width, h_in / height]
+
+    rows = (("xy", "XY (max over Z)", _BOTTOM_IN + h_xz + _GAP_IN, h_xy, [0, x_um, y_um, 0]),
+            ("xz", "XZ (max over Y)", _BOTTOM_IN, h_xz, [0, x_um, z_um, 0]))
+    for col, key in enumerate(keys):
+        left = _LEFT_IN + col * (COLUMN_IN + _GAP_IN)
+        image = None
+        for row, (name, label, bottom, h, extent) in enumerate(rows):
+            ax = fig.add_axes(box(left, bottom, COLUMN_IN, h))
+            data = picture.panels[key][row]
+            if key in scales:
+                cmap = "magma" if key == "difference" else "viridis"
+                image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=scales[key], extent=extent,
+                                  interpolation="nearest", aspect="equal")
+            else:
+                ax.imshow(data, cmap="gray", vmin=grey[name][0], vmax=grey[name][1], extent=extent,
+                          interpolation="nearest", aspect="equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(COLUMNS[key], fontsize=FONT_PT + 1, pad=4)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=FONT_PT)
+        if key in scales and image is not None:
+            cax = fig.add_axes(box(left + 0.1 * COLUMN_IN, 0.62, 0.8 * COLUMN_IN, 0.12))
+            bar = fig.colorbar(image, cax=cax, orientation="horizontal", extend="max")
+            bar.set_label("normalised units", fontsize=FONT_PT)
+            bar.ax.tick_params(labelsize=FONT_PT)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def write_case_png(
+    path: str | Path, input: Volume, pred: Volume, target: Volume,
+    voxel_size: Sequence[float], *, uncertainty: Volume | None = None,
+    norms: Mapping[str, PercentileNorm] | None = None, case: str = "", channel: str | None = None,
+    scores: Mapping[str, float] | None = None, scales: Mapping[str, float] | None = None,
+) -> Path:
+    """One case on its own (``case_picture`` then ``render_case_png``); a run uses ``write_run_pngs``
+    instead, so that its cases share the difference scale."""
+    picture = case_picture(input, pred, target, voxel_size, uncertainty=uncertainty, norms=norms,
+                           case=case or Path(path).stem, channel=channel)
+    picture.scores.update(scores or {})
+    return render_case_png(path, picture, scales)
+
+
+def write_run_pngs(pictures: Mapping[str, CasePicture], png_dir: str | Path) -> dict[str, Path]:
+    """Draw every case's PNG (``png_dir/<name>.png``) on the run's shared scales; name -> path."""
+    scales = run_scales(pictures.values())
+    return {name: render_case_png(Path(png_dir) / f"{name}.png", picture, scales)
+            for name, picture in pictures.items()}
 
 
 def _upper(values: np.ndarray, q: float = 99.9) -> float:
@@ -217,47 +371,104 @@ def _lower(values: np.ndarray) -> float:
     return _upper(values, 0.5)
 
 
-def write_case_png(
-    path: str | Path, input: Volume, pred: Volume, target: Volume,
-    voxel_size: Sequence[float], *, uncertainty: Volume | None = None,
-    norms: Mapping[str, PercentileNorm] | None = None,
-) -> Path:
-    """Draw the case's projections (see the module doc) into ``path``; returns ``path``.
+# --------------------------------------------------------------------------- one page
 
-    Intensity panels share one grey scale: each volume normalised by its own percentiles 2 /
-    99.8 (the metric's view), shown between percentiles 0.5 and 99.9 of the target's
-    projection. The difference and uncertainty panels use a colour
-    map up to their 99.9th percentile, written in their title. ``norms``: the volumes' fitted
-    normalisations by role ("input", "pred", "target"), when the caller has them already.
-    Each volume is read once (plus once for a norm not given).
-    """
-    from PIL import Image, ImageDraw
 
-    names = ("input", "prediction", "target")
-    norms = norms or {}
-    fitted = [norms.get(role) or PercentileNorm.fit(v) for role, v in zip(ROLES, (input, pred, target))]
-    *mips, difference = projections((input, pred, target), norms=fitted, difference=(1, 2))
-    ranges = [(_lower(p), _upper(p)) for p in mips[2]]  # one grey scale for all three: the target's
-    panels: list[tuple[str, np.ndarray, np.ndarray]] = [
-        (name, _grey(xy, *ranges[0]), _grey(xz, *ranges[1])) for name, (xy, xz) in zip(names, mips)]
-    xy, xz = difference
-    high = _upper(xy)
-    panels.append((f"|pred-target| 0-{high:.2g}", _hot(xy, high), _hot(xz, high)))
-    if uncertainty is not None:
-        [(xy, xz)] = projections([uncertainty])
-        high = _upper(xy)
-        panels.append((f"uncertainty 0-{high:.3g}", _hot(xy, high), _hot(xz, high)))
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+    var up = th.dataset.dir !== 'asc'; th.dataset.dir = up ? 'asc' : 'desc';
+    function key(row) { var c = row.cells[col]; var v = c.dataset.v; return v === undefined ? c.textContent : v; }
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b), nx = parseFloat(x), ny = parseFloat(y);
+      var d = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+      return up ? d : -d;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
 
-    (h_xy, w), (h_xz, _) = panel_sizes(target.shape, voxel_size)
-    size = png_size(target.shape, voxel_size, len(panels))
-    canvas = Image.new("RGB", size, (32, 32, 32))
-    draw = ImageDraw.Draw(canvas)
-    for k, (name, rgb_xy, rgb_xz) in enumerate(panels):
-        x0 = GAP + k * (w + GAP)
-        draw.text((x0, 1), name, fill=(230, 230, 230))
-        canvas.paste(Image.fromarray(rgb_xy).resize((w, h_xy), Image.BILINEAR), (x0, TITLE_H))
-        canvas.paste(Image.fromarray(rgb_xz).resize((w, h_xz), Image.BILINEAR), (x0, TITLE_H + h_xy + GAP))
+_CSS = """
+body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1500px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+table.sortable th { cursor: pointer; } table.sortable th:hover { background: #e0e8ff; }
+td.bad { color: #b00; } td.good { color: #060; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #ddd; }
+.failed { color: #b00; }
+"""
+
+
+def _cell(value: Any, digits: int = 4, signed: bool = True) -> str:
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
+        shown = "-" if value in (None, "") else str(value)
+        return f'<td data-v="-1e9">{html.escape(shown)}</td>'
+    if isinstance(value, float):
+        css = ' class="bad"' if signed and value < 0 else ' class="good"' if signed and value > 0 else ""
+        text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+        return f'<td data-v="{value!r}"{css}>{text}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def write_html(results: Sequence[CaseResult], summary: Mapping[str, Any], path: str | Path,
+               png_dir: str | Path | None = None) -> Path:
+    """``index.html``: the leaderboard numbers, per-channel statistics, a sortable per-case table
+    and every case's PNG (linked relatively, so the folder can be moved or zipped as a whole)."""
     path = Path(path)
+    esc = html.escape
+    lead = "".join(f"<tr><td>{esc(k)}</td>{_cell(v)}</tr>" for k, v in summary["leaderboard"].items())
+    stats = []
+    for channel, entry in summary["channels"].items():
+        for attr, label in _METRICS:
+            s = entry[attr]
+            stats.append(f"<tr><td>{esc(channel)}</td><td>{label}</td>{_cell(s['mean'])}{_cell(s['median'])}"
+                         f"{_cell(s['min'])}<td>{s['count']}</td></tr>")
+    rows, figures = [], []
+    for result in results:
+        row = result_row(result)
+        anchor = esc(Path(result.case).stem)
+        png = Path(result.png) if getattr(result, "png", None) else None
+        link = (f'<a href="#{anchor}">{esc(result.case)}</a>' if png is not None else esc(result.case))
+        status = '<td class="failed">' + esc(f"failed: {row['error']}") + "</td>" if not result.ok else "<td>ok</td>"
+        rows.append(
+            f"<tr><td>{link}</td><td>{esc(str(row['channel']))}</td><td>{esc(str(row['study']))}</td>"
+            + _cell(row["n_ssim"] if row["n_ssim"] != "" else None)
+            + _cell(row["ssim_input"] if row["ssim_input"] != "" else None, signed=False)
+            + _cell(row["ssim_pred"] if row["ssim_pred"] != "" else None, signed=False)
+            + _cell(row["n_iou"] if row["n_iou"] != "" else None)
+            + _cell(float(row["seconds"]), 1, signed=False) + status + "</tr>")
+        if png is not None:
+            src = os.path.relpath(png, path.parent) if png.is_absolute() else str(png)
+            figures.append(f'<figure id="{anchor}"><img src="{esc(Path(src).as_posix())}" alt="{esc(result.case)}" '
+                           f'loading="lazy"></figure>')
+    cases = summary["cases"]
+    settings = esc(json.dumps(summary.get("settings", {}), indent=2))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fusecare scores</title><style>{_CSS}</style></head>
+<body>
+<h1>fusecare scores</h1>
+<p>{cases['scored']} of {cases['total']} cases scored{f", {cases['failed']} failed" if cases['failed'] else ""}.
+N-SSIM and N-IoU are the challenge's normalised gains over the input: 0 is as good as the input, 1 is perfect.</p>
+<h2>Leaderboard</h2>
+<table><tr><th>metric</th><th>mean</th></tr>{lead}</table>
+<h2>Per channel</h2>
+<table><tr><th>channel</th><th>metric</th><th>mean</th><th>median</th><th>min</th><th>count</th></tr>{''.join(stats)}</table>
+<h2>Cases</h2>
+<p>Click a column to sort; click a case to see its picture.</p>
+<table class="sortable"><thead><tr><th>case</th><th>channel</th><th>study</th><th>N-SSIM</th><th>SSIM input</th>
+<th>SSIM prediction</th><th>N-IoU</th><th>seconds</th><th>status</th></tr></thead>
+<tbody>{''.join(rows)}</tbody></table>
+<h2>Pictures</h2>
+<p>Maximum projections, each volume percentile-normalised (p2 -> 0, p99.8 -> 1). The difference
+panels of all cases share one colour scale (the 99th percentile over the run).</p>
+{''.join(figures) or '<p>No pictures (scored with --no-png).</p>'}
+<details><summary>Settings</summary><pre>{settings}</pre></details>
+<script>{_SORT_JS}</script>
+</body></html>
+"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    path.write_text(page)
     return path

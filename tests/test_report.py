@@ -1,4 +1,4 @@
-"""fusecare.report: CSV rows, per-channel summary and leaderboard, table, projections, PNG."""
+"""fusecare.report: CSV rows, per-channel summary and leaderboard, table, projections, PNG, index.html."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from fusecare.evaluate import CaseResult
 from fusecare.metrics import SsimScores
 from fusecare.normalize import PercentileNorm
 from fusecare.report import (
-    CSV_COLUMNS, LEADERBOARD, format_table, png_size, projections, result_row, summarize, write_case_png, write_csv,
-    write_json,
+    CSV_COLUMNS, LEADERBOARD, case_picture, format_table, png_size, projections, render_case_png, result_row,
+    run_scales, summarize, write_case_png, write_csv, write_html, write_json,
 )
 from fusecare.segment import IouScores, SegScores
 
@@ -130,8 +130,9 @@ def test_case_png_reads_each_volume_once_when_given_its_norms(rng, tmp_path, mon
 
 
 @pytest.mark.parametrize(("shape", "voxel", "columns", "expected"), [
-    ((8, 32, 48), (2.0, 1.0, 1.0), 4, (4 * (128 + 4) + 4, 14 + 85 + 4 + 43 + 4)),  # enlarged to 128
-    ((10, 300, 200), (1.0, 0.5, 0.5), 5, (5 * (171 + 4) + 4, 14 + 256 + 4 + 17 + 4)),  # shrunk to 256
+    # 2.6-inch columns at 100 dpi; rows at physical aspect: XY 32x48 -> 173 px, XZ 16/48 -> clipped to 0.4 columns
+    ((8, 32, 48), (2.0, 1.0, 1.0), 4, (60 + 4 * 260 + 3 * 15 + 20, 95 + 173 + 15 + 104 + 100)),
+    ((10, 300, 200), (1.0, 0.5, 0.5), 5, (60 + 5 * 260 + 4 * 15 + 20, 95 + 390 + 15 + 104 + 100)),
 ])
 def test_png_layout(tmp_path, rng, shape, voxel, columns, expected):
     assert png_size(shape, voxel, columns) == expected
@@ -140,8 +141,8 @@ def test_png_layout(tmp_path, rng, shape, voxel, columns, expected):
     uncertainty = rng.integers(0, 50, shape).astype(np.uint16) if columns == 5 else None
     path = write_case_png(tmp_path / "png" / "case.png", target // 2, pred, target, voxel, uncertainty=uncertainty)
     with Image.open(path) as image:
-        assert image.size == expected and image.mode == "RGB"
-        pixels = np.asarray(image)
+        assert image.size == expected
+        pixels = np.asarray(image.convert("RGB"))
     assert pixels.std() > 10  # something was drawn
 
 
@@ -157,3 +158,66 @@ def test_excluded_cases_are_counted_listed_and_left_out_of_the_means():
     assert "1 scored case(s) excluded from the means, 1 counted" in table
     assert "EXCLUDED x.tif: target equals input" in table
     assert result_row(swapped)["status"] == "excluded" and result_row(swapped)["error"] == "target equals input"
+
+
+def test_title_names_case_channel_and_scores(rng):
+    volume = rng.integers(100, 4000, (8, 16, 16)).astype(np.uint16)
+    picture = case_picture(volume, volume, volume, (1.0, 1.0, 1.0), case="image_3.tif", channel="nucleus")
+    picture.scores.update(n_ssim=0.4321, n_iou=-0.05)
+    assert report._title(picture) == "image_3.tif   |   nucleus   |   N-SSIM +0.432   |   N-IoU -0.050"
+    assert report.FONT_PT * report.DPI / 72 >= 12  # the smallest text is at least 12 px
+
+
+def test_difference_shares_one_scale_over_the_run(rng, tmp_path):
+    """A bad case must look worse than a good one: both drawn on the run's 99th percentile."""
+    target = rng.integers(100, 4000, (8, 32, 32)).astype(np.uint16)
+    good = case_picture(target, target + rng.integers(0, 40, target.shape).astype(np.uint16), target, (1, 1, 1))
+    bad = case_picture(target, rng.integers(100, 4000, target.shape).astype(np.uint16), target, (1, 1, 1))
+    scales = run_scales([good, bad])
+    pooled = np.concatenate([p.ravel() for c in (good, bad) for p in c.panels["difference"]])
+    assert scales["difference"] == pytest.approx(np.percentile(pooled, 99))
+    brightness = {}
+    for name, picture in (("good", good), ("bad", bad)):
+        path = render_case_png(tmp_path / f"{name}.png", picture, scales)
+        with Image.open(path) as image:
+            width, height = image.size
+            column = np.asarray(image.convert("L"))[int(0.15 * height):int(0.75 * height), int(0.77 * width):]
+        brightness[name] = column.mean()
+    assert brightness["bad"] > brightness["good"] + 30
+
+
+def test_uncertainty_in_normalised_units(rng):
+    from fusecare.restore import UNCERTAINTY_UNIT
+
+    assert report.UNCERTAINTY_UNIT == UNCERTAINTY_UNIT  # the unit inference.py writes
+    volume = rng.integers(100, 4000, (8, 16, 16)).astype(np.uint16)
+    uncertainty = np.full(volume.shape, 500, np.uint16)
+    picture = case_picture(volume, volume, volume, (1.0, 1.0, 1.0), uncertainty=uncertainty)
+    assert np.allclose(picture.panels["uncertainty"][0], 0.05)
+    assert run_scales([picture])["uncertainty"] == pytest.approx(0.05)
+
+
+def test_stored_projections_are_display_sized(rng, monkeypatch):
+    monkeypatch.setattr(report, "STORED_MAX", 8)
+    volume = rng.integers(0, 4000, (6, 20, 33)).astype(np.uint16)
+    picture = case_picture(volume, volume, volume, (1.0, 1.0, 1.0))
+    xy, xz = picture.panels["target"]
+    norm = PercentileNorm.fit(volume)
+    assert xy.shape == (7, 7) and xz.shape == (6, 7)
+    assert xy.max() == pytest.approx(norm.forward(volume).max())  # block maximum keeps the brightest voxel
+    assert picture.extent_um == (6.0, 20.0, 33.0)
+
+
+def test_index_html_has_leaderboard_cases_and_pictures(tmp_path):
+    runs = results()
+    runs[0].png = tmp_path / "png" / "a.png"
+    page = write_html(runs, summarize(runs), tmp_path / "index.html")
+    text = page.read_text()
+    for key in LEADERBOARD:
+        assert key in text
+    for result in runs:
+        assert result.case in text
+    assert '<img src="png/a.png"' in text and 'href="#a"' in text
+    assert 'class="sortable"' in text and "<script>" in text
+    assert "failed: no prediction in /p" in text
+    assert 'data-v="0.1"' in text  # numbers sort as numbers
