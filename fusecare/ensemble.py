@@ -158,8 +158,10 @@ class Ensemble:
         return max(m.config.tiling_margin for m in self.members)
 
     @torch.inference_mode()
-    def predict_block(self, block: np.ndarray) -> np.ndarray:
+    def predict_block(self, block: np.ndarray, members: int | None = None) -> np.ndarray:
         """Normalised float32 (Z, Y, X) -> float32 (2, Z, Y, X): member mean and spread.
+
+        ``members`` uses only the first so many (the time budget's cheaper mode).
 
         The spread is the standard deviation across members, or, when members are
         probabilistic, that of the equal-weight mixture of their Laplace distributions
@@ -174,7 +176,8 @@ class Ensemble:
         total = torch.zeros_like(x[0, 0])
         total_sq = torch.zeros_like(x[0, 0])
         use_fp16 = self.fp16 and self.device.type == "cuda"
-        for member in self.members:
+        chosen = self.members if members is None else self.members[:members]
+        for member in chosen:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
                 out = member(x)[0].float()
             if shift is None:
@@ -184,7 +187,7 @@ class Ensemble:
             total_sq += difference * difference
             if out.shape[0] > 1:
                 total_sq += 2.0 * out[1] * out[1]
-        n = len(self.members)
+        n = len(chosen)
         mean_difference = total / n
         spread = torch.sqrt(torch.clamp(total_sq / n - mean_difference * mean_difference, min=0.0))
         return torch.stack([shift + mean_difference, spread]).cpu().numpy()

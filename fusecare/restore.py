@@ -11,6 +11,7 @@ that cannot be read at all (any exception while opening, parsing or decoding it)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from fusecare.gate import GateConfig, gate_fields, gated_fields
 from fusecare.io import (CaseInfo, CaseMeta, inspect_case, list_cases, read_case, stale_partials,
                          write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
-from fusecare.tiling import Region, predict_tiled
+from fusecare.tiling import Region, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,124 @@ def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- one volume
 
 
+DEFAULT_TIME_BUDGET = 480.0
+"""Seconds per case from its start (reading, percentiles, prediction) to the last tile. The
+challenge kills a container after 10 minutes per case including its start and model loading, and
+a killed case scores below its own input; 480 s leaves 120 s for those and for writing the output
+(about 10 s for the largest case, 2.3 GB of uint16)."""
+
+BUDGET_SAFETY = 1.15
+"""Projected seconds for the remaining tiles are multiplied by this before comparing them with
+the time left: tile times vary with content only a little, but a case over budget is lost."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a case's processing must be done; ``clock`` is injectable so tests need no sleeping."""
+
+    at: float
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        return cls(clock() + seconds, clock)
+
+    def remaining(self) -> float:
+        return self.at - self.clock()
+
+
+@dataclass(frozen=True)
+class Cheaper:
+    """A cheaper way to predict a block (e.g. fewer members), used when the full one will not
+    finish in time; ``relative_cost`` (per tile, against the full mode) projects it before it ran."""
+
+    description: str
+    predict_block: Callable[[np.ndarray], object]
+    relative_cost: float
+
+
+@dataclass
+class _Mode:
+    description: str
+    predict: Callable[[np.ndarray], object]
+    relative_cost: float
+    seconds: list[float] = field(default_factory=list)
+    tiles: int = 0
+
+
+class Pacer:
+    """Predicts each tile in the best mode whose projected time for the remaining tiles fits.
+
+    Modes go from best to cheapest and the last one, the input itself, costs nothing; the pacer
+    only ever steps down. After every tile (the first one included, so before the case really
+    starts) it projects the remaining tiles at the current mode's measured seconds per tile (an
+    unmeasured mode from its ``relative_cost``) times ``BUDGET_SAFETY``, and steps down to the
+    first mode that fits. Each step is one loud line naming the case and why.
+    """
+
+    def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
+        self.modes, self.deadline, self.name = modes, deadline, name
+        self.level, self.total, self.done = 0, 0, 0
+
+    def start(self, tiles: int) -> None:
+        """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
+        self.total, self.done = tiles, 0
+        for mode in self.modes:
+            mode.tiles = 0
+        if self.deadline is not None and self.deadline.remaining() <= 0:
+            self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
+
+    def __call__(self, block: np.ndarray) -> object:
+        mode = self.modes[self.level]
+        clock = self.deadline.clock if self.deadline is not None else time.monotonic
+        begin = clock()
+        out = mode.predict(block)
+        mode.seconds.append(clock() - begin)
+        mode.tiles += 1
+        self.done += 1
+        self._replan()
+        return out
+
+    def _per_tile(self, level: int) -> float:
+        mode = self.modes[level]
+        if mode.seconds:
+            return float(np.mean(mode.seconds))
+        current = self.modes[self.level]
+        reference = float(np.mean(current.seconds)) / max(current.relative_cost, 1e-9)
+        return reference * mode.relative_cost
+
+    def _replan(self) -> None:
+        left = self.total - self.done
+        if self.deadline is None or left <= 0 or self.level == len(self.modes) - 1:
+            return
+        remaining = self.deadline.remaining()
+        projected = self._per_tile(self.level) * left * BUDGET_SAFETY
+        if projected <= remaining:
+            return
+        level = next(k for k in range(self.level + 1, len(self.modes))
+                     if k == len(self.modes) - 1 or self._per_tile(k) * left * BUDGET_SAFETY <= remaining)
+        self._step(level, f"{left} tile(s) left at {self._per_tile(self.level):.2f} s each project "
+                          f"{projected:.0f} s, {max(remaining, 0):.0f} s of its budget left")
+
+    def _step(self, level: int, why: str) -> None:
+        self.level = level
+        left = self.total - self.done
+        if level == len(self.modes) - 1:
+            log.error("case %s over its time budget: %s; the remaining %d of %d tile(s) are written as "
+                      "the input itself", self.name, why, left, self.total)
+        else:
+            log.warning("case %s over its time budget: %s; the remaining %d of %d tile(s) with %s",
+                        self.name, why, left, self.total, self.modes[level].description)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """Tiles per mode in the last pass (only modes that ran)."""
+        return {m.description: m.tiles for m in self.modes if m.tiles}
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How to restore: tile, device, precision, gating, uncertainty output, memory budget."""
+    """How to restore: tile, device, precision, gating, uncertainty output, memory and time budget."""
 
     tile: tuple[int, int, int] | None = None
     device: str = "auto"
@@ -184,6 +300,8 @@ class RestoreOptions:
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
+    time_budget: float | None = DEFAULT_TIME_BUDGET
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -192,11 +310,17 @@ class Restored:
     uncertainty: np.ndarray | None = None
     clipped: int = 0
     tile: tuple[int, int, int] | None = None
+    modes: dict[str, int] = field(default_factory=dict)
+    """Tiles per prediction mode (``Pacer.summary``): more than one entry when the budget bit."""
 
 
 def halve_tile(tile: tuple[int, int, int], *, align: int, minimum: int) -> tuple[int, int, int]:
     """Half of each tile side, rounded down to ``align``, not below ``minimum`` nor above ``t``."""
     return tuple(min(t, max(minimum, t // 2 // align * align)) for t in tile)  # type: ignore[return-value]
+
+
+FULL_MODE = "all members"
+INPUT_MODE = "the input itself"
 
 
 def restore_volume(
@@ -210,6 +334,9 @@ def restore_volume(
     with_uncertainty: bool = False,
     progress: str | None = None,
     max_oom_retries: int = 1,
+    deadline: Deadline | None = None,
+    cheaper: Cheaper | None = None,
+    name: str = "volume",
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
@@ -217,6 +344,8 @@ def restore_volume(
     given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
     back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
     out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
+    With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
+    written as the input itself (``Pacer``); cores partition the volume, so modes mix per tile.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
@@ -240,19 +369,34 @@ def restore_volume(
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
-    predictor = predict_block
+    def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
+        fields (``fusecare.gate.FIELDS``: the members' own spread is the second, so the
+        uncertainty written stays theirs)."""
+        if gate is None:
+            return predict
+
+        def gate_predictor(block: np.ndarray) -> np.ndarray:
+            mean, spread = predict(block)
+            return gate_fields(gate, block, mean, spread)
+        return gate_predictor
+
+    def input_fields(block: np.ndarray) -> np.ndarray:
+        """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
+        zero = np.zeros_like(block)
+        return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
+
     if gate is not None:
         # the gate's smoothing reaches further than the network: widen the context so that tiles
         # stay exact, and the tiles with it so that their cores keep their size
         extra = math.ceil(gate.context / align) * align
         margin += extra
         tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
-
-        def predictor(block: np.ndarray) -> np.ndarray:
-            """The gate's fields of the whole tile (``fusecare.gate.FIELDS``: the members' own
-            spread is the second, so the uncertainty written stays theirs)."""
-            mean, spread = predict_block(block)
-            return gate_fields(gate, block, mean, spread)
+    modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
+    if cheaper is not None:
+        modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
+    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+    pacer = Pacer(modes, deadline, name)
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
     feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed
@@ -263,7 +407,8 @@ def restore_volume(
         tile = feasible  # type: ignore[assignment]
     for attempt in range(max_oom_retries + 1):
         try:
-            predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,
+            pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
+            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align,
                           transform=norm.forward, sink=sink, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
@@ -276,7 +421,7 @@ def restore_volume(
             tile = smaller
     if clipped:
         log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)
-    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile)
+    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile, modes=pacer.summary)
 
 
 # --------------------------------------------------------------------------- cases and folders
@@ -381,6 +526,7 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
     """
     start = time.perf_counter()
     name = path.name
+    deadline = Deadline.after(options.time_budget, options.clock) if options.time_budget is not None else None
 
     def failed(reason: str) -> CaseResult:
         log.error("FAILED %s: %s; no output written", name, reason)
@@ -405,11 +551,14 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         log.debug("%s: reading failed", name, exc_info=True)
         return failed(_reason(exc, name))
     try:
-        restored = _predict_case(volume, case.meta, ensembles, options, name)
+        restored = _predict_case(volume, case.meta, ensembles, options, name, deadline)
         if restored.output.size and restored.output.min() == restored.output.max():
             raise ConstantOutputError("the output came out constant although the input is not")
         _write_outputs(output_dir / name, restored, case.meta, options)
         status, message = "restored", f"restored with tile {restored.tile}"
+        if len(restored.modes) > 1 or FULL_MODE not in restored.modes:
+            message += " (over its time budget, tiles per mode: " + ", ".join(
+                f"{mode} {count}" for mode, count in restored.modes.items()) + ")"
     except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
         message = _one_line(exc)
         log.debug("traceback of the fallback", exc_info=True)
@@ -425,8 +574,18 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
     return CaseResult(name, status, message, seconds)
 
 
+def cheaper_members(ensemble: Ensemble) -> Cheaper | None:
+    """Half the members, never fewer than two: with one member the spread is 0 and the gate's
+    main safety term would silently be off, a mode no calibration validated."""
+    n = len(ensemble.members)
+    k = max(2, n // 2)
+    if k >= n:
+        return None
+    return Cheaper(f"{k} of {n} members", functools.partial(ensemble.predict_block, members=k), k / n)
+
+
 def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
-                  options: RestoreOptions, name: str) -> Restored:
+                  options: RestoreOptions, name: str, deadline: Deadline | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
     tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
@@ -442,6 +601,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
         gate=gate,
         with_uncertainty=options.uncertainty_dir is not None,
         progress=name if options.progress else None,
+        deadline=deadline, cheaper=cheaper_members(ensemble), name=name,
     )
 
 

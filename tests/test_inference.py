@@ -654,3 +654,41 @@ def test_stale_partial_files_of_a_killed_run_are_removed(tmp_path, tiny_weights,
     assert os.listdir(out) == ["a.tif"]
     assert any(".a.tif.k9x2ab_Q.partial" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- time budget
+
+
+def test_time_budget_option_defaults_to_the_challenge_fit_and_refuses_nonsense(inference, capsys):
+    parser = inference.build_parser()
+    assert parser.parse_args([]).time_budget == 480.0
+    assert parser.parse_args(["--time-budget", "0"]).time_budget == 0.0
+    for value in ("nan", "-5", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--time-budget", value])
+        assert "--time-budget" in capsys.readouterr().err
+
+
+def test_a_case_too_slow_for_its_budget_finishes_cheaper_and_in_time(tmp_path, monkeypatch, caplog):
+    from fusecare.restore import RestoreOptions, restore_folder
+
+    now = [0.0]
+    weights = tmp_path / "weights"
+    make_tiny_ensemble(weights, "nucleus", members=4)
+    real = Ensemble.predict_block
+
+    def slow(self, block, members=None):  # 10 s per member and tile, on a clock that only we move
+        now[0] += 10.0 * (members or len(self.members))
+        return real(self, block, members)
+    monkeypatch.setattr(Ensemble, "predict_block", slow)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    original = volume(5, (8, 64, 64))
+    write_fmc_tif(inp / "slow.tif", original, channel="nucleus")
+    options = RestoreOptions(tile=(8, 32, 32), device="cpu", progress=False, time_budget=400.0,
+                             clock=lambda: now[0])
+    [result] = restore_folder(inp, out, weights, options)
+    assert now[0] <= 400.0  # 16 tiles: 40 s each with 4 members would take 640 s
+    assert result.status == "restored" and "2 of 4 members" in result.message
+    assert "over its time budget" in caplog.text
+    restored, _ = read(out / "slow.tif")
+    assert restored.shape == original.shape and not np.array_equal(restored, original)
