@@ -27,7 +27,7 @@ import torch
 from fusecare.device import resolve_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import GateConfig, gate_fields, gated_fields
+from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
 from fusecare.io import (CaseInfo, CaseMeta, inspect_case, list_cases, read_case, stale_partials,
                          write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
@@ -95,6 +95,15 @@ class Uint16Map:
         rounded = np.rint(scaled)
         clipped = int(np.count_nonzero((rounded < 0) | (rounded > UINT16_MAX)))
         return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
+
+    def apply_tensor(self, values: torch.Tensor) -> tuple[np.ndarray, int]:
+        """``apply`` on the tensor's device: only the uint16 result crosses to the host."""
+        scaled = values.float()
+        if self.gain != 1.0 or self.offset != 0.0:
+            scaled = scaled * float(np.float32(self.gain)) + float(np.float32(self.offset))
+        rounded = torch.round(scaled)  # half to even, as np.rint
+        clipped = int(((rounded < 0) | (rounded > UINT16_MAX)).sum())
+        return rounded.clamp_(0, UINT16_MAX).to(torch.uint16).cpu().numpy(), clipped
 
 
 def input_as_uint16(volume: np.ndarray) -> np.ndarray:
@@ -337,6 +346,7 @@ def restore_volume(
     deadline: Deadline | None = None,
     cheaper: Cheaper | None = None,
     name: str = "volume",
+    device: torch.device | None = None,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
@@ -346,6 +356,11 @@ def restore_volume(
     out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
     With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
     written as the input itself (``Pacer``); cores partition the volume, so modes mix per tile.
+
+    With a ``device``, ``predict_block`` (and ``cheaper``'s) take a tensor on it and return a
+    (2, Z, Y, X) tensor there (``Ensemble.predict_tensor``); the gate, the inverse normalisation
+    and the uint16 map run there too (``fusecare.gate``'s torch twins), and only the finished
+    uint16 core (and the uncertainty's) comes back to the host.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
@@ -369,10 +384,30 @@ def restore_volume(
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
+    scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
+
+    def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
+        """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
+        nonlocal clipped
+        if not bool(torch.isfinite(prediction[:2]).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        mean = gated_fields_torch(prediction, gate) if gate is not None else prediction[0]
+        output[region], n = to_uint16.apply_tensor(mean * scale + low)
+        clipped += n
+        if uncertainty is not None:
+            units = torch.round(prediction[1] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+            uncertainty[region] = units.to(torch.uint16).cpu().numpy()
+
     def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
         """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
         fields (``fusecare.gate.FIELDS``: the members' own spread is the second, so the
-        uncertainty written stays theirs)."""
+        uncertainty written stays theirs); on ``device``, as a tensor there."""
+        if device is not None:
+            def on_device(block: np.ndarray) -> torch.Tensor:
+                x = torch.from_numpy(block).to(device)
+                prediction = predict(x)
+                return prediction if gate is None else gate_fields_torch(gate, x, prediction[0], prediction[1])
+            return on_device
         if gate is None:
             return predict
 
@@ -381,8 +416,12 @@ def restore_volume(
             return gate_fields(gate, block, mean, spread)
         return gate_predictor
 
-    def input_fields(block: np.ndarray) -> np.ndarray:
+    def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
         """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
+        if device is not None:
+            x = torch.from_numpy(block).to(device)
+            zero_t = torch.zeros_like(x)
+            return torch.stack([x, zero_t] if gate is None else [x, zero_t, zero_t, x, zero_t])
         zero = np.zeros_like(block)
         return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
 
@@ -408,8 +447,8 @@ def restore_volume(
     for attempt in range(max_oom_retries + 1):
         try:
             pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
-            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align,
-                          transform=norm.forward, sink=sink, progress=progress)
+            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
+                          sink=sink if device is None else sink_tensor, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -574,14 +613,15 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
     return CaseResult(name, status, message, seconds)
 
 
-def cheaper_members(ensemble: Ensemble) -> Cheaper | None:
+def cheaper_members(ensemble: Ensemble, *, on_device: bool = False) -> Cheaper | None:
     """Half the members, never fewer than two: with one member the spread is 0 and the gate's
     main safety term would silently be off, a mode no calibration validated."""
     n = len(ensemble.members)
     k = max(2, n // 2)
     if k >= n:
         return None
-    return Cheaper(f"{k} of {n} members", functools.partial(ensemble.predict_block, members=k), k / n)
+    predict = ensemble.predict_tensor if on_device else ensemble.predict_block
+    return Cheaper(f"{k} of {n} members", functools.partial(predict, members=k), k / n)
 
 
 def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
@@ -596,12 +636,14 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
              tile, gate.to_dict() if gate else "off")
+    on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
+    cheaper = cheaper_members(ensemble, on_device=on_device)
     return restore_volume(
-        volume, ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
+        volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
         gate=gate,
         with_uncertainty=options.uncertainty_dir is not None,
         progress=name if options.progress else None,
-        deadline=deadline, cheaper=cheaper_members(ensemble), name=name,
+        deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from scipy import ndimage
 
@@ -401,3 +403,70 @@ def test_within_budget_nothing_changes(volume, caplog):
     timed = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, deadline=Deadline.after(1e6, clock))
     np.testing.assert_array_equal(plain.output, timed.output)
     assert timed.modes == {FULL_MODE: _tiles(volume)} and not caplog.records
+
+
+# --------------------------------------------------------------------------- the gate on the device
+
+
+def _members(x):
+    return x + 0.1 * np.sin(3 * x), 0.05 * np.abs(np.cos(5 * x))
+
+
+def _members_numpy(x: np.ndarray) -> np.ndarray:
+    return np.stack(_members(x)).astype(np.float32)
+
+
+def _members_torch(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x + 0.1 * torch.sin(3 * x), 0.05 * torch.abs(torch.cos(5 * x))])
+
+
+@pytest.mark.parametrize("gate", [
+    None,
+    GateConfig(spread_scale=1.0, spread_sigma=2.0, prediction_sigma=0.5),
+    GateConfig(spread_scale=0.05, blend=0.8, spread_sigma=1.0, fallback_sigma=0.5, consistency_scale=0.05,
+               consistency_sigma=2.0),
+])
+def test_device_path_equals_the_host_path(rng, gate):
+    volume = rng.integers(100, 40000, size=(20, 50, 40)).astype(np.uint16)  # no headroom: stretched map
+    host = restore_volume(volume, _members_numpy, **TILING, gate=gate, with_uncertainty=True)
+    device = restore_volume(volume, _members_torch, **TILING, gate=gate, with_uncertainty=True,
+                            device=torch.device("cpu"))
+    for a, b in ((host.output, device.output), (host.uncertainty, device.uncertainty)):
+        difference = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * a.size  # float32 rounding flips
+    assert host.clipped == device.clipped
+
+
+def test_device_path_writes_the_input_for_tiles_over_budget(volume):
+    clock = FakeClock()
+    restored = restore_volume(volume, _members_torch, **TILING, device=torch.device("cpu"),
+                              gate=GateConfig(spread_sigma=1.0), deadline=Deadline.after(-1, clock))
+    np.testing.assert_array_equal(restored.output, volume)
+
+
+def test_device_path_refuses_non_finite_predictions(volume):
+    with pytest.raises(NonFinitePredictionError):
+        restore_volume(volume, lambda x: torch.stack([x / 0.0, x]), **TILING, device=torch.device("cpu"))
+
+
+def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request):
+    """Under fake CUDA the case goes through ``predict_tensor`` and the torch gate; the output
+    matches the host path's to float32 rounding."""
+    from conftest import make_tiny_ensemble, write_fmc_tif
+
+    from fusecare.ensemble import Ensemble
+    from fusecare.restore import RestoreOptions, restore_folder
+
+    weights = tmp_path / "weights"
+    make_tiny_ensemble(weights, "nucleus", gate_scale=0.05)
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 4000, size=(12, 40, 40)).astype(np.uint16))
+    options = RestoreOptions(tile=(8, 32, 32), progress=False)
+    [host] = restore_folder(tmp_path / "in", tmp_path / "host", weights, dataclasses.replace(options, device="cpu"))
+    request.getfixturevalue("fake_cuda")
+    calls = []
+    real = Ensemble.predict_tensor
+    monkeypatch.setattr(Ensemble, "predict_tensor", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    [device] = restore_folder(tmp_path / "in", tmp_path / "device", weights, dataclasses.replace(options, device="cuda"))
+    assert host.status == device.status == "restored" and calls
+    a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
+    assert np.abs(a - b).max() <= 1
