@@ -323,9 +323,36 @@ class Restored:
     """Tiles per prediction mode (``Pacer.summary``): more than one entry when the budget bit."""
 
 
-def halve_tile(tile: tuple[int, int, int], *, align: int, minimum: int) -> tuple[int, int, int]:
-    """Half of each tile side, rounded down to ``align``, not below ``minimum`` nor above ``t``."""
-    return tuple(min(t, max(minimum, t // 2 // align * align)) for t in tile)  # type: ignore[return-value]
+OOM_CORE_FLOOR = 2
+"""On out-of-memory, cores shrink no further than this many margins per axis: a tile then costs
+at most (1 + 2 / OOM_CORE_FLOOR)**3 = 8 times its core instead of the 46 times that halving the
+widened tile gave (issue 15)."""
+
+MAX_OOM_RETRIES = 4
+
+
+def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: int,
+                align: int) -> tuple[int, int, int]:
+    """The tile after halving the longest core (the tile less its two context margins) that can
+    still shrink, margins kept; the tile itself when every core is at the floor
+    (``OOM_CORE_FLOOR`` margins, at least ``align``).
+
+    Halving the widened tile instead shrinks the core far faster than the tile (the margins stay),
+    and the number of tiles, each paying its margins again, explodes.
+    """
+    floor = max(align, math.ceil(OOM_CORE_FLOOR * margin / align) * align)
+    cores = []
+    for n, t in zip(shape, tile):
+        padded = math.ceil(n / align) * align
+        cores.append(padded if t >= padded else t - 2 * margin)  # one tile: the whole axis is its core
+    for axis in sorted(range(3), key=lambda k: -cores[k]):
+        if cores[axis] <= floor:
+            break
+        core = max(floor, cores[axis] // 2 // align * align)
+        side = math.ceil((core + 2 * margin) / align) * align
+        if side < min(tile[axis], math.ceil(shape[axis] / align) * align):
+            return tuple(side if k == axis else t for k, t in enumerate(tile))  # type: ignore[return-value]
+    return tile
 
 
 FULL_MODE = "all members"
@@ -342,7 +369,7 @@ def restore_volume(
     gate: GateConfig | None = None,
     with_uncertainty: bool = False,
     progress: str | None = None,
-    max_oom_retries: int = 1,
+    max_oom_retries: int = MAX_OOM_RETRIES,
     deadline: Deadline | None = None,
     cheaper: Cheaper | None = None,
     name: str = "volume",
@@ -353,7 +380,8 @@ def restore_volume(
     Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
     given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
     back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
-    out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
+    out-of-memory the longest core is halved, margins kept (``shrink_core``), and the whole volume
+    retried, up to ``max_oom_retries`` times; below the floor the error propagates (the case falls back).
     With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
     written as the input itself (``Pacer``); cores partition the volume, so modes mix per tile.
 
@@ -453,10 +481,11 @@ def restore_volume(
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            smaller = halve_tile(tile, align=align, minimum=minimum)
+            smaller = shrink_core(tile, volume.shape, margin=margin, align=align)
             if attempt == max_oom_retries or smaller == tile:
                 raise
-            log.warning("CUDA out of memory with tile %s; retrying with tile %s", tile, smaller)
+            log.warning("CUDA out of memory with tile %s; retrying with tile %s (margins of %d kept, "
+                        "cores shrink to at least %d margins)", tile, smaller, margin, OOM_CORE_FLOOR)
             tile = smaller
     if clipped:
         log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)

@@ -25,7 +25,7 @@ from fusecare.restore import (
     ConstantVolumeError,
     NonFinitePredictionError,
     Uint16Map,
-    halve_tile,
+    shrink_core,
     input_as_uint16,
     replace_non_finite,
     required_memory,
@@ -132,23 +132,35 @@ def _oom_above(limit: int):
     return predict, calls
 
 
-def test_out_of_memory_halves_the_tile_once(volume):
+def _cores(tile, shape, margin=4, align=4):
+    return [n if t >= -(-n // align) * align else t - 2 * margin for n, t in zip(shape, tile)]
+
+
+def test_out_of_memory_shrinks_the_core_and_keeps_the_margins(volume, caplog):
     predict, calls = _oom_above(16 * 24 * 24)
     restored = restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
     np.testing.assert_array_equal(restored.output, volume)
-    assert restored.tile == (12, 24, 24) and calls[0] == (16, 48, 40)
+    assert calls[0] == (16, 48, 40) and restored.tile == (16, 16, 28)  # y core 40 -> 20, x 40 -> 20, y 20 -> 8
+    assert all(c >= 2 * 4 for c in _cores(restored.tile, volume.shape))
+    assert caplog.text.count("CUDA out of memory with tile") == 3
 
 
-def test_out_of_memory_twice_raises(volume):
-    predict, _ = _oom_above(100)
+def test_out_of_memory_at_the_floor_raises(volume):
+    predict, calls = _oom_above(100)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
-        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
+        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4, max_oom_retries=50)
+    assert len(calls) <= 6  # cores of 8 per axis reached in a few halvings, then it stops
+    assert all(c >= 8 for shape in calls for c, n in zip(_cores(shape, volume.shape), volume.shape) if c < n)
 
 
-def test_halve_tile_respects_alignment_and_minimum():
-    assert halve_tile((96, 256, 256), align=4, minimum=52) == (52, 128, 128)
-    assert halve_tile((52, 52, 52), align=4, minimum=52) == (52, 52, 52)
-    assert halve_tile((16, 256, 256), align=4, minimum=52) == (16, 128, 128)  # never grows
+def test_shrink_core_bounds_the_overhead_of_the_shipped_tile():
+    tile, shape, margin = (112, 272, 272), (309, 1920, 1920), 28
+    seen = [tile]
+    while (smaller := shrink_core(seen[-1], shape, margin=margin, align=4)) != seen[-1]:
+        seen.append(smaller)
+    assert seen[1] == (112, 164, 272) and seen[-1] == (112, 112, 112)
+    assert all(t - 2 * margin >= 2 * margin for t in seen[-1])  # at most 8x the core computed
+    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)  # z is one tile of 16: not split
 
 
 def test_input_as_uint16_keeps_values_or_maps_positively(rng):
