@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusecare.device import resolve_device
+from fusecare.device import inference_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
 from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
@@ -715,6 +715,6 @@ def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: s
                 log.warning("removed %s, a temporary file an interrupted run left in %s", stale.name, folder)
             except OSError as exc:
                 log.warning("cannot remove %s, a temporary file an interrupted run left: %s", stale, exc.strerror)
-    ensembles = EnsembleCache(Path(weights_dir), resolve_device(options.device), fp16=options.fp16)
+    ensembles = EnsembleCache(Path(weights_dir), inference_device(options.device), fp16=options.fp16)
     log.info("%d case(s) in %s -> %s (device %s)", len(cases), input_dir, output_dir, ensembles.device)
     return [restore_case(p, output_dir, ensembles, options) for p in cases]
