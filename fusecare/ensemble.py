@@ -202,10 +202,21 @@ class Ensemble:
 
     def _forward(self, member: CareUNet, x: torch.Tensor) -> torch.Tensor:
         """One member's float32 output for a (1, 1, Z, Y, X) block (float16 autocast on CUDA when
-        asked)."""
+        asked).
+
+        A float16 output with NaN/Inf is redone in float32 for this block only: the shipped
+        members' activations reach about 35x the normalised input, so a few very bright voxels
+        (normalised values above about 1,800) overflow float16's 65,504, and a whole case must
+        not fall back to its input for them.
+        """
         use_fp16 = self.fp16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
-            return member(x)[0].float()
+            out = member(x)[0].float()
+        if use_fp16 and not bool(torch.isfinite(out).all()):
+            log.warning("float16 gave NaN/Inf on a %s block: redone in float32", tuple(x.shape[-3:]))
+            with torch.autocast(self.device.type, enabled=False):
+                out = member(x)[0].float()
+        return out
 
 
 def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu",
