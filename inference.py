@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fusecare.cli import add_logging_arguments, configure_logging
 from fusecare.ensemble import WEIGHTS_ENV
 from fusecare.errors import FuseCareError
-from fusecare.restore import RestoreOptions, restore_folder
+from fusecare.restore import DEFAULT_TIME_BUDGET, RestoreOptions, restore_folder
 
 GC_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
 GC_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
@@ -56,6 +56,17 @@ def _memory_gb(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (0 switches the budget off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 class _ExplicitPath(argparse.Action):
     """Stores a path and remembers that the user gave it (``<dest>_given``)."""
 
@@ -84,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
     hardware.add_argument("--max-memory-gb", type=_memory_gb,
                           help="refuse cases needing more host memory than this (a number > 0)")
+    hardware.add_argument("--time-budget", type=_seconds, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",
+                          help="seconds per case from its start to its last tile (default: %(default)g, "
+                               "fitted to the challenge's 10 minutes per case including start, model "
+                               "loading and writing). Tiles that will not fit are predicted with fewer "
+                               "members (never below 2) or written as the input itself, loudly; 0 = no budget")
     add_logging_arguments(parser.add_argument_group("logging"))
     return parser
 
@@ -97,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     options = RestoreOptions(
         tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
         uncertainty_dir=args.uncertainty, progress=not args.quiet,
+        time_budget=args.time_budget or None,
         memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,
     )
     try:

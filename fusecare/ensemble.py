@@ -158,14 +158,26 @@ class Ensemble:
         return max(m.config.tiling_margin for m in self.members)
 
     @torch.inference_mode()
-    def predict_block(self, block: np.ndarray) -> np.ndarray:
+    def predict_block(self, block: np.ndarray, members: int | None = None) -> np.ndarray:
         """Normalised float32 (Z, Y, X) -> float32 (2, Z, Y, X): member mean and spread.
+
+        ``members`` uses only the first so many (the time budget's cheaper mode).
+        """
+        return self.predict_tensor(block, members).cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_tensor(self, block: np.ndarray | torch.Tensor, members: int | None = None) -> torch.Tensor:
+        """``predict_block`` that stays on the ensemble's device: a (Z, Y, X) array or tensor in,
+        a float32 (2, Z, Y, X) tensor on ``device`` out, so the gate can run there too.
 
         The spread is the standard deviation across members, or, when members are
         probabilistic, that of the equal-weight mixture of their Laplace distributions
         (each contributes variance ``2 * scale**2``).
         """
-        x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[None, None].to(self.device)
+        if isinstance(block, torch.Tensor):
+            x = block.to(self.device, dtype=torch.float32)[None, None]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))[None, None].to(self.device)
         if self.channels_last and self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         # Sums of differences from the first member's location: E[x^2] - E[x]^2 of the raw
@@ -173,10 +185,9 @@ class Ensemble:
         shift: torch.Tensor | None = None
         total = torch.zeros_like(x[0, 0])
         total_sq = torch.zeros_like(x[0, 0])
-        use_fp16 = self.fp16 and self.device.type == "cuda"
-        for member in self.members:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
-                out = member(x)[0].float()
+        chosen = self.members if members is None else self.members[:members]
+        for member in chosen:
+            out = self._forward(member, x)
             if shift is None:
                 shift = out[0].clone()
             difference = out[0] - shift
@@ -184,10 +195,28 @@ class Ensemble:
             total_sq += difference * difference
             if out.shape[0] > 1:
                 total_sq += 2.0 * out[1] * out[1]
-        n = len(self.members)
+        n = len(chosen)
         mean_difference = total / n
         spread = torch.sqrt(torch.clamp(total_sq / n - mean_difference * mean_difference, min=0.0))
-        return torch.stack([shift + mean_difference, spread]).cpu().numpy()
+        return torch.stack([shift + mean_difference, spread])
+
+    def _forward(self, member: CareUNet, x: torch.Tensor) -> torch.Tensor:
+        """One member's float32 output for a (1, 1, Z, Y, X) block (float16 autocast on CUDA when
+        asked).
+
+        A float16 output with NaN/Inf is redone in float32 for this block only: the shipped
+        members' activations reach about 35x the normalised input, so a few very bright voxels
+        (normalised values above about 1,800) overflow float16's 65,504, and a whole case must
+        not fall back to its input for them.
+        """
+        use_fp16 = self.fp16 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
+            out = member(x)[0].float()
+        if use_fp16 and not bool(torch.isfinite(out).all()):
+            log.warning("float16 gave NaN/Inf on a %s block: redone in float32", tuple(x.shape[-3:]))
+            with torch.autocast(self.device.type, enabled=False):
+                out = member(x)[0].float()
+        return out
 
 
 def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu",

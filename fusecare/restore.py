@@ -11,6 +11,7 @@ that cannot be read at all (any exception while opening, parsing or decoding it)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,14 +24,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusecare.device import resolve_device
+from fusecare.device import inference_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
-from fusecare.gate import GateConfig, gate_fields, gated_fields
+from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
 from fusecare.io import (CaseInfo, CaseMeta, inspect_case, list_cases, read_case, stale_partials,
                          write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
-from fusecare.tiling import Region, predict_tiled
+from fusecare.tiling import Region, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ class Uint16Map:
         rounded = np.rint(scaled)
         clipped = int(np.count_nonzero((rounded < 0) | (rounded > UINT16_MAX)))
         return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
+
+    def apply_tensor(self, values: torch.Tensor) -> tuple[np.ndarray, int]:
+        """``apply`` on the tensor's device: only the uint16 result crosses to the host."""
+        scaled = values.float()
+        if self.gain != 1.0 or self.offset != 0.0:
+            scaled = scaled * float(np.float32(self.gain)) + float(np.float32(self.offset))
+        rounded = torch.round(scaled)  # half to even, as np.rint
+        clipped = int(((rounded < 0) | (rounded > UINT16_MAX)).sum())
+        return rounded.clamp_(0, UINT16_MAX).to(torch.uint16).cpu().numpy(), clipped
 
 
 def input_as_uint16(volume: np.ndarray) -> np.ndarray:
@@ -173,9 +183,124 @@ def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- one volume
 
 
+DEFAULT_TIME_BUDGET = 480.0
+"""Seconds per case from its start (reading, percentiles, prediction) to the last tile. The
+challenge kills a container after 10 minutes per case including its start and model loading, and
+a killed case scores below its own input; 480 s leaves 120 s for those and for writing the output
+(about 10 s for the largest case, 2.3 GB of uint16)."""
+
+BUDGET_SAFETY = 1.15
+"""Projected seconds for the remaining tiles are multiplied by this before comparing them with
+the time left: tile times vary with content only a little, but a case over budget is lost."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a case's processing must be done; ``clock`` is injectable so tests need no sleeping."""
+
+    at: float
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        return cls(clock() + seconds, clock)
+
+    def remaining(self) -> float:
+        return self.at - self.clock()
+
+
+@dataclass(frozen=True)
+class Cheaper:
+    """A cheaper way to predict a block (e.g. fewer members), used when the full one will not
+    finish in time; ``relative_cost`` (per tile, against the full mode) projects it before it ran."""
+
+    description: str
+    predict_block: Callable[[np.ndarray], object]
+    relative_cost: float
+
+
+@dataclass
+class _Mode:
+    description: str
+    predict: Callable[[np.ndarray], object]
+    relative_cost: float
+    seconds: list[float] = field(default_factory=list)
+    tiles: int = 0
+
+
+class Pacer:
+    """Predicts each tile in the best mode whose projected time for the remaining tiles fits.
+
+    Modes go from best to cheapest and the last one, the input itself, costs nothing; the pacer
+    only ever steps down. After every tile (the first one included, so before the case really
+    starts) it projects the remaining tiles at the current mode's measured seconds per tile (an
+    unmeasured mode from its ``relative_cost``) times ``BUDGET_SAFETY``, and steps down to the
+    first mode that fits. Each step is one loud line naming the case and why.
+    """
+
+    def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
+        self.modes, self.deadline, self.name = modes, deadline, name
+        self.level, self.total, self.done = 0, 0, 0
+
+    def start(self, tiles: int) -> None:
+        """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
+        self.total, self.done = tiles, 0
+        for mode in self.modes:
+            mode.tiles = 0
+        if self.deadline is not None and self.deadline.remaining() <= 0:
+            self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
+
+    def __call__(self, block: np.ndarray) -> object:
+        mode = self.modes[self.level]
+        clock = self.deadline.clock if self.deadline is not None else time.monotonic
+        begin = clock()
+        out = mode.predict(block)
+        mode.seconds.append(clock() - begin)
+        mode.tiles += 1
+        self.done += 1
+        self._replan()
+        return out
+
+    def _per_tile(self, level: int) -> float:
+        mode = self.modes[level]
+        if mode.seconds:
+            return float(np.mean(mode.seconds))
+        current = self.modes[self.level]
+        reference = float(np.mean(current.seconds)) / max(current.relative_cost, 1e-9)
+        return reference * mode.relative_cost
+
+    def _replan(self) -> None:
+        left = self.total - self.done
+        if self.deadline is None or left <= 0 or self.level == len(self.modes) - 1:
+            return
+        remaining = self.deadline.remaining()
+        projected = self._per_tile(self.level) * left * BUDGET_SAFETY
+        if projected <= remaining:
+            return
+        level = next(k for k in range(self.level + 1, len(self.modes))
+                     if k == len(self.modes) - 1 or self._per_tile(k) * left * BUDGET_SAFETY <= remaining)
+        self._step(level, f"{left} tile(s) left at {self._per_tile(self.level):.2f} s each project "
+                          f"{projected:.0f} s, {max(remaining, 0):.0f} s of its budget left")
+
+    def _step(self, level: int, why: str) -> None:
+        self.level = level
+        left = self.total - self.done
+        if level == len(self.modes) - 1:
+            log.error("case %s over its time budget: %s; the remaining %d of %d tile(s) are written as "
+                      "the input itself", self.name, why, left, self.total)
+        else:
+            log.warning("case %s over its time budget: %s; the remaining %d of %d tile(s) with %s",
+                        self.name, why, left, self.total, self.modes[level].description)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """Tiles per mode in the last pass (only modes that ran)."""
+        return {m.description: m.tiles for m in self.modes if m.tiles}
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How to restore: tile, device, precision, gating, uncertainty output, memory budget."""
+    """How to restore: tile, device, precision, gating, uncertainty output, memory and time budget."""
 
     tile: tuple[int, int, int] | None = None
     device: str = "auto"
@@ -184,6 +309,8 @@ class RestoreOptions:
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
+    time_budget: float | None = DEFAULT_TIME_BUDGET
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass
@@ -192,11 +319,44 @@ class Restored:
     uncertainty: np.ndarray | None = None
     clipped: int = 0
     tile: tuple[int, int, int] | None = None
+    modes: dict[str, int] = field(default_factory=dict)
+    """Tiles per prediction mode (``Pacer.summary``): more than one entry when the budget bit."""
 
 
-def halve_tile(tile: tuple[int, int, int], *, align: int, minimum: int) -> tuple[int, int, int]:
-    """Half of each tile side, rounded down to ``align``, not below ``minimum`` nor above ``t``."""
-    return tuple(min(t, max(minimum, t // 2 // align * align)) for t in tile)  # type: ignore[return-value]
+OOM_CORE_FLOOR = 2
+"""On out-of-memory, cores shrink no further than this many margins per axis: a tile then costs
+at most (1 + 2 / OOM_CORE_FLOOR)**3 = 8 times its core instead of the 46 times that halving the
+widened tile gave (issue 15)."""
+
+MAX_OOM_RETRIES = 4
+
+
+def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: int,
+                align: int) -> tuple[int, int, int]:
+    """The tile after halving the longest core (the tile less its two context margins) that can
+    still shrink, margins kept; the tile itself when every core is at the floor
+    (``OOM_CORE_FLOOR`` margins, at least ``align``).
+
+    Halving the widened tile instead shrinks the core far faster than the tile (the margins stay),
+    and the number of tiles, each paying its margins again, explodes.
+    """
+    floor = max(align, math.ceil(OOM_CORE_FLOOR * margin / align) * align)
+    cores = []
+    for n, t in zip(shape, tile):
+        padded = math.ceil(n / align) * align
+        cores.append(padded if t >= padded else t - 2 * margin)  # one tile: the whole axis is its core
+    for axis in sorted(range(3), key=lambda k: -cores[k]):
+        if cores[axis] <= floor:
+            break
+        core = max(floor, cores[axis] // 2 // align * align)
+        side = math.ceil((core + 2 * margin) / align) * align
+        if side < min(tile[axis], math.ceil(shape[axis] / align) * align):
+            return tuple(side if k == axis else t for k, t in enumerate(tile))  # type: ignore[return-value]
+    return tile
+
+
+FULL_MODE = "all members"
+INPUT_MODE = "the input itself"
 
 
 def restore_volume(
@@ -209,14 +369,26 @@ def restore_volume(
     gate: GateConfig | None = None,
     with_uncertainty: bool = False,
     progress: str | None = None,
-    max_oom_retries: int = 1,
+    max_oom_retries: int = MAX_OOM_RETRIES,
+    deadline: Deadline | None = None,
+    cheaper: Cheaper | None = None,
+    name: str = "volume",
+    device: torch.device | None = None,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
     Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
     given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
     back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
-    out-of-memory the tile is halved and the whole volume retried, ``max_oom_retries`` times.
+    out-of-memory the longest core is halved, margins kept (``shrink_core``), and the whole volume
+    retried, up to ``max_oom_retries`` times; below the floor the error propagates (the case falls back).
+    With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
+    written as the input itself (``Pacer``); cores partition the volume, so modes mix per tile.
+
+    With a ``device``, ``predict_block`` (and ``cheaper``'s) take a tensor on it and return a
+    (2, Z, Y, X) tensor there (``Ensemble.predict_tensor``); the gate, the inverse normalisation
+    and the uint16 map run there too (``fusecare.gate``'s torch twins), and only the finished
+    uint16 core (and the uncertainty's) comes back to the host.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
@@ -240,19 +412,58 @@ def restore_volume(
         if uncertainty is not None:
             uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
-    predictor = predict_block
+    scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
+
+    def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
+        """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
+        nonlocal clipped
+        if not bool(torch.isfinite(prediction[:2]).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        mean = gated_fields_torch(prediction, gate) if gate is not None else prediction[0]
+        output[region], n = to_uint16.apply_tensor(mean * scale + low)
+        clipped += n
+        if uncertainty is not None:
+            units = torch.round(prediction[1] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+            uncertainty[region] = units.to(torch.uint16).cpu().numpy()
+
+    def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
+        fields (``fusecare.gate.FIELDS``: the members' own spread is the second, so the
+        uncertainty written stays theirs); on ``device``, as a tensor there."""
+        if device is not None:
+            def on_device(block: np.ndarray) -> torch.Tensor:
+                x = torch.from_numpy(block).to(device)
+                prediction = predict(x)
+                return prediction if gate is None else gate_fields_torch(gate, x, prediction[0], prediction[1])
+            return on_device
+        if gate is None:
+            return predict
+
+        def gate_predictor(block: np.ndarray) -> np.ndarray:
+            mean, spread = predict(block)
+            return gate_fields(gate, block, mean, spread)
+        return gate_predictor
+
+    def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
+        """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
+        if device is not None:
+            x = torch.from_numpy(block).to(device)
+            zero_t = torch.zeros_like(x)
+            return torch.stack([x, zero_t] if gate is None else [x, zero_t, zero_t, x, zero_t])
+        zero = np.zeros_like(block)
+        return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
+
     if gate is not None:
         # the gate's smoothing reaches further than the network: widen the context so that tiles
         # stay exact, and the tiles with it so that their cores keep their size
         extra = math.ceil(gate.context / align) * align
         margin += extra
         tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
-
-        def predictor(block: np.ndarray) -> np.ndarray:
-            """The gate's fields of the whole tile (``fusecare.gate.FIELDS``: the members' own
-            spread is the second, so the uncertainty written stays theirs)."""
-            mean, spread = predict_block(block)
-            return gate_fields(gate, block, mean, spread)
+    modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
+    if cheaper is not None:
+        modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
+    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+    pacer = Pacer(modes, deadline, name)
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
     feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed
@@ -263,20 +474,22 @@ def restore_volume(
         tile = feasible  # type: ignore[assignment]
     for attempt in range(max_oom_retries + 1):
         try:
-            predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,
-                          transform=norm.forward, sink=sink, progress=progress)
+            pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
+            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
+                          sink=sink if device is None else sink_tensor, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            smaller = halve_tile(tile, align=align, minimum=minimum)
+            smaller = shrink_core(tile, volume.shape, margin=margin, align=align)
             if attempt == max_oom_retries or smaller == tile:
                 raise
-            log.warning("CUDA out of memory with tile %s; retrying with tile %s", tile, smaller)
+            log.warning("CUDA out of memory with tile %s; retrying with tile %s (margins of %d kept, "
+                        "cores shrink to at least %d margins)", tile, smaller, margin, OOM_CORE_FLOOR)
             tile = smaller
     if clipped:
         log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)
-    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile)
+    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile, modes=pacer.summary)
 
 
 # --------------------------------------------------------------------------- cases and folders
@@ -381,6 +594,7 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
     """
     start = time.perf_counter()
     name = path.name
+    deadline = Deadline.after(options.time_budget, options.clock) if options.time_budget is not None else None
 
     def failed(reason: str) -> CaseResult:
         log.error("FAILED %s: %s; no output written", name, reason)
@@ -405,11 +619,14 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         log.debug("%s: reading failed", name, exc_info=True)
         return failed(_reason(exc, name))
     try:
-        restored = _predict_case(volume, case.meta, ensembles, options, name)
+        restored = _predict_case(volume, case.meta, ensembles, options, name, deadline)
         if restored.output.size and restored.output.min() == restored.output.max():
             raise ConstantOutputError("the output came out constant although the input is not")
         _write_outputs(output_dir / name, restored, case.meta, options)
         status, message = "restored", f"restored with tile {restored.tile}"
+        if len(restored.modes) > 1 or FULL_MODE not in restored.modes:
+            message += " (over its time budget, tiles per mode: " + ", ".join(
+                f"{mode} {count}" for mode, count in restored.modes.items()) + ")"
     except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
         message = _one_line(exc)
         log.debug("traceback of the fallback", exc_info=True)
@@ -425,8 +642,19 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
     return CaseResult(name, status, message, seconds)
 
 
+def cheaper_members(ensemble: Ensemble, *, on_device: bool = False) -> Cheaper | None:
+    """Half the members, never fewer than two: with one member the spread is 0 and the gate's
+    main safety term would silently be off, a mode no calibration validated."""
+    n = len(ensemble.members)
+    k = max(2, n // 2)
+    if k >= n:
+        return None
+    predict = ensemble.predict_tensor if on_device else ensemble.predict_block
+    return Cheaper(f"{k} of {n} members", functools.partial(predict, members=k), k / n)
+
+
 def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
-                  options: RestoreOptions, name: str) -> Restored:
+                  options: RestoreOptions, name: str, deadline: Deadline | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
     tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
@@ -437,11 +665,14 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
              tile, gate.to_dict() if gate else "off")
+    on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
+    cheaper = cheaper_members(ensemble, on_device=on_device)
     return restore_volume(
-        volume, ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
+        volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
         gate=gate,
         with_uncertainty=options.uncertainty_dir is not None,
         progress=name if options.progress else None,
+        deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )
 
 
@@ -484,6 +715,6 @@ def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: s
                 log.warning("removed %s, a temporary file an interrupted run left in %s", stale.name, folder)
             except OSError as exc:
                 log.warning("cannot remove %s, a temporary file an interrupted run left: %s", stale, exc.strerror)
-    ensembles = EnsembleCache(Path(weights_dir), resolve_device(options.device), fp16=options.fp16)
+    ensembles = EnsembleCache(Path(weights_dir), inference_device(options.device), fp16=options.fp16)
     log.info("%d case(s) in %s -> %s (device %s)", len(cases), input_dir, output_dir, ensembles.device)
     return [restore_case(p, output_dir, ensembles, options) for p in cases]

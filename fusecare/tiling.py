@@ -169,8 +169,10 @@ def predict_tiled(
     output: np.ndarray | None = None
     for t, block in iter_tiles(volume, tiles, transform=transform, pad_mode=pad_mode,
                                progress=progress):
-        prediction = np.asarray(predictor(block))
-        if prediction.shape[-3:] != block.shape:
+        prediction = predictor(block)
+        if not hasattr(prediction, "shape"):  # arrays and tensors (kept on their device) as they are
+            prediction = np.asarray(prediction)
+        if tuple(prediction.shape[-3:]) != block.shape:
             raise ValueError(f"predictor returned shape {prediction.shape} for a block {block.shape}")
         core = prediction[(Ellipsis, *t.core_in_block)]
         if sink is not None:

@@ -329,12 +329,67 @@ def _is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _setup_distributed(device: torch.device) -> tuple[int, int]:
+def _setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Rank, world size and this rank's device; starts the process group under torchrun.
+
+    On CUDA each process takes the GPU of its ``LOCAL_RANK`` (not the global rank modulo the
+    GPU count, which is wrong on several nodes), and sets it current *before* the NCCL group
+    starts, so NCCL and the object collectives use that GPU rather than all piling onto GPU 0.
+    """
     if not _is_distributed():
-        return 0, 1
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier() -> None:
+    """Wait for every rank (nothing outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Every rank arrives, then the process group ends cleanly (nothing outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
+    """The mean of ``value`` over ranks (the logged loss is every rank's, not rank 0's)."""
+    if world == 1:
+        return value
+    shared = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(shared)
+    return float(shared) / world
+
+
+def _resume_state(path: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from, as rank 0 reads it, on every rank.
+
+    Ranks need not share the run folder: rank 0's copy (or its absence) decides, so no rank starts
+    at another step (a hang at the first collective) or from different weights or optimizer state.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 and path.is_file() else None
+    if world > 1:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def _rank_rng(config: TrainConfig, rank: int, saved: Sequence[Any] | None, step: int) -> np.random.Generator:
+    """Rank ``rank``'s patch stream: its own saved state, or (a rank the checkpoint did not have,
+    after resuming with more processes) a fresh stream that no other rank or earlier run drew."""
+    if saved is not None and rank < len(saved):
+        rng = np.random.default_rng()
+        rng.bit_generator.state = saved[rank]
+        return rng
+    return np.random.default_rng([config.seed, rank] + ([step] if step else []))
 
 
 def predict_normalised(volume: np.ndarray, predict_block: Callable[[np.ndarray], np.ndarray], *,
@@ -394,9 +449,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     """Train one member into ``run_dir`` (config.json, best.pt, last.pt, log.csv)."""
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
-    rank, world = _setup_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    rank, world, device = _setup_distributed(device)
     sources, cases = data if data is not None else build_data(config)
     rng = np.random.default_rng([config.seed, rank])
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -407,14 +460,16 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]))
     start_step, best_score, best = 0, -np.inf, {}
     last_path = run_dir / CHECKPOINT_LAST
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+    state = _resume_state(last_path, rank, world) if resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["rng"][rank] if rank < len(state["rng"]) else rng.bit_generator.state
         start_step, best_score, best = state["step"], state["best_score"], state["best"]
-        log.info("resumed %s at step %d", run_dir, start_step)
+        rng = _rank_rng(config, rank, state["rng"], start_step)
+        saved_world = len(state["rng"])
+        log.info("resumed %s at step %d%s", run_dir, start_step,
+                 f" ({saved_world} rank(s) saved, {world} now)" if saved_world != world else "")
     elif config.init_weights:
         model.load_state_dict(_initial_state(config))
         log.info("%s starts from the weights of %s", run_dir, config.init_weights)
@@ -430,6 +485,11 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     def checkpoint(done: int, loss: float) -> None:
         """Validate (rank 0), step the schedule (every rank), log, keep best and last."""
         nonlocal best_score, best
+        loss = _mean_over_ranks(loss, device, world)
+        states = [rng.bit_generator.state]
+        if world > 1:  # every rank's patch stream goes into last.pt, in rank order
+            states = [None] * world
+            dist.all_gather_object(states, rng.bit_generator.state)
         metrics = validate(model, val_patches, cases, config, device) if rank == 0 else {"val_loss": 0.0}
         if world > 1:  # every rank steps its scheduler alike
             shared = torch.tensor([metrics["val_loss"]], device=device)
@@ -437,8 +497,12 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             metrics["val_loss"] = float(shared)
         if done > 0:
             scheduler.step(metrics["val_loss"])
-        if rank != 0:
-            return
+        if rank == 0:
+            save(done, loss, metrics, states)
+        _barrier()  # no rank runs ahead of (or exits before) a checkpoint that is being written
+
+    def save(done: int, loss: float, metrics: dict[str, float], states: list[Any]) -> None:
+        nonlocal best_score, best
         row = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                "seconds": round(time.perf_counter() - started, 1), **metrics}
         _append_csv(run_dir / LOG_NAME, row)
@@ -449,7 +513,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
-                    "best": best, "rng": [rng.bit_generator.state]}, last_path)
+                    "best": best, "rng": states}, last_path)
 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                desc=f"train {run_dir.name}", disable=not progress or rank != 0, unit="step")
@@ -465,6 +529,10 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         done = step + 1
         if done % config.validate_every == 0 or done == config.steps:
             checkpoint(done, float(loss.detach()))
+    if world > 1:  # every rank returns rank 0's record of the best checkpoint
+        box = [best]
+        dist.broadcast_object_list(box, src=0)
+        best = box[0]
     return MemberResult(run_dir=run_dir, best=best, steps=config.steps, seconds=time.perf_counter() - started)
 
 
@@ -599,9 +667,11 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
             result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
                                   data=data)
             results.append(result)
+            _barrier()  # every rank finished this member before rank 0 reads its checkpoints
             if writer:
                 check_trained(result.run_dir, result.best, warm_started=bool(member_config.init_weights))
                 export_member(result.run_dir, staging / f"member_{k}", member_config)
+            _barrier()  # and the export is complete before anyone goes on
         if writer:
             info = _strict({"members": members, "best": [r.best for r in results]})
             write_manifest(staging, config.channel, info=info)
@@ -614,6 +684,7 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
     finally:
         if writer:
             shutil.rmtree(staging, ignore_errors=True)
+    shutdown_distributed()  # after rank 0 wrote the ensemble; then every rank's group ends cleanly
     return results
 
 

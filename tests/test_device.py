@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from fusecare.device import resolve_device
+from fusecare.device import inference_device, resolve_device
 from fusecare.errors import FuseCareError
 
 
@@ -35,3 +37,23 @@ def test_cuda_by_name_without_cuda_is_one_clear_error(monkeypatch):
 def test_unknown_device_names_the_choices():
     with pytest.raises(FuseCareError, match="unknown device 'tpu9'; use auto, cpu, cuda or cuda:N"):
         resolve_device("tpu9")
+
+
+def test_auto_without_cuda_is_one_loud_warning_for_inference(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device("auto") == torch.device("cpu")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "NO USABLE GPU" in record.getMessage()
+    caplog.clear()
+    assert inference_device("cpu") == torch.device("cpu") and not caplog.records
+
+
+def test_a_cuda_that_fails_its_probe_is_named(monkeypatch, caplog, fake_cuda):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+    assert inference_device("auto") == torch.device("cuda") and not caplog.records  # the probe passes
+    monkeypatch.setattr(torch.Tensor, "to", broken)
+    assert inference_device("auto") == torch.device("cpu")
+    assert "no kernel image" in caplog.text and "NO USABLE GPU" in caplog.text
+    with pytest.raises(FuseCareError, match="'cuda' requested but unusable: .*no kernel image"):
+        inference_device("cuda")

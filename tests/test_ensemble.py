@@ -182,3 +182,32 @@ def test_fp16_autocast_is_enabled_on_cuda_when_asked(tmp_path, rng, fake_cuda, a
     out = ensemble.predict_block(rng.random((8, 16, 16), dtype=np.float32))
     assert out.shape == (2, 8, 16, 16)
     assert autocast_calls == [{"device_type": "cuda", "dtype": torch.float16, "enabled": fp16}] * 2
+
+
+def test_non_finite_float16_blocks_are_redone_in_float32(tmp_path, rng, fake_cuda, monkeypatch, caplog):
+    """A member that overflows under float16 autocast gives a finite float32 block, one warning."""
+    from fusecare.model import CareUNet
+
+    half = []
+
+    @contextlib.contextmanager
+    def autocast(device_type: str, dtype: torch.dtype | None = None, enabled: bool = True, **_: object):
+        half.append(enabled and dtype == torch.float16)
+        try:
+            yield
+        finally:
+            half.pop()
+
+    real_forward = CareUNet.forward
+
+    def overflowing(self, x):
+        out = real_forward(self, x)
+        return out * float("inf") if half and half[-1] else out
+    monkeypatch.setattr(torch, "autocast", autocast)
+    monkeypatch.setattr(CareUNet, "forward", overflowing)
+    block = rng.random((8, 16, 16), dtype=np.float32)
+    folder = make_tiny_ensemble(tmp_path, "nucleus")
+    fp32 = load_ensemble(folder, device="auto", fp16=False).predict_block(block)
+    fp16 = load_ensemble(folder, device="auto", fp16=True).predict_block(block)
+    np.testing.assert_array_equal(fp16, fp32)
+    assert caplog.text.count("redone in float32") == 2  # one per member

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from fusecare.gate import (
@@ -12,10 +13,13 @@ from fusecare.gate import (
     GateConfig,
     consistency_map,
     gate_fields,
+    gate_fields_torch,
     gate_weight,
     gated,
     gated_fields,
+    gated_fields_torch,
     smooth,
+    smooth_torch,
 )
 from fusecare.metrics import score_ssim
 from fusecare.normalize import PercentileNorm
@@ -128,3 +132,37 @@ def test_consistency_map_is_zero_for_a_detail_only_change(rng):
     shift = consistency_map(x + 2.0 * detail, x, 4.0)
     bright = consistency_map(x + 0.2, x, 4.0)
     assert shift.max() < 0.1 * bright.min()
+
+
+# --------------------------------------------------------------------------- the torch twin
+
+
+@pytest.mark.parametrize("sigma", [0.45, 0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("shape", [(5, 9, 11), (3, 40, 2)])  # axes shorter than the kernel's reach too
+def test_torch_smoothing_equals_scipy_reflect(rng, sigma, shape):
+    x = rng.random(shape).astype(np.float32) * 3 - 1
+    got = smooth_torch(torch.from_numpy(x), sigma).numpy()
+    np.testing.assert_allclose(got, smooth(x, sigma), atol=1e-5, rtol=0)
+    tensor = torch.from_numpy(x)
+    assert smooth_torch(tensor, 0.0) is tensor
+
+
+@pytest.mark.parametrize("gate", [
+    GateConfig(),
+    GateConfig(spread_scale=1.0, spread_sigma=2.0, prediction_sigma=0.5),  # the shipped membrane gate
+    GateConfig(spread_scale=0.2, blend=0.7, spread_sigma=1.0, fallback_sigma=0.45, prediction_sigma=0.5,
+               consistency_scale=0.1, consistency_sigma=4.0),
+    GateConfig(spread_scale=0.05, consistency_scale=0.3, consistency_sigma=2.0),
+    GateConfig(blend=0.0, fallback_sigma=0.8),
+])
+def test_torch_gate_equals_the_numpy_gate(rng, gate):
+    shape = (12, 30, 26)
+    block = rng.normal(0.3, 0.4, shape).astype(np.float32)
+    mean = (block + rng.normal(0, 0.1, shape)).astype(np.float32)
+    spread = np.abs(rng.normal(0, 0.1, shape)).astype(np.float32)
+    fields = gate_fields(gate, block, mean, spread)
+    fields_t = gate_fields_torch(gate, *(torch.from_numpy(a) for a in (block, mean, spread)))
+    np.testing.assert_allclose(fields_t.numpy(), fields, atol=1e-5, rtol=0)
+    core = (slice(None), slice(2, 10), slice(5, 25), slice(3, 20))
+    np.testing.assert_allclose(gated_fields_torch(fields_t[core], gate).numpy(),
+                               gated_fields(fields[core], gate), atol=1e-5, rtol=0)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
+import tifffile
 import torch
 from scipy import ndimage
 
@@ -11,17 +15,23 @@ from fusecare.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restore import (
+    BUDGET_SAFETY,
+    FULL_MODE,
+    INPUT_MODE,
+    Cheaper,
+    Deadline,
     HEADROOM,
     UNCERTAINTY_UNIT,
     ConstantVolumeError,
     NonFinitePredictionError,
     Uint16Map,
-    halve_tile,
+    shrink_core,
     input_as_uint16,
     replace_non_finite,
     required_memory,
     restore_volume,
 )
+from fusecare.tiling import tile_grid
 
 TILING = {"tile": (16, 32, 32), "margin": 4, "align": 4}
 
@@ -122,23 +132,35 @@ def _oom_above(limit: int):
     return predict, calls
 
 
-def test_out_of_memory_halves_the_tile_once(volume):
+def _cores(tile, shape, margin=4, align=4):
+    return [n if t >= -(-n // align) * align else t - 2 * margin for n, t in zip(shape, tile)]
+
+
+def test_out_of_memory_shrinks_the_core_and_keeps_the_margins(volume, caplog):
     predict, calls = _oom_above(16 * 24 * 24)
     restored = restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
     np.testing.assert_array_equal(restored.output, volume)
-    assert restored.tile == (12, 24, 24) and calls[0] == (16, 48, 40)
+    assert calls[0] == (16, 48, 40) and restored.tile == (16, 16, 28)  # y core 40 -> 20, x 40 -> 20, y 20 -> 8
+    assert all(c >= 2 * 4 for c in _cores(restored.tile, volume.shape))
+    assert caplog.text.count("CUDA out of memory with tile") == 3
 
 
-def test_out_of_memory_twice_raises(volume):
-    predict, _ = _oom_above(100)
+def test_out_of_memory_at_the_floor_raises(volume):
+    predict, calls = _oom_above(100)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
-        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
+        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4, max_oom_retries=50)
+    assert len(calls) <= 6  # cores of 8 per axis reached in a few halvings, then it stops
+    assert all(c >= 8 for shape in calls for c, n in zip(_cores(shape, volume.shape), volume.shape) if c < n)
 
 
-def test_halve_tile_respects_alignment_and_minimum():
-    assert halve_tile((96, 256, 256), align=4, minimum=52) == (52, 128, 128)
-    assert halve_tile((52, 52, 52), align=4, minimum=52) == (52, 52, 52)
-    assert halve_tile((16, 256, 256), align=4, minimum=52) == (16, 128, 128)  # never grows
+def test_shrink_core_bounds_the_overhead_of_the_shipped_tile():
+    tile, shape, margin = (112, 272, 272), (309, 1920, 1920), 28
+    seen = [tile]
+    while (smaller := shrink_core(seen[-1], shape, margin=margin, align=4)) != seen[-1]:
+        seen.append(smaller)
+    assert seen[1] == (112, 164, 272) and seen[-1] == (112, 112, 112)
+    assert all(t - 2 * margin >= 2 * margin for t in seen[-1])  # at most 8x the core computed
+    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)  # z is one tile of 16: not split
 
 
 def test_input_as_uint16_keeps_values_or_maps_positively(rng):
@@ -320,3 +342,143 @@ def test_rescale_float_leaves_ordinary_volumes_alone(volume):
     floats = volume.astype(np.float32)
     assert rescale_float(floats, "x") is floats
     assert rescale_float(volume, "x") is volume
+
+
+# --------------------------------------------------------------------------- the time budget
+
+
+class FakeClock:
+    """Time that passes only when a fake predictor says so: budget tests without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow(clock: FakeClock, seconds: float, offset: float):
+    def predict(x: np.ndarray) -> np.ndarray:
+        clock.now += seconds
+        return np.stack([x + offset, np.zeros_like(x)])
+    return predict
+
+
+def _tiles(volume) -> int:
+    return len(tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"]))
+
+
+def test_budget_finishes_in_the_cheaper_mode_within_the_deadline(volume, caplog):
+    clock = FakeClock()
+    n = _tiles(volume)
+    assert n >= 4
+    deadline = Deadline.after(10.0 * 2 + 5.0 * (n - 2) * BUDGET_SAFETY + 1, clock)  # all members cannot finish, half of them can
+    cheaper = Cheaper("1 of 2 members", _slow(clock, 5.0, 0.1), 0.5)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
+                              name="slow.tif")
+    assert clock.now <= deadline.at
+    assert restored.modes == {FULL_MODE: 1, "1 of 2 members": n - 1}  # projected after the first tile
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "case slow.tif over its time budget" in line and "1 of 2 members" in line
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+def test_budget_writes_the_input_for_tiles_that_cannot_fit(volume, caplog):
+    clock = FakeClock()
+    n = _tiles(volume)
+    deadline = Deadline.after(25.0, clock)  # 2 tiles of 10 s, then nothing fits, not even the cheaper mode
+    cheaper = Cheaper("fewer members", _slow(clock, 5.0, 0.1), 0.5)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
+                              name="slow.tif")
+    assert clock.now <= deadline.at
+    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: n - 1}
+    changed = restored.output != volume
+    assert changed.any() and not changed.all()  # the first core restored, the rest is the input itself
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "case slow.tif over its time budget" in line and f"remaining {n - 1} of {n} tile(s)" in line
+
+
+@pytest.mark.parametrize("gate", [None, GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.5)])
+def test_budget_spent_before_the_first_tile_gives_the_input_itself(volume, caplog, gate):
+    clock = FakeClock()
+    deadline = Deadline.after(-1.0, clock)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, gate=gate,
+                              with_uncertainty=True)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert not restored.uncertainty.any() and list(restored.modes) == [INPUT_MODE]
+    assert clock.now == 1000.0 and "before the first tile" in caplog.text
+
+
+def test_within_budget_nothing_changes(volume, caplog):
+    clock = FakeClock()
+    plain = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING)
+    timed = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, deadline=Deadline.after(1e6, clock))
+    np.testing.assert_array_equal(plain.output, timed.output)
+    assert timed.modes == {FULL_MODE: _tiles(volume)} and not caplog.records
+
+
+# --------------------------------------------------------------------------- the gate on the device
+
+
+def _members(x):
+    return x + 0.1 * np.sin(3 * x), 0.05 * np.abs(np.cos(5 * x))
+
+
+def _members_numpy(x: np.ndarray) -> np.ndarray:
+    return np.stack(_members(x)).astype(np.float32)
+
+
+def _members_torch(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x + 0.1 * torch.sin(3 * x), 0.05 * torch.abs(torch.cos(5 * x))])
+
+
+@pytest.mark.parametrize("gate", [
+    None,
+    GateConfig(spread_scale=1.0, spread_sigma=2.0, prediction_sigma=0.5),
+    GateConfig(spread_scale=0.05, blend=0.8, spread_sigma=1.0, fallback_sigma=0.5, consistency_scale=0.05,
+               consistency_sigma=2.0),
+])
+def test_device_path_equals_the_host_path(rng, gate):
+    volume = rng.integers(100, 40000, size=(20, 50, 40)).astype(np.uint16)  # no headroom: stretched map
+    host = restore_volume(volume, _members_numpy, **TILING, gate=gate, with_uncertainty=True)
+    device = restore_volume(volume, _members_torch, **TILING, gate=gate, with_uncertainty=True,
+                            device=torch.device("cpu"))
+    for a, b in ((host.output, device.output), (host.uncertainty, device.uncertainty)):
+        difference = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * a.size  # float32 rounding flips
+    assert host.clipped == device.clipped
+
+
+def test_device_path_writes_the_input_for_tiles_over_budget(volume):
+    clock = FakeClock()
+    restored = restore_volume(volume, _members_torch, **TILING, device=torch.device("cpu"),
+                              gate=GateConfig(spread_sigma=1.0), deadline=Deadline.after(-1, clock))
+    np.testing.assert_array_equal(restored.output, volume)
+
+
+def test_device_path_refuses_non_finite_predictions(volume):
+    with pytest.raises(NonFinitePredictionError):
+        restore_volume(volume, lambda x: torch.stack([x / 0.0, x]), **TILING, device=torch.device("cpu"))
+
+
+def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request):
+    """Under fake CUDA the case goes through ``predict_tensor`` and the torch gate; the output
+    matches the host path's to float32 rounding."""
+    from conftest import make_tiny_ensemble, write_fmc_tif
+
+    from fusecare.ensemble import Ensemble
+    from fusecare.restore import RestoreOptions, restore_folder
+
+    weights = tmp_path / "weights"
+    make_tiny_ensemble(weights, "nucleus", gate_scale=0.05)
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 4000, size=(12, 40, 40)).astype(np.uint16))
+    options = RestoreOptions(tile=(8, 32, 32), progress=False)
+    [host] = restore_folder(tmp_path / "in", tmp_path / "host", weights, dataclasses.replace(options, device="cpu"))
+    request.getfixturevalue("fake_cuda")
+    calls = []
+    real = Ensemble.predict_tensor
+    monkeypatch.setattr(Ensemble, "predict_tensor", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    [device] = restore_folder(tmp_path / "in", tmp_path / "device", weights, dataclasses.replace(options, device="cuda"))
+    assert host.status == device.status == "restored" and calls
+    a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
+    assert np.abs(a - b).max() <= 1

@@ -21,6 +21,7 @@ from fusecare.errors import ConfigError, InputError
 from fusecare.metrics import ssim
 from fusecare.model import ModelConfig
 from fusecare.training import (
+    _rank_rng,
     RealPairs,
     SimulatedPairs,
     TrainConfig,
@@ -137,18 +138,43 @@ def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def _torchrun(tmp_path: Path, config: Path, nproc: int, *extra: str, port: int = 29517) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return subprocess.run(
+        [sys.executable, *(launcher if nproc > 1 else []), "-m", "train", "--config", config,
+         "--runs", tmp_path / "runs", "--weights", tmp_path / "w", "--quiet", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
 @pytest.mark.slow
-def test_ddp_with_two_gloo_processes_trains_one_member(tmp_path):
+def test_ddp_with_two_gloo_processes_trains_and_resumes_with_another_world_size(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "train", "--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w", "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    result = _torchrun(tmp_path, config, 2)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "w" / "nucleus" / "manifest.json").is_file()
     assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 1
+    last = torch.load(tmp_path / "runs" / "nucleus" / "member_0" / "last.pt", weights_only=False)
+    assert last["step"] == 2 and len(last["rng"]) == 2 and last["rng"][0] != last["rng"][1]  # every rank's stream
+    # resumed by one process: rank 0's stream and the step go on, the log continues
+    config.write_text(json.dumps({**TINY, "steps": 4, "validate_every": 2}))
+    result = _torchrun(tmp_path, config, 1, "--resume", "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "nucleus" / "member_0" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4] and np.isfinite(float(rows[1]["loss"]))
+    last = torch.load(tmp_path / "runs" / "nucleus" / "member_0" / "last.pt", weights_only=False)
+    assert last["step"] == 4 and len(last["rng"]) == 1
+
+
+def test_resumed_ranks_draw_their_own_streams():
+    config = tiny()
+    saved = [np.random.default_rng(7).bit_generator.state]
+    first = _rank_rng(config, 0, saved, 10)
+    assert first.bit_generator.state == saved[0]  # rank 0 continues where it stopped
+    new = [_rank_rng(config, r, saved, 10).random() for r in (1, 2)]  # ranks the checkpoint lacked
+    fresh = [_rank_rng(config, r, None, 0).random() for r in (0, 1, 2)]
+    assert len({first.random(), *new, *fresh}) == 6  # no stream repeats another
 
 
 def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
