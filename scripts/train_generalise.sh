@@ -18,3 +18,10 @@ for (( steps = phase; steps <= final; steps += phase )); do
             --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --overwrite --quiet
     done
 done
+# Calibrate each final ensemble's safety net on the validation volumes (checkpoints were chosen
+# there too); ship with: cp -r "$runs/weights/<channel>" model_weights/ (after comparing, on the
+# validation numbers the manifest records, with what model_weights/ holds now).
+for channel in membrane nucleus; do
+    "$python" -m train --config "train/configs/generalise_${channel}.json" --weights "$runs/weights" \
+        --calibrate-only --quiet
+done
