@@ -82,7 +82,8 @@ def write_manifest(ensemble_dir: Path, channel: str, *, gate: GateConfig | None 
 # --------------------------------------------------------------------------- loading
 
 
-def _read_manifest(ensemble_dir: Path) -> dict[str, Any]:
+def read_manifest(ensemble_dir: Path) -> dict[str, Any]:
+    """An ensemble's manifest, checked to be one (``WeightsError`` naming the file otherwise)."""
     path = ensemble_dir / MANIFEST
     if not path.is_file():
         raise WeightsError(f"no {MANIFEST} in {ensemble_dir}")
@@ -225,7 +226,7 @@ def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu
     ensemble_dir = Path(ensemble_dir)
     if not ensemble_dir.is_dir():
         raise WeightsError(f"no weights folder {ensemble_dir}")
-    manifest = _read_manifest(ensemble_dir)
+    manifest = read_manifest(ensemble_dir)
     verify_manifest(ensemble_dir, manifest)
     device = resolve_device(device) if isinstance(device, str) else device
     members = [load_member(ensemble_dir / m, device) for m in manifest["members"]]

@@ -33,7 +33,7 @@ from fusecare.config import Config, param
 from fusecare.data import PairPatches, PatchConfigView, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.device import resolve_device
 from fusecare.calibration import GateCandidate, calibrate_gate, cross_validate, predict_validation
-from fusecare.ensemble import MANIFEST, Ensemble, load_ensemble, save_member, write_manifest
+from fusecare.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, save_member, write_manifest
 from fusecare.errors import ConfigError, InputError, TrainingError, WeightsError
 from fusecare.gate import GateConfig
 from fusecare.io import CHANNELS, NUCLEUS, CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
@@ -694,15 +694,9 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
 
     ``WeightsError`` when ``folder`` holds no ensemble (no readable manifest).
     """
-    path = folder / MANIFEST
-    if not path.is_file():
+    if not (folder / MANIFEST).is_file():
         raise WeightsError(f"no ensemble to calibrate in {folder} (no {MANIFEST}); train one first")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise WeightsError(f"{path}: not an ensemble manifest")
+    manifest = read_manifest(folder)
     if info is None:
         info = manifest.get("info", {})
     gate, table = calibrate_ensemble_gate(folder, validation, device=device, progress=progress)
