@@ -30,8 +30,6 @@ if (($# > 0)); then
 fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# shellcheck source=container_engine.sh
-source scripts/container_engine.sh
 
 shopt -s nullglob
 manifests=(model_weights/*/manifest.json)
@@ -44,6 +42,9 @@ if ((${#manifests[@]} == 0)); then
     echo "warning: building without weights (ALLOW_NO_WEIGHTS=1): every case falls back to its input" >&2
     mkdir -p model_weights
 fi
+
+# shellcheck source=container_engine.sh
+source scripts/container_engine.sh
 
 if [[ "${WHEELS:-0}" == "1" ]]; then
     echo "filling wheels/ from requirements-image.txt"
