@@ -24,7 +24,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # requirements-image.txt: inference.py's run-time imports only (no training, scoring, reports or
-# model-zoo export: about 1 GB less), each line as in requirements.txt. Its torch pin is for
+# model-zoo export: about 0.9 GB less), each line as in requirements.txt. Its torch pin is for
 # development machines and the CPU image; installing it over the CUDA base would replace the
 # image's CUDA 12 torch with another build (gigabytes, possibly a CUDA the driver lacks). So the
 # torch line is dropped, and torch is held with a constraints file: the base's own under
