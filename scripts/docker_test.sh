@@ -6,7 +6,12 @@
 #   SAMPLES_DIR defaults to samples/input (its *.tif/*.tiff become the input cases).
 # Environment: DOCKER_GPUS (default "all"; empty: no --gpus, for machines without a GPU),
 #   DOCKER_MEMORY (default 15g, the challenge's machine less its reserve),
-#   KEEP=1 to keep the temporary in/out folders for inspection.
+#   KEEP=1 to keep the temporary in/out folders for inspection;
+#   CONTAINER_ENGINE, PODMAN_FLAGS, CONTAINER_ULIMITS (scripts/container_engine.sh: docker or
+#   podman, with podman's flags for machines like ours).
+# The run: no network, /input read-only, /output writable, an empty volume on /tmp, the image's
+#   non-root user. Exit status: the container's (0 every case written, 1 a case unreadable),
+#   or 1 when the check of the outputs finds one missing or wrong.
 set -euo pipefail
 
 usage() {
@@ -19,6 +24,8 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=container_engine.sh
+source scripts/container_engine.sh
 image="${1:-fusecare:latest}"
 samples="${2:-samples/input}"
 gpus="${DOCKER_GPUS-all}"
@@ -32,23 +39,25 @@ if ((${#inputs[@]} == 0)); then
     exit 2
 fi
 
-if ! docker image inspect "$image" > /dev/null 2>&1; then
+if ! "${engine[@]}" image inspect "$image" > /dev/null 2>&1; then
     scripts/docker_build.sh "$image"
 fi
 
 work="$(mktemp -d)"
 in_dir="$work/in/images/fluorescence-lightsheet-3D-microscopy"
 out_dir="$work/out"
-mkdir -p "$in_dir" "$out_dir"
+tmp_dir="$work/tmp"
+mkdir -p "$in_dir" "$out_dir" "$tmp_dir"
 cp -- "${inputs[@]}" "$in_dir/"
 chmod -R a+rX "$work/in"
-chmod 0777 "$out_dir" # the container's user (uid 1001) writes here
+chmod 0777 "$out_dir"  # the container's user (uid 1001) writes here
+chmod 1777 "$tmp_dir"  # its scratch volume on /tmp
 
 # shellcheck disable=SC2317,SC2329 # reached through the EXIT trap
 cleanup() {
     # Outputs belong to the container's user: make them removable by us before removing.
-    docker run --rm --network none --entrypoint chmod -v "$out_dir:/output" "$image" \
-        -R a+rwX /output > /dev/null 2>&1 || true
+    "${engine[@]}" run --rm ${limit_args[@]+"${limit_args[@]}"} --network none --entrypoint chmod \
+        -v "$out_dir:/output" -v "$tmp_dir:/tmp" "$image" -R a+rwX /output /tmp > /dev/null 2>&1 || true
     if [[ "${KEEP:-0}" == "1" ]]; then
         echo "kept $work"
     else
@@ -62,11 +71,12 @@ if [[ -n "$gpus" ]]; then
     gpu_args=(--gpus "$gpus")
 fi
 
-echo "running $image on ${#inputs[@]} case(s) from $samples"
+echo "running $image with $engine_name on ${#inputs[@]} case(s) from $samples"
 start=$SECONDS
 status=0
-docker run --rm ${gpu_args[@]+"${gpu_args[@]}"} --network none --shm-size 2g --memory "$memory" \
-    -v "$work/in:/input:ro" -v "$out_dir:/output" "$image" || status=$?
+"${engine[@]}" run --rm ${gpu_args[@]+"${gpu_args[@]}"} ${limit_args[@]+"${limit_args[@]}"} \
+    --network none --shm-size 2g --memory "$memory" \
+    -v "$work/in:/input:ro" -v "$out_dir:/output" -v "$tmp_dir:/tmp" "$image" || status=$?
 echo "container exited with status $status after $((SECONDS - start)) s"
 
 read -r -d '' check << 'PY' || true
@@ -94,6 +104,6 @@ print(f"{'PASS' if not bad else 'FAIL'}: {bad} problem(s)")
 sys.exit(1 if bad else 0)
 PY
 
-docker run --rm --network none --entrypoint python -v "$work/in:/input:ro" -v "$out_dir:/output:ro" \
-    "$image" -c "$check" || status=1
+"${engine[@]}" run --rm ${limit_args[@]+"${limit_args[@]}"} --network none --entrypoint python \
+    -v "$work/in:/input:ro" -v "$out_dir:/output:ro" "$image" -c "$check" || status=1
 exit "$status"
