@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fusecare.cli import add_logging_arguments, configure_logging
 from fusecare.ensemble import WEIGHTS_ENV
 from fusecare.errors import FuseCareError
-from fusecare.restore import DEFAULT_TIME_BUDGET, RestoreOptions, restore_folder
+from fusecare.pipeline import DEFAULT_TIME_BUDGET, RestoreOptions, restore_folder
 
 GC_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
 GC_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
