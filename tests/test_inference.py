@@ -21,8 +21,9 @@ import tifffile
 import torch
 from conftest import REPO, make_tiny_ensemble, write_fmc_tif
 
-from fusecare.ensemble import WEIGHTS_ENV, Ensemble
+from fusecare.ensemble import Ensemble
 from fusecare.pipeline import MAX_OOM_RETRIES
+from fusecare.weights import WEIGHTS_ENV
 
 GC_INPUT = "/input/images/fluorescence-lightsheet-3D-microscopy"
 GC_OUTPUT = "/output/images/fused-fluorescence-lightsheet-3D-microscopy"
@@ -447,7 +448,7 @@ def test_empty_input_folder_exits_2_with_a_clear_message(tmp_path, tiny_weights,
 def test_missing_input_folder_exits_2_with_a_clear_message(tmp_path, tiny_weights, inference, caplog):
     assert inference.main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"),
                            "--weights", str(tiny_weights)]) == 2
-    assert any("input folder not found" in r.getMessage() for r in caplog.records)
+    assert any("input not found" in r.getMessage() for r in caplog.records)
 
 
 def test_empty_input_folder_subprocess_says_so_on_stderr(tmp_path, tiny_weights):
@@ -579,7 +580,6 @@ def test_explicit_missing_weights_is_a_usage_error(tmp_path, inference, caplog):
 
 
 def test_default_missing_weights_keeps_the_do_no_harm_fallback(tmp_path, inference, monkeypatch):
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", tmp_path / "absent")
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "absent"))  # as the Dockerfile sets it
     inp, out = tmp_path / "in", tmp_path / "out"
     original = volume(26)
