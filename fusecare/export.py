@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from fusecare.ensemble import Ensemble, load_ensemble
-from fusecare.constants import CHANNELS
-from fusecare.errors import ExportError, FuseCareError
+from fusecare.errors import ExportError
 from fusecare.model import ModelConfig
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm
 

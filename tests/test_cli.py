@@ -184,6 +184,7 @@ def test_score_arrays_as_the_command_scores_a_case():
     assert better["n_ssim"] > 0 and set(better) == {"ssim_input", "ssim_pred", "n_ssim"}
 
 
+@pytest.mark.slow
 def test_the_readme_python_example_runs():
     """The README's example, as written there, on the shipped weights."""
     readme = (REPO / "README.md").read_text()
@@ -241,3 +242,13 @@ def test_wheel_carries_the_weights_and_the_command(tmp_path):
     assert shipped <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fusecare = fusecare.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_tests():
+    """CI = the README's command (all but slow) + the slow tests: the whole suite, the README's
+    command verbatim, so the two cannot drift apart."""
+    readme = (REPO / "README.md").read_text()
+    [command] = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert command in ci and '-m "not slow"' in command
+    assert ".venv/bin/python -m pytest -q -m slow" in ci[ci.index(command) + 1:]
