@@ -144,7 +144,7 @@ def build_parser(prog: str = "fusecare predict") -> argparse.ArgumentParser:
 
 def check_inputs(paths: Sequence[Path]) -> None:
     """``UsageError`` (one line) for a path that is neither a TIFF file nor a folder, or a folder
-    without any TIFF; numpy and torch stay unimported (only ``fusecare.io``'s listing is used)."""
+    without any TIFF. Torch stays unimported: ``fusecare.io``'s listing needs only numpy and tifffile."""
     from fusecare.io import tiff_files
 
     for path in paths:
