@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from fusecare.restore import DEFAULT_TILE, restore_volume
+    from fusecare.pipeline import DEFAULT_TILE, restore_volume
     from fusecare.tiling import pad_to_multiple
 
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def main() -> None:
         voxels = math.prod(args.shape)
         for mode in args.modes.split(","):
             if mode == "whole" and args.device == "cpu":
-                from fusecare.restore import available_memory
+                from fusecare.pipeline import available_memory
                 need = voxels * WHOLE_BYTES_PER_VOXEL
                 if need > 0.8 * available_memory():
                     print(f"whole: skipped, needs about {need / 1e9:.0f} GB ({WHOLE_BYTES_PER_VOXEL} B/voxel), "

@@ -35,8 +35,6 @@ MANIFEST = "manifest.json"
 MEMBER_CONFIG = "config.json"
 MEMBER_WEIGHTS = "weights.pt"
 MANIFEST_FORMAT = "fusecare-ensemble/1"
-WEIGHTS_ENV = "FUSECARE_WEIGHTS"
-"""Environment variable naming the weights folder (default: ``model_weights`` beside the code)."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

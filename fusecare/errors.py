@@ -29,3 +29,11 @@ class TrainingError(FuseCareError):
 
 class ExportError(FuseCareError):
     """A model cannot be exported (nothing to export, not expressible, output folder in the way)."""
+
+
+class UsageError(FuseCareError):
+    """A command line asks for something impossible (a missing path, a folder with no TIFF, ...).
+
+    Raised by the argument checks that run before torch is imported, so a typo costs a fraction
+    of a second, not the seconds torch takes to load; entry points turn it into exit status 2.
+    """

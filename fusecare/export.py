@@ -26,7 +26,6 @@ Exit status 0, 1 when the written package fails ``test_model`` (it is removed), 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -41,20 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusecare.cli import add_logging_arguments, configure_logging
-from fusecare.ensemble import WEIGHTS_ENV, Ensemble, load_ensemble
-from fusecare.errors import ExportError, FuseCareError
+from fusecare.ensemble import Ensemble, load_ensemble
+from fusecare.errors import ExportError
 from fusecare.model import ModelConfig
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO / "model_weights"
 MODEL_CARD = REPO / "MODEL_CARD.md"
 SAMPLES = REPO / "samples" / "input"
 ARCHITECTURE = Path(__file__).with_name("zoo_arch.py")
-CHANNELS = ("nucleus", "membrane")
 
 EXPRESSIBLE_FIELDS: tuple[str, ...] = (
     "depth", "first_filters", "kernel_size", "convs_per_level", "residual", "probabilistic")
@@ -358,26 +354,6 @@ def test_package(path: Path) -> str | None:
 # --------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fusecare.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    bio = formats.add_parser("bioimageio", help="a BioImage Model Zoo package (zip) per channel")
-    bio.add_argument("--channel", choices=CHANNELS, action="append", required=True,
-                     help="channel to export (repeat for both)")
-    bio.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the zip(s)")
-    bio.add_argument("--weights", type=Path, default=Path(os.environ.get(WEIGHTS_ENV, DEFAULT_WEIGHTS)),
-                     metavar="DIR", help=f"folder with one ensemble per channel (env {WEIGHTS_ENV}; default %(default)s)")
-    bio.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
-    bio.add_argument("--model-card", type=Path, metavar="MD",
-                     help="model card to quote in the package's Validation section "
-                          "(default: MODEL_CARD.md for the shipped weights, none for others)")
-    bio.add_argument("--no-test", dest="test", action="store_false",
-                     help="skip bioimageio.core's test_model on the written package")
-    add_logging_arguments(bio)
-    return parser
-
-
 def _quiet_bioimageio(debug: bool) -> None:
     """bioimageio logs through loguru at INFO; keep stderr to our own lines unless --debug."""
     try:
@@ -389,24 +365,10 @@ def _quiet_bioimageio(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(quiet=args.quiet, debug=args.debug)
-    _quiet_bioimageio(args.debug)
-    model_card = args.model_card
-    if model_card is None and args.weights.resolve() == DEFAULT_WEIGHTS.resolve():
-        model_card = MODEL_CARD
-    try:
-        check_output_folder(args.output, args.overwrite)
-        for channel in dict.fromkeys(args.channel):
-            export_bioimageio(channel, args.weights, args.output, overwrite=True, test=args.test,
-                              model_card=model_card)
-    except ExportError as exc:
-        log.error("%s", exc)
-        return 1 if "failed bioimageio.core" in str(exc) else 2
-    except FuseCareError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
+    """``python -m fusecare.export``: the same command as ``fusecare export`` (``fusecare/cli/export.py``)."""
+    from fusecare.cli.export import build_parser, run
+
+    return run(build_parser("python -m fusecare.export").parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,11 @@ from typing import Any, Self
 import numpy as np
 import tifffile
 
+from fusecare.constants import CHANNELS, MEMBRANE, NUCLEUS, TIFF_SUFFIXES
 from fusecare.errors import InputError
 
 log = logging.getLogger(__name__)
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-NUCLEUS, MEMBRANE = "nucleus", "membrane"
-CHANNELS = (NUCLEUS, MEMBRANE)
 
 DEFAULT_VOXEL_SIZE_UM = 1.0
 """Voxel size assumed for an axis whose size is missing, not a number, or out of range."""

@@ -52,17 +52,15 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
 from .errors import InputError, WeightsError
-from .io import MEMBRANE, NUCLEUS
+from .constants import IOU_MODES, MEMBRANE, MODELS_ENV, NUCLEUS
 
 log = logging.getLogger(__name__)
 
 IouMode = Literal["foreground", "instance"]
-IOU_MODES: tuple[str, ...] = ("foreground", "instance")
 
 BUILTIN_MODELS: dict[str, str] = {NUCLEUS: "nuclei", MEMBRANE: "cyto3"}
 """Cellpose model per channel, as the organisers use them."""
 
-MODELS_ENV = "CELLPOSE_LOCAL_MODELS_PATH"
 _BUILTIN_FILES: dict[str, tuple[str, str]] = {
     "nuclei": ("nucleitorch_0", "size_nucleitorch_0.npy"),
     "cyto3": ("cyto3", "size_cyto3.npy"),

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.restore import Deadline, restore_volume  # noqa: E402
+from fusecare.pipeline import Deadline, restore_volume  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 

@@ -89,3 +89,24 @@ def write_fmc_tif(path: Path, volume: np.ndarray, **metadata: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, volume, metadata=md, photometric="minisblack")
     return path
+
+
+# --------------------------------------------------------------------------- test levels
+
+LEVELS: dict[str, str] = {
+    # e2e: a command run as a user runs it (subprocesses, the container contract, shipped weights)
+    "test_cli": "e2e", "test_container": "e2e", "test_fuzz": "e2e", "test_gpu_check": "e2e",
+    "test_inference": "e2e", "test_model_weights": "e2e",
+    # integration: several modules together (a case end to end in memory, training, scoring, export)
+    "test_calibration": "integration", "test_data": "integration", "test_ensemble": "integration",
+    "test_evaluate": "integration", "test_export": "integration", "test_report": "integration",
+    "test_restore": "integration", "test_segment": "integration", "test_training": "integration",
+}
+"""Test module -> level; every other module is ``unit`` (one module, small arrays, no subprocess).
+Markers rather than folders, so ``git log`` of each test file stays whole; select a level with
+``-m unit``, ``-m integration`` or ``-m e2e`` (and ``-m "not slow"`` for the README's default)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, LEVELS.get(item.path.stem, "unit")))

@@ -31,6 +31,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     return path, folder
 
 
+@pytest.mark.slow
 def test_package_passes_bioimageio_core_test_model(exported):
     from bioimageio.core import test_model
 

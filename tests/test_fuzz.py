@@ -24,7 +24,7 @@ import tifffile
 from conftest import REPO, make_tiny_ensemble, write_fmc_tif
 
 from fusecare.data import discover_fmc_pairs
-from fusecare.ensemble import WEIGHTS_ENV
+from fusecare.weights import WEIGHTS_ENV
 
 SHAPE = (8, 32, 32)
 SEED = 20260

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, make_tiny_ensemble
 
 
@@ -23,6 +25,7 @@ def test_help_is_clean():
     assert result.returncode == 0 and "--dry-run" in result.stdout and not result.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_on_cpu_reports_every_step(tmp_path, capsys):
     weights = make_tiny_ensemble(tmp_path, "membrane", gate_scale=0.1)
     assert _script().main(["--dry-run", "--device", "cpu", "--weights", str(weights)]) == 0

@@ -21,8 +21,9 @@ import tifffile
 import torch
 from conftest import REPO, make_tiny_ensemble, write_fmc_tif
 
-from fusecare.ensemble import WEIGHTS_ENV, Ensemble
-from fusecare.restore import MAX_OOM_RETRIES
+from fusecare.ensemble import Ensemble
+from fusecare.pipeline import MAX_OOM_RETRIES
+from fusecare.weights import WEIGHTS_ENV
 
 GC_INPUT = "/input/images/fluorescence-lightsheet-3D-microscopy"
 GC_OUTPUT = "/output/images/fused-fluorescence-lightsheet-3D-microscopy"
@@ -447,7 +448,7 @@ def test_empty_input_folder_exits_2_with_a_clear_message(tmp_path, tiny_weights,
 def test_missing_input_folder_exits_2_with_a_clear_message(tmp_path, tiny_weights, inference, caplog):
     assert inference.main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"),
                            "--weights", str(tiny_weights)]) == 2
-    assert any("input folder not found" in r.getMessage() for r in caplog.records)
+    assert any("input not found" in r.getMessage() for r in caplog.records)
 
 
 def test_empty_input_folder_subprocess_says_so_on_stderr(tmp_path, tiny_weights):
@@ -480,12 +481,12 @@ def test_read_only_input_folder_works_and_nothing_is_written_into_it(tmp_path, t
 
 def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, tiny_weights, inference,
                                                                monkeypatch, caplog):
-    import fusecare.restore
+    import fusecare.pipeline
 
     def must_not_read(*args, **kwargs):
         raise AssertionError("the volume was read despite the memory limit")
 
-    monkeypatch.setattr(fusecare.restore, "read_case", must_not_read)
+    monkeypatch.setattr(fusecare.pipeline, "read_case", must_not_read)
     inp, out = tmp_path / "in", tmp_path / "out"
     write_fmc_tif(inp / "huge.tif", volume(17))
     assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
@@ -521,16 +522,16 @@ def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_pa
 
 
 def test_unexpected_reader_errors_fail_only_that_case(tmp_path, tiny_weights, inference, monkeypatch, caplog):
-    import fusecare.restore
+    import fusecare.pipeline
 
-    real = fusecare.restore.inspect_case
+    real = fusecare.pipeline.inspect_case
 
     def flaky(path):
         if path.name == "a_bad.tif":
             raise MemoryError()  # not an InputError: what a header claiming a huge image raised
         return real(path)
 
-    monkeypatch.setattr(fusecare.restore, "inspect_case", flaky)
+    monkeypatch.setattr(fusecare.pipeline, "inspect_case", flaky)
     inp, out = tmp_path / "in", tmp_path / "out"
     write_fmc_tif(inp / "a_bad.tif", volume(20))
     write_fmc_tif(inp / "b_good.tif", volume(21))
@@ -579,7 +580,6 @@ def test_explicit_missing_weights_is_a_usage_error(tmp_path, inference, caplog):
 
 
 def test_default_missing_weights_keeps_the_do_no_harm_fallback(tmp_path, inference, monkeypatch):
-    monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", tmp_path / "absent")
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "absent"))  # as the Dockerfile sets it
     inp, out = tmp_path / "in", tmp_path / "out"
     original = volume(26)
@@ -672,7 +672,7 @@ def test_time_budget_option_defaults_to_the_challenge_fit_and_refuses_nonsense(i
 
 
 def test_a_case_too_slow_for_its_budget_finishes_cheaper_and_in_time(tmp_path, monkeypatch, caplog):
-    from fusecare.restore import RestoreOptions, restore_folder
+    from fusecare.pipeline import RestoreOptions, restore_folder
 
     now = [0.0]
     weights = tmp_path / "weights"

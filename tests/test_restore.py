@@ -14,7 +14,7 @@ from scipy import ndimage
 from fusecare.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
-from fusecare.restore import (
+from fusecare.pipeline import (
     BUDGET_SAFETY,
     FULL_MODE,
     INPUT_MODE,
@@ -293,29 +293,29 @@ def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeyp
     """``--device auto`` with CUDA reported (faked: tensors stay on the CPU) loads the ensemble on
     CUDA and restores with the CUDA tile default; without CUDA, with the CPU one."""
     from conftest import write_fmc_tif
-    from fusecare import restore
+    from fusecare import pipeline
 
     if cuda:
         request.getfixturevalue("fake_cuda")
     write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 3000, (8, 32, 32)).astype(np.uint16))
     tiles: list[tuple[int, int, int]] = []
-    real = restore.restore_volume
+    real = pipeline.restore_volume
 
     def spy(volume, predict_block, **kwargs):
         tiles.append(kwargs["tile"])
         return real(volume, predict_block, **kwargs)
 
-    monkeypatch.setattr(restore, "restore_volume", spy)
-    options = restore.RestoreOptions(device="auto", gate=False, progress=False)
-    results = restore.restore_folder(tmp_path / "in", tmp_path / "out", tiny_weights, options)
+    monkeypatch.setattr(pipeline, "restore_volume", spy)
+    options = pipeline.RestoreOptions(device="auto", gate=False, progress=False)
+    results = pipeline.restore_folder(tmp_path / "in", tmp_path / "out", tiny_weights, options)
     assert [r.status for r in results] == ["restored"]
-    assert tiles == [restore.DEFAULT_TILE["cuda" if cuda else "cpu"]]
-    assert restore.DEFAULT_TILE["cuda"] != restore.DEFAULT_TILE["cpu"]
+    assert tiles == [pipeline.DEFAULT_TILE["cuda" if cuda else "cpu"]]
+    assert pipeline.DEFAULT_TILE["cuda"] != pipeline.DEFAULT_TILE["cpu"]
 
 
 def test_memory_budget_of_float32_inputs_covers_the_float_percentiles(tmp_path):
     """Float percentiles hold a float64 copy, a mask and the finite values: 17 B/voxel more."""
-    from fusecare.restore import MODEL_OVERHEAD_BYTES
+    from fusecare.pipeline import MODEL_OVERHEAD_BYTES
 
     info = CaseInfo(path=tmp_path / "f.tif", shape=(10, 100, 100), dtype=np.dtype(np.float32), meta=CaseMeta())
     per_voxel = (required_memory(info, with_uncertainty=False) - MODEL_OVERHEAD_BYTES) / 100_000
@@ -326,7 +326,7 @@ def test_memory_budget_of_float32_inputs_covers_the_float_percentiles(tmp_path):
                                                          (1e-12, 0.0, np.float64), (1e-9, 1.0, np.float64),
                                                          (1e308, -1e308, np.float64)])
 def test_rescale_float_keeps_the_structure_of_extreme_float_inputs(rng, scale, offset, dtype):
-    from fusecare.restore import rescale_float
+    from fusecare.pipeline import rescale_float
 
     base = rng.random((4, 16, 16))
     volume = (base * scale + offset).astype(dtype)
@@ -337,7 +337,7 @@ def test_rescale_float_keeps_the_structure_of_extreme_float_inputs(rng, scale, o
 
 
 def test_rescale_float_leaves_ordinary_volumes_alone(volume):
-    from fusecare.restore import rescale_float
+    from fusecare.pipeline import rescale_float
 
     floats = volume.astype(np.float32)
     assert rescale_float(floats, "x") is floats
@@ -467,7 +467,7 @@ def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request
     from conftest import make_tiny_ensemble, write_fmc_tif
 
     from fusecare.ensemble import Ensemble
-    from fusecare.restore import RestoreOptions, restore_folder
+    from fusecare.pipeline import RestoreOptions, restore_folder
 
     weights = tmp_path / "weights"
     make_tiny_ensemble(weights, "nucleus", gate_scale=0.05)

@@ -81,7 +81,7 @@ def _net_predictor(model: CareUNet):
     return predict
 
 
-@pytest.mark.parametrize("shape", [(30, 101, 90), (9, 70, 33)])
+@pytest.mark.parametrize("shape", [pytest.param((30, 101, 90), marks=pytest.mark.slow), (9, 70, 33)])
 def test_tiled_equals_untiled_for_the_care_net(rng, shape):
     torch.manual_seed(0)
     config = ModelConfig(first_filters=8)
@@ -94,6 +94,7 @@ def test_tiled_equals_untiled_for_the_care_net(rng, shape):
     assert np.abs(tiled - untiled).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_margin_below_receptive_field_shows_seams(rng):
     """The equality above has teeth: with too little context the tiles differ from untiled."""
     torch.manual_seed(0)

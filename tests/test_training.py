@@ -83,6 +83,7 @@ def _halving_source(rng) -> RealPairs:
     return RealPairs("toy", PairPatches(source, target, PatchConfigView(patch=(8, 16, 16))))
 
 
+@pytest.mark.slow
 def test_a_tiny_member_learns_and_keeps_checkpoints(tmp_path, rng):
     config = tiny(steps=60, validate_every=20, learning_rate=3e-3)
     data = ([_halving_source(rng)], [])

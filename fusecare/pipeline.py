@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,12 +24,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
 from fusecare.device import inference_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError
 from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
-from fusecare.io import (CaseInfo, CaseMeta, inspect_case, list_cases, read_case, stale_partials,
-                         write_case)
+from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, inspect_case, list_cases, read_case,
+                         stale_partials, write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.tiling import Region, predict_tiled, tile_grid
 
@@ -44,10 +45,6 @@ UNCERTAINTY_UNIT = 1e-4
 
 MODEL_OVERHEAD_BYTES = 1_500_000_000
 """Host memory budgeted for torch, the members and one tile, on top of the per-voxel cost."""
-
-DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
-"""Measured on 2 CPU cores: (64, 128, 128) keeps peak RSS within 6 B/voxel + 1.5 GB and is faster
-than (64, 160, 160) (bench/inference_speed.py, README)."""
 
 
 class ConstantVolumeError(FuseCareError):
@@ -182,12 +179,6 @@ def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- one volume
 
-
-DEFAULT_TIME_BUDGET = 480.0
-"""Seconds per case from its start (reading, percentiles, prediction) to the last tile. The
-challenge kills a container after 10 minutes per case including its start and model loading, and
-a killed case scores below its own input; 480 s leaves 120 s for those and for writing the output
-(about 10 s for the largest case, 2.3 GB of uint16)."""
 
 BUDGET_SAFETY = 1.15
 """Projected seconds for the remaining tiles are multiplied by this before comparing them with
@@ -654,7 +645,8 @@ def cheaper_members(ensemble: Ensemble, *, on_device: bool = False) -> Cheaper |
 
 
 def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
-                  options: RestoreOptions, name: str, deadline: Deadline | None = None) -> Restored:
+                  options: RestoreOptions, name: str, deadline: Deadline | None = None,
+                  *, with_uncertainty: bool | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
     tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
@@ -670,7 +662,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     return restore_volume(
         volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
         gate=gate,
-        with_uncertainty=options.uncertainty_dir is not None,
+        with_uncertainty=options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty,
         progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )
@@ -694,12 +686,41 @@ def is_within(path: Path, folder: Path) -> bool:
 def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: str | Path,
                    options: RestoreOptions = RestoreOptions()) -> list[CaseResult]:
     """Restore every case of ``input_dir`` into ``output_dir``; ``InputError`` if there is none."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    for folder, what in ((output_dir, "output"), (options.uncertainty_dir, "uncertainty")):
-        if folder is not None and is_within(folder, input_dir):
-            raise FuseCareError(f"{what} folder {folder} is the input folder {input_dir} or inside it: "
+    list_cases(input_dir)  # InputError for a missing or empty folder, before anything is created
+    return restore_paths([input_dir], output_dir, weights_dir, options)
+
+
+def _refuse_overwriting(folder: Path | None, what: str, inputs: Sequence[Path]) -> None:
+    """An output folder that is an input folder (or inside one), or the folder of an input file,
+    would overwrite or mix with the inputs: ``FuseCareError``, before anything is written."""
+    if folder is None:
+        return
+    for path in inputs:
+        if path.is_dir() and is_within(folder, path):
+            raise FuseCareError(f"{what} folder {folder} is the input folder {path} or inside it: "
                                 "refusing, it would overwrite or mix with the inputs; choose another folder")
-    cases = list_cases(input_dir)
+        if not path.is_dir() and folder.resolve() == path.parent.resolve():
+            raise FuseCareError(f"{what} folder {folder} holds the input {path}: refusing, its output would "
+                                "replace it; choose another folder")
+
+
+def restore_paths(inputs: Sequence[str | Path], output_dir: str | Path, weights_dir: str | Path,
+                  options: RestoreOptions = RestoreOptions()) -> list[CaseResult]:
+    """Restore ``inputs`` (.tif/.tiff files, or folders of them) into ``output_dir``, each output
+    named as its input. ``InputError`` for a folder with no case; ``FuseCareError`` for an output
+    folder that would overwrite an input, or two inputs of the same name (one output would
+    silently replace the other)."""
+    paths, output_dir = [Path(p) for p in inputs], Path(output_dir)
+    for folder, what in ((output_dir, "output"), (options.uncertainty_dir, "uncertainty")):
+        _refuse_overwriting(folder, what, paths)
+    cases = [case for path in paths for case in (list_cases(path) if path.is_dir() else [path])]
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.name in seen and seen[case.name].absolute() != case.absolute():
+            raise FuseCareError(f"two inputs named {case.name} ({seen[case.name]} and {case}): their outputs "
+                                "would have the same name; restore them into separate folders")
+        seen.setdefault(case.name, case)
+    cases = list({case.absolute(): case for case in cases}.values())  # a file given twice runs once
     for folder in (output_dir, options.uncertainty_dir):
         if folder is None:
             continue
@@ -716,5 +737,56 @@ def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: s
             except OSError as exc:
                 log.warning("cannot remove %s, a temporary file an interrupted run left: %s", stale, exc.strerror)
     ensembles = EnsembleCache(Path(weights_dir), inference_device(options.device), fp16=options.fp16)
-    log.info("%d case(s) in %s -> %s (device %s)", len(cases), input_dir, output_dir, ensembles.device)
+    log.info("%d case(s) in %s -> %s (device %s)", len(cases), ", ".join(map(str, paths)), output_dir,
+             ensembles.device)
     return [restore_case(p, output_dir, ensembles, options) for p in cases]
+
+
+# --------------------------------------------------------------------------- arrays in memory
+
+
+def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
+                  voxel_size: Sequence[float] | None = None, weights: str | Path | None = None,
+                  device: str = "auto", uncertainty: bool = False, gate: bool = True,
+                  tile: tuple[int, int, int] | None = None, progress: bool = False,
+                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One ZYX volume restored as the command line restores a file (``fusecare.restore``).
+
+    The same path as ``restore_case`` minus the files: non-finite voxels repaired, extreme floats
+    rescaled, the channel's ensemble (found by ``fusecare.weights.find_weights``), the calibrated
+    gate, uint16 out. A gate that is input-only (the shipped nucleus ensemble) returns the input
+    as uint16 with one ERROR line, as the command line's fallback does; any other failure raises,
+    since a caller holding an array can decide better than a blanket fallback. ``voxel_size``
+    (z, y, x) in um is checked and logged: the network works in voxels, trained at the
+    challenge's sampling. With ``uncertainty`` the members' own spread (uint16, unit
+    ``UNCERTAINTY_UNIT``) comes second.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise InputError(f"expected a 3-D ZYX volume, got shape {volume.shape}")
+    if channel not in CHANNELS:
+        raise InputError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+    size = VoxelSize()
+    if voxel_size is not None:
+        values = tuple(float(v) for v in voxel_size)
+        if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise InputError(f"voxel_size must be three positive numbers (z, y, x) in um, got {voxel_size!r}")
+        size = VoxelSize(*values)
+    from fusecare.weights import find_weights
+
+    ensembles = EnsembleCache(find_weights(weights), inference_device(device))
+    options = RestoreOptions(tile=tile, device=device, gate=gate, progress=progress, time_budget=None)
+    volume = rescale_float(replace_non_finite(volume, "volume"), "volume")
+    meta = CaseMeta(voxel_size=size, channel=channel)
+    try:
+        restored = _predict_case(volume, meta, ensembles, options, "volume", with_uncertainty=uncertainty)
+    except InputOnlyGateError as exc:
+        log.error("volume FALLBACK, returning the input unchanged (scores N-SSIM 0): %s", exc)
+        if not uncertainty:
+            return input_as_uint16(volume)
+        spread = _predict_case(volume, meta, ensembles, dataclasses.replace(options, gate=False), "volume",
+                               with_uncertainty=True)
+        return input_as_uint16(volume), spread.uncertainty  # type: ignore[return-value]
+    if uncertainty:
+        return restored.output, restored.uncertainty  # type: ignore[return-value]
+    return restored.output

@@ -1,0 +1,197 @@
+"""Restore single-view lightsheet volumes: ``fusecare predict IN [IN ...] -o OUT``.
+
+Each IN is a .tif/.tiff file or a folder of them; every output is written under OUT with its
+input's name (uint16, the input's shape and metadata). The ensemble is chosen per case by its
+channel (nucleus, else membrane). Weights are looked up in this order: --weights, the
+FUSECARE_WEIGHTS environment variable, model_weights/ of the source checkout, the copy installed
+with the package.
+
+Exit status 0 when every case got an output (restored, or its input written back after a
+failure, one ERROR ... FALLBACK line each), 1 when some case could not be read at all (one FAILED
+line each), 2 for a usage error (a path that is neither a TIFF file nor a folder, a folder with
+no TIFF, an output folder that would overwrite an input, an explicit --weights folder that does
+not exist, ...), each one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fusecare.cli import add_logging_arguments, configure_logging, new_parser
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, TIFF_SUFFIXES
+from fusecare.errors import FuseCareError, UsageError
+from fusecare.weights import WEIGHTS_ENV, find_weights
+
+GC_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
+GC_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
+
+log = logging.getLogger("fusecare")
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def tile_size(text: str) -> tuple[int, int, int]:
+    """``Z,Y,X`` (or ``ZxYxX``, or one number for a cube) positive integers."""
+    try:
+        values = tuple(int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile must be Z,Y,X integers, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"tile must be three positive integers Z,Y,X, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def memory_gb(text: str) -> float:
+    """A finite, positive number of GB (NaN, Inf, 0 or negative would refuse every case or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GB > 0, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (0 switches the budget off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+class ExplicitPath(argparse.Action):
+    """Stores a path and remembers that the user gave it (``<dest>_given``): an explicit folder
+    that does not exist is a typo to report, the default one a missing ensemble to survive."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, Path(str(values)))
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def add_model_and_hardware_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, hardware and logging groups, shared by ``fusecare predict`` and ``inference.py``."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", action=ExplicitPath, default=find_weights(),
+                       help=f"folder with one ensemble per channel (nucleus/, membrane/); env {WEIGHTS_ENV} "
+                            "(default: %(default)s). Given here, it must exist (exit 2 otherwise)")
+    model.add_argument("--no-gate", dest="gate", action="store_false",
+                       help="do not blend toward the input where members disagree")
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    hardware.add_argument("--tile", type=tile_size,
+                          help="tile Z,Y,X in voxels (default: {} on CUDA, {} on CPU)".format(
+                              *(",".join(map(str, DEFAULT_TILE[d])) for d in ("cuda", "cpu"))))
+    hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
+    hardware.add_argument("--max-memory-gb", type=memory_gb,
+                          help="refuse cases needing more host memory than this (a number > 0)")
+    hardware.add_argument("--time-budget", type=seconds, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",
+                          help="seconds per case from its start to its last tile (default: %(default)g, "
+                               "fitted to the challenge's 10 minutes per case including start, model "
+                               "loading and writing). Tiles that will not fit are predicted with fewer "
+                               "members (never below 2) or written as the input itself, loudly; 0 = no budget")
+    add_logging_arguments(parser.add_argument_group("logging"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fusecare predict``: inputs as positional files or folders, ``-o`` for the output folder."""
+    io = parser.add_argument_group("input / output")
+    io.add_argument("inputs", type=Path, nargs="+", metavar="IN", help=".tif/.tiff file(s) or folder(s) of them")
+    io.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="folder for the outputs")
+    io.add_argument("--uncertainty", type=Path, metavar="DIR",
+                    help="also write the per-voxel ensemble spread (uint16, unit 1e-4 normalised intensity) here")
+    add_model_and_hardware_arguments(parser)
+
+
+def build_container_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """``inference.py``'s parser: ``--input``/``--output`` defaulting to the Grand Challenge folders
+    (the container's contract: it runs with no arguments), the other flags as ``fusecare predict``."""
+    parser = new_parser(prog, description)
+    io = parser.add_argument_group("input / output")
+    io.add_argument("--input", type=Path, default=GC_INPUT,
+                    help="folder of .tif/.tiff cases, or one such file (default: %(default)s)")
+    io.add_argument("--output", type=Path, default=GC_OUTPUT, help="folder for predictions (default: %(default)s)")
+    io.add_argument("--uncertainty", type=Path, metavar="DIR",
+                    help="also write the per-voxel ensemble spread (uint16, unit 1e-4 normalised intensity) here")
+    add_model_and_hardware_arguments(parser)
+    parser.set_defaults(inputs=None)
+    return parser
+
+
+def build_parser(prog: str = "fusecare predict") -> argparse.ArgumentParser:
+    parser = new_parser(prog, __doc__)
+    add_arguments(parser)
+    return parser
+
+
+# --------------------------------------------------------------------------- checks and run
+
+
+def check_inputs(paths: Sequence[Path]) -> None:
+    """``UsageError`` (one line) for a path that is neither a TIFF file nor a folder, or a folder
+    without any TIFF. Torch stays unimported: ``fusecare.io``'s listing needs only numpy and tifffile."""
+    from fusecare.io import tiff_files
+
+    for path in paths:
+        if path.is_dir():
+            if not tiff_files(path):
+                raise UsageError(f"no .tif/.tiff file in input folder {path}")
+        elif path.is_file():
+            if path.suffix.lower() not in TIFF_SUFFIXES:
+                raise UsageError(f"{path} is neither a .tif/.tiff file nor a folder")
+        elif path.exists():
+            raise UsageError(f"{path} is neither a .tif/.tiff file nor a folder")
+        else:
+            raise UsageError(f"input not found: {path} is no file or folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, then restore (torch is imported only past the checks)."""
+    configure_logging(quiet=args.quiet, debug=args.debug)
+    inputs: list[Path] = list(args.inputs) if args.inputs is not None else [args.input]
+    try:
+        if getattr(args, "weights_given", False) and not args.weights.is_dir():
+            raise UsageError(f"--weights {args.weights}: no such folder (without --weights the default is used)")
+        check_inputs(inputs)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from fusecare.pipeline import RestoreOptions, restore_paths
+
+        options = RestoreOptions(
+            tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
+            uncertainty_dir=args.uncertainty, progress=not args.quiet,
+            time_budget=args.time_budget or None,
+            memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,
+        )
+        with logging_redirect_tqdm():
+            results = restore_paths(inputs, args.output, args.weights, options)
+    except FuseCareError as exc:
+        log.error("%s", exc)
+        return 2
+    counts = {s: sum(r.status == s for r in results) for s in ("restored", "fallback", "failed")}
+    log.info("done: %d restored, %d written back unchanged (fallback), %d failed",
+             counts["restored"], counts["fallback"], counts["failed"])
+    return 1 if counts["failed"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Names and defaults the command line needs before any heavy module is imported.
+
+They live here, beside nothing that imports numpy or torch, so that ``fusecare --help`` and every
+usage error answer in a fraction of a second; the modules that use them import them from here.
+"""
+
+from __future__ import annotations
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+NUCLEUS, MEMBRANE = "nucleus", "membrane"
+CHANNELS = (NUCLEUS, MEMBRANE)
+
+DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
+"""Tile (Z, Y, X) per device type. Measured on 2 CPU cores: (64, 128, 128) keeps peak RSS within
+6 B/voxel + 1.5 GB and is faster than (64, 160, 160) (bench/inference_speed.py, README)."""
+
+DEFAULT_TIME_BUDGET = 480.0
+"""Seconds per case from its start (reading, percentiles, prediction) to the last tile. The
+challenge kills a container after 10 minutes per case including its start and model loading, and
+a killed case scores below its own input; 480 s leaves 120 s for those and for writing the output
+(about 10 s for the largest case, 2.3 GB of uint16)."""
+
+IOU_MODES: tuple[str, ...] = ("foreground", "instance")
+MODELS_ENV = "CELLPOSE_LOCAL_MODELS_PATH"

@@ -1,0 +1,254 @@
+"""The ``fusecare`` command, its Python API and the weights lookup: answers before torch, bad input
+in one line, a single file restored, ``fusecare.restore``/``fusecare.score`` on arrays."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import REPO, write_fmc_tif
+
+PROBE = """
+import sys
+from fusecare.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("TORCH" if "torch" in sys.modules else "NO-TORCH")
+sys.exit(code)
+"""
+
+
+def probe(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``fusecare ARGS`` in a fresh interpreter; its stdout ends with whether torch got imported."""
+    return subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("args", [["--help"], ["predict", "--help"], ["score", "--help"], ["train", "--help"],
+                                  ["export", "bioimageio", "--help"], ["--version"]])
+def test_help_answers_without_importing_torch(args):
+    result = probe(*args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "NO-TORCH"
+    assert "usage: fusecare" in result.stdout or args == ["--version"]
+
+
+def test_container_entry_point_help_answers_without_importing_torch():
+    code = ("import sys, inference\ntry:\n    inference.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "NO-TORCH", result.stderr
+    assert "--input" in result.stdout and "--time-budget" in result.stdout
+
+
+@pytest.fixture
+def bad_paths(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no tif here")
+    (tmp_path / "notes.txt").write_text("not a tif")
+    return {"empty": tmp_path / "empty", "text": tmp_path / "notes.txt", "missing": tmp_path / "missing.tif"}
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("text", "is neither a .tif/.tiff file nor a folder"),
+    ("empty", "no .tif/.tiff file in input folder"),
+    ("missing", "input not found"),
+])
+def test_bad_input_is_one_line_exit_2_before_torch(tmp_path, bad_paths, case, expected):
+    result = probe("predict", bad_paths[case], "-o", tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stdout.strip() == "NO-TORCH"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(bad_paths[case]) in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["predict", "x.tif"], "the following arguments are required: -o/--output"),
+    (["score", "--pred", "p", "--gt", "g"], "the following arguments are required: --input"),
+    (["export", "bioimageio", "-o", "out"], "the following arguments are required: --channel"),
+    (["predict", "x.tif", "-o", "o", "--tile", "big"], "tile must be Z,Y,X integers"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_usage_errors_are_one_line_exit_2_before_torch(args, expected):
+    result = probe(*args)
+    assert result.returncode == 2
+    assert result.stdout.strip() == "NO-TORCH"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert lines[0].startswith("fusecare")
+
+
+def test_score_missing_folder_is_one_line_before_torch(tmp_path):
+    (tmp_path / "p").mkdir()
+    result = probe("score", "--pred", tmp_path / "p", "--gt", tmp_path / "nope", "--input", tmp_path / "p")
+    assert result.returncode == 2 and result.stdout.strip() == "NO-TORCH"
+    assert result.stderr.strip().splitlines() == [f"fusecare ERROR: folder not found: {tmp_path / 'nope'}"]
+
+
+def test_explicit_missing_weights_is_a_usage_error_before_torch(tmp_path):
+    write_fmc_tif(tmp_path / "a.tif", np.ones((8, 16, 16), np.uint16))
+    result = probe("predict", tmp_path / "a.tif", "-o", tmp_path / "out", "--weights", tmp_path / "nope")
+    assert result.returncode == 2 and result.stdout.strip() == "NO-TORCH"
+    assert "no such folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def volume(seed: int, shape: tuple[int, int, int] = (8, 32, 32)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(100, 3000, shape).astype(np.uint16)
+
+
+def test_predict_restores_a_single_file_and_a_folder(tmp_path, tiny_weights):
+    from fusecare.cli import main
+
+    write_fmc_tif(tmp_path / "one" / "a.tif", volume(1))
+    write_fmc_tif(tmp_path / "many" / "b.tif", volume(2))
+    write_fmc_tif(tmp_path / "many" / "c.tiff", volume(3), channel="nucleus")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "one" / "a.tif"), str(tmp_path / "many"), "-o", str(out),
+                 "--weights", str(tiny_weights), "--no-gate", "--device", "cpu", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif", "c.tiff"]
+    restored = tifffile.imread(out / "a.tif")
+    assert restored.dtype == np.uint16 and restored.shape == (8, 32, 32)
+
+
+def test_predict_refuses_to_overwrite_an_input_file_or_mix_two_of_one_name(tmp_path, tiny_weights, caplog):
+    from fusecare.cli import main
+
+    write_fmc_tif(tmp_path / "x" / "a.tif", volume(1))
+    write_fmc_tif(tmp_path / "y" / "a.tif", volume(2))
+    common = ["--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    assert main(["predict", str(tmp_path / "x" / "a.tif"), "-o", str(tmp_path / "x"), *common]) == 2
+    assert "its output would replace it" in caplog.text
+    assert main(["predict", str(tmp_path / "x"), str(tmp_path / "y"), "-o", str(tmp_path / "out"), *common]) == 2
+    assert "two inputs named a.tif" in caplog.text
+    assert not (tmp_path / "out").exists()
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "x" / "a.tif"), volume(1))
+
+
+def test_inference_accepts_a_single_file(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import inference
+
+    write_fmc_tif(tmp_path / "in" / "a.tif", volume(4))
+    assert inference.main(["--input", str(tmp_path / "in" / "a.tif"), "--output", str(tmp_path / "out"),
+                           "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]) == 0
+    assert tifffile.imread(tmp_path / "out" / "a.tif").dtype == np.uint16
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+def test_restore_an_array_in_memory(tiny_weights):
+    import fusecare
+
+    data = volume(5).astype(np.float32)
+    out = fusecare.restore(data, channel="membrane", voxel_size=(2.0, 0.5, 0.5), weights=tiny_weights,
+                           device="cpu", gate=False)
+    assert out.dtype == np.uint16 and out.shape == data.shape
+    out2, spread = fusecare.restore(data, weights=tiny_weights, device="cpu", uncertainty=True, gate=False)
+    np.testing.assert_array_equal(out, out2)
+    assert spread.dtype == np.uint16 and spread.shape == data.shape
+
+
+def test_restore_refuses_what_it_cannot_restore(tiny_weights):
+    import fusecare
+    from fusecare.errors import InputError
+
+    with pytest.raises(InputError, match="3-D"):
+        fusecare.restore(np.zeros((4, 4)), weights=tiny_weights)
+    with pytest.raises(InputError, match="voxel_size"):
+        fusecare.restore(volume(6), voxel_size=(1, 0, 1), weights=tiny_weights)
+    with pytest.raises(InputError, match="channel"):
+        fusecare.restore(volume(6), channel="cyto", weights=tiny_weights)
+
+
+def test_score_arrays_as_the_command_scores_a_case():
+    import fusecare
+
+    target, single = volume(7).astype(np.float32), volume(8).astype(np.float32)
+    scores = fusecare.score(single, target, single, device="cpu")
+    assert scores["n_ssim"] == pytest.approx(0.0, abs=1e-9)
+    better = fusecare.score(0.5 * target + 0.5 * single, target, single, device="cpu")
+    assert better["n_ssim"] > 0 and set(better) == {"ssim_input", "ssim_pred", "n_ssim"}
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs():
+    """The README's example, as written there, on the shipped weights."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "(32, 64, 56) uint16" in result.stdout
+
+
+# --------------------------------------------------------------------------- weights and packaging
+
+
+def test_weights_lookup_order(tmp_path, monkeypatch):
+    from fusecare import weights
+
+    monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path / "env"))
+    assert weights.find_weights(tmp_path / "given") == tmp_path / "given"
+    assert weights.find_weights() == tmp_path / "env"
+    monkeypatch.delenv(weights.WEIGHTS_ENV)
+    assert weights.find_weights() == REPO / "model_weights"  # a checkout: its own
+    monkeypatch.setattr(weights, "REPO_WEIGHTS", tmp_path / "no_checkout")
+    monkeypatch.setattr(weights, "INSTALLED_WEIGHTS", tmp_path / "installed")
+    (tmp_path / "installed").mkdir()
+    assert weights.find_weights() == tmp_path / "installed"
+
+
+def test_pyproject_installs_the_command_and_the_weights():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"fusecare": "fusecare.cli:main"}
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["package-dir"]["fusecare.model_weights"] == "model_weights"
+    patterns = setuptools["package-data"]["fusecare.model_weights"]
+    shipped = {p.relative_to(REPO / "model_weights") for p in (REPO / "model_weights").rglob("*") if p.is_file()}
+    covered = {p for p in shipped if any(p.match(pattern) for pattern in patterns)}
+    assert covered == shipped
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_weights_and_the_command(tmp_path):
+    """``pip wheel .``: the wheel holds every shipped weight file and the console script, and stays small."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "tests", "train", "bench", "docs", "samples", "out"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True, timeout=600,
+                   cwd=tmp_path)
+    [wheel] = tmp_path.glob("fusecare-*.whl")
+    assert wheel.stat().st_size < 10_000_000
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"fusecare/model_weights/{p.relative_to(REPO / 'model_weights').as_posix()}"
+               for p in (REPO / "model_weights").rglob("*") if p.is_file()}
+    assert shipped <= names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "fusecare = fusecare.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_tests():
+    """CI = the README's command (all but slow) + the slow tests: the whole suite, the README's
+    command verbatim, so the two cannot drift apart."""
+    readme = (REPO / "README.md").read_text()
+    [command] = [line for line in readme.splitlines() if line.startswith("python3 -m venv") and "pytest" in line]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert command in ci and '-m "not slow"' in command
+    assert ".venv/bin/python -m pytest -q -m slow" in ci[ci.index(command) + 1:]
