@@ -557,8 +557,13 @@ def output_metadata(meta: CaseMeta) -> dict[str, Any]:
     return md
 
 
-def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta) -> Path:
+def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta, *, imagej: bool = False) -> Path:
     """Write a uint16 ZYX volume like the organisers' template, atomically.
+
+    ``imagej``: an ImageJ hyperstack instead (for Fiji and napari, not for the challenge): the
+    template's resolution tag has no unit, so Fiji shows no micron calibration and no z spacing;
+    here X/Y resolution in pixels per micron, ``spacing`` (z, microns) and ``unit`` make it open
+    to scale. ImageJ files are not tiled and hold Z, Y, X only (singleton axes are dropped).
 
     The file is written under a hidden temporary name in the destination folder (at most
     ``_TEMP_NAME_CHARS`` characters of the name, so long names still fit) and renamed into
@@ -579,10 +584,15 @@ def write_case(path: str | Path, volume: np.ndarray, meta: CaseMeta) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        tifffile.imwrite(
-            tmp, volume, bigtiff=True, tile=OUTPUT_TILE, photometric="minisblack",
-            resolution=resolution, metadata=output_metadata(meta),
-        )
+        if imagej:
+            z = _voxel_size(vs.z) or DEFAULT_VOXEL_SIZE_UM
+            tifffile.imwrite(tmp, volume.reshape(volume.shape[-3:]) if volume.ndim > 3 else volume, imagej=True,
+                             resolution=resolution, metadata={"spacing": z, "unit": "um", "axes": "ZYX"})
+        else:
+            tifffile.imwrite(
+                tmp, volume, bigtiff=True, tile=OUTPUT_TILE, photometric="minisblack",
+                resolution=resolution, metadata=output_metadata(meta),
+            )
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the grader may read as another user
         os.replace(tmp, path)
     except BaseException:

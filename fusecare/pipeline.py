@@ -302,6 +302,8 @@ class RestoreOptions:
     progress: bool = True
     time_budget: float | None = DEFAULT_TIME_BUDGET
     clock: Callable[[], float] = time.monotonic
+    imagej: bool = False
+    """Write ImageJ hyperstacks calibrated in microns (Fiji, napari) instead of the challenge's files."""
 
 
 @dataclass
@@ -622,7 +624,7 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         message = _one_line(exc)
         log.debug("traceback of the fallback", exc_info=True)
         try:
-            write_case(output_dir / name, input_as_uint16(volume), case.meta)
+            write_case(output_dir / name, input_as_uint16(volume), case.meta, imagej=options.imagej)
         except Exception as write_exc:  # noqa: BLE001 - the run goes on with the next case
             log.debug("traceback of the failed fallback write", exc_info=True)
             return failed(f"{message}; writing the input back failed too: {_reason(write_exc, name)}")
@@ -669,12 +671,12 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
 
 
 def _write_outputs(path: Path, restored: Restored, meta: CaseMeta, options: RestoreOptions) -> None:
-    write_case(path, restored.output, meta)
+    write_case(path, restored.output, meta, imagej=options.imagej)
     if options.uncertainty_dir is not None and restored.uncertainty is not None:
         unc_meta = dataclasses.replace(meta, raw={**meta.raw, "content": "ensemble spread",
                                                   "uncertainty_unit": UNCERTAINTY_UNIT,
                                                   "uncertainty_scale": "normalised intensity (p2 -> 0, p99.8 -> 1)"})
-        write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta)
+        write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta, imagej=options.imagej)
 
 
 def is_within(path: Path, folder: Path) -> bool:

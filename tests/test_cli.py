@@ -252,3 +252,25 @@ def test_ci_runs_the_readme_test_command_then_the_slow_tests():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert command in ci and '-m "not slow"' in command
     assert ".venv/bin/python -m pytest -q -m slow" in ci[ci.index(command) + 1:]
+
+
+def test_predict_imagej_writes_calibrated_hyperstacks_and_the_container_keeps_its_format(tmp_path, tiny_weights):
+    """``fusecare predict --imagej``: Fiji-readable, to scale; ``inference.py`` has no such flag
+    and keeps the challenge's BigTIFF layout."""
+    from fusecare.cli import main
+    from fusecare.cli.predict import build_container_parser
+
+    write_fmc_tif(tmp_path / "in" / "a.tif", volume(4))
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "in"), "-o", str(out), "--imagej", "--weights", str(tiny_weights),
+                 "--no-gate", "--device", "cpu", "--quiet"]) == 0
+    with tifffile.TiffFile(out / "a.tif") as tif:
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
+        source = tifffile.TiffFile(tmp_path / "in" / "a.tif")
+        sizes = source.shaped_metadata[0]
+        assert tif.imagej_metadata["spacing"] == pytest.approx(sizes["PhysicalSizeZ"])
+        x_num, x_den = tif.pages[0].tags["XResolution"].value
+        assert x_num / x_den == pytest.approx(1 / sizes["PhysicalSizeX"], rel=1e-6)
+        source.close()
+    with pytest.raises(SystemExit):
+        build_container_parser().parse_args(["--imagej"])

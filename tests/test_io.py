@@ -699,3 +699,22 @@ def test_stale_partials_finds_only_temporary_outputs(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in io.stale_partials(tmp_path)] == [".a.tif.abcd1234.partial",
                                                               ".b.tif.x_Y9z0Q1.partial"]
+
+
+def test_imagej_output_carries_micron_calibration(tmp_path):
+    """``imagej=True`` writes a hyperstack Fiji opens to scale: X/Y resolution in pixels per
+    micron, z spacing and unit in the ImageJ metadata; our reader reads the same voxel size back."""
+    volume = np.arange(4 * 8 * 6, dtype=np.uint16).reshape(4, 8, 6)
+    meta = CaseMeta(voxel_size=VoxelSize(z=2.5, y=0.4, x=0.25))
+    path = write_case(tmp_path / "a.tif", volume, meta, imagej=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej and not tif.is_bigtiff
+        assert tif.imagej_metadata["spacing"] == pytest.approx(2.5)
+        assert tif.imagej_metadata["unit"] in ("um", "micron", "\\u00B5m")
+        page = tif.pages[0]
+        x_num, x_den = page.tags["XResolution"].value
+        y_num, y_den = page.tags["YResolution"].value
+        assert x_num / x_den == pytest.approx(1 / 0.25, rel=1e-6) and y_num / y_den == pytest.approx(1 / 0.4, rel=1e-6)
+        np.testing.assert_array_equal(tif.asarray(), volume)
+    case = read_case(path)
+    assert case.meta.voxel_size.zyx == pytest.approx((2.5, 0.4, 0.25), rel=1e-6)

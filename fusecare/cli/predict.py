@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="folder for the outputs")
     io.add_argument("--uncertainty", type=Path, metavar="DIR",
                     help="also write the per-voxel ensemble spread (uint16, unit 1e-4 normalised intensity) here")
+    io.add_argument("--imagej", action="store_true",
+                    help="write ImageJ hyperstacks calibrated in microns (Fiji, napari open them to scale) "
+                         "instead of the challenge's BigTIFF layout")
     add_model_and_hardware_arguments(parser)
 
 
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         options = RestoreOptions(
             tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
             uncertainty_dir=args.uncertainty, progress=not args.quiet,
-            time_budget=args.time_budget or None,
+            time_budget=args.time_budget or None, imagej=getattr(args, "imagej", False),
             memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,
         )
         with logging_redirect_tqdm():
