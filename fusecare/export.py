@@ -152,22 +152,18 @@ def validation_section(channel: str, model_card: Path | None) -> str:
         return ("No validation numbers are on record for this ensemble (not the shipped weights, "
                 "or no model card given); evaluate it with `evaluation/score.py` before use.\n")
     text = model_card.read_text()
-    blocks = re.findall(r"^## Quality\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    lines: list[str] = []
-    if blocks:
-        code = re.findall(r"```\n(.*?)```", blocks[0], flags=re.S)
-        for line in (code[0].splitlines() if code else []):
-            if line.startswith(("channel", "summary")) or line.split()[:1] == [channel] or "Gaussian" in line \
-                    or line.startswith(f"{channel}:"):
-                lines.append(line)
-    if not lines:
+    blocks = re.findall(r"^## Quality[^\n]*\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    rows = [line for line in (blocks[0].splitlines() if blocks else []) if line.startswith("|")]
+    lines = rows[:2] + [line for line in rows[2:] if line.split("|")[1].strip() == channel]
+    if len(lines) <= 2:
         return f"See the model card ({model_card.name}) of fusecare for validation numbers.\n"
     return (
-        f"Quoted from fusecare's {model_card.name} (`python bench/quality.py`, CPU): N-SSIM per held-out "
-        "simulated case, the challenge's normalised SSIM gain over the input (0 = as good as the input). "
-        "`ensemble` is what this package computes (ungated); `gated` is fusecare's own inference "
-        "with its do-no-harm gate, which the package does not contain.\n\n```\n"
-        + "\n".join(lines) + "\n```\n"
+        f"Quoted from fusecare's {model_card.name} (`python bench/quality.py`, CPU): mean N-SSIM (worst case "
+        "in brackets), the challenge's normalised SSIM gain over the input (0 = as good as the input), on "
+        "single views simulated from volumes never used in training (held-out), from training volumes "
+        "(seen) and from phantoms. `ensemble` is what this package computes (ungated); `gated` is "
+        "fusecare's own inference with its safety net, which the package does not contain.\n\n"
+        + "\n".join(lines) + "\n"
     )
 
 

@@ -120,7 +120,9 @@ def test_shipped_architecture_matches_care_unet_state_dict_and_numbers():
 
 def test_validation_section_without_model_card_says_so():
     assert "No validation numbers" in export.validation_section("membrane", None)
-    assert "0.658" in export.validation_section("membrane", export.MODEL_CARD)  # the shipped gated mean
+    section = export.validation_section("membrane", export.MODEL_CARD)
+    assert "0.087 (+0.013)" in section and "held-out" in section  # the shipped gated held-out mean
+    assert "| nucleus" not in section  # only the channel's own rows
 
 
 def _errors(caplog) -> list[str]:
