@@ -1,16 +1,9 @@
 """Train a CARE ensemble for one channel; a thin wrapper of ``fusecare train`` (``fusecare/cli/train.py``).
 
-    python -m train --config configs/nucleus.json --members 2 --weights model_weights --runs runs/
-    python -m train --channel nucleus --fmc-dir /data/fmc --validation-studies 5 --members 4
-    torchrun --nproc_per_node 4 -m train --config configs/nucleus.json        # DDP, one GPU each
+    python -m train --config train/configs/generalise_nucleus.json --members 2 --weights my_weights
+    torchrun --nproc_per_node 4 -m train --config my.json        # DDP, one GPU each
 
-Command-line options override the config file's values; the merged config is validated before
-any data is read, and saved as runs/<...>/config.json and beside each member's weights.
-
-Nothing is lost: WEIGHTS/<channel>/ is written only when it is new or empty, unless --overwrite
-(then it is replaced as a whole, once the new ensemble is complete). Exit status 0 on success,
-2 for a usage error (missing or invalid config, --members < 1, an existing ensemble without
---overwrite, --calibrate-only without an ensemble, an untrained member), each one line.
+Options, what is written and the exit status: ``fusecare/cli/train.py`` (``--help`` prints them).
 """
 
 from __future__ import annotations
