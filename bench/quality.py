@@ -31,13 +31,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.calibration import evaluate_candidates, predict_validation  # noqa: E402
+from fusecare.calibration import ValidationPrediction, evaluate_candidates, predict_validation  # noqa: E402
 from fusecare.data import load_split  # noqa: E402
 from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import INPUT_ONLY, GateConfig, smooth  # noqa: E402
+from fusecare.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
-from fusecare.metrics import score_ssim  # noqa: E402
-from fusecare.normalize import PercentileNorm  # noqa: E402
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
 from fusecare.simulate import SimulatorConfig, apply  # noqa: E402
 from fusecare.training import predict_ensemble_volume  # noqa: E402
@@ -89,14 +87,12 @@ def phantom_cases(channel: str, count: int) -> list[Case]:
     return cases
 
 
-def gaussian(case: Case, sigma: float) -> np.ndarray:
-    """The baseline: the normalised input Gaussian-smoothed, as the gate's smoothed-input fallback."""
-    return smooth(PercentileNorm.fit(case.source).forward(case.source), sigma)
-
-
 def tune_sigma(cases: list[Case]) -> float:
-    means = {s: np.mean([score_ssim(c.target, gaussian(c, s), c.source).n_ssim for c in cases]) for s in SIGMAS}
-    return max(means, key=means.get)  # type: ignore[arg-type]
+    """The Gaussian's sigma with the best mean N-SSIM, scored as the gate's smoothed-input
+    candidates (one normalisation and one input SSIM per case; no prediction needed)."""
+    inputs_only = [ValidationPrediction(c.name, c.source, c.target, c.source, c.source) for c in cases]
+    table = evaluate_candidates(inputs_only, [GateConfig(blend=0.0, fallback_sigma=s) for s in SIGMAS])[1:]
+    return max(table, key=lambda c: c.mean).gate.fallback_sigma  # type: ignore[union-attr]
 
 
 def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Namespace) -> dict:

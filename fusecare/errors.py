@@ -37,3 +37,14 @@ class UsageError(FuseCareError):
     Raised by the argument checks that run before torch is imported, so a typo costs a fraction
     of a second, not the seconds torch takes to load; entry points turn it into exit status 2.
     """
+
+
+def one_line(exc: BaseException, *, limit: int = 200) -> str:
+    """An exception as one line for a FAILED/FALLBACK message: our own errors by their message,
+    anything else (a library's, often cryptic) prefixed with its type and cut to ``limit`` chars."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, FuseCareError):
+        return text or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -31,7 +31,7 @@ import numpy as np
 import tifffile
 
 from fusecare.constants import CHANNELS, MEMBRANE, NUCLEUS, TIFF_SUFFIXES
-from fusecare.errors import InputError
+from fusecare.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -293,14 +293,6 @@ def _tifffile_quiet(path: Path) -> Iterator[None]:
         logger.removeFilter(to_debug)
 
 
-def _reason(exc: BaseException) -> str:
-    """An exception as one short line: its type where the message alone would be cryptic."""
-    text = " ".join(str(exc).split())
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def reading(path: Path, what: str = "not a readable TIFF") -> Iterator[None]:
     """Turn ANY exception raised while opening, parsing or decoding ``path`` into one
@@ -320,7 +312,7 @@ def reading(path: Path, what: str = "not a readable TIFF") -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - see the docstring: a damaged file raises anything
         log.debug("%s: %s", path.name, what, exc_info=True)
-        raise InputError(f"{path.name}: {what} ({_reason(exc)})") from None
+        raise InputError(f"{path.name}: {what} ({one_line(exc)})") from None
 
 
 def _open(path: Path) -> tifffile.TiffFile:

@@ -27,7 +27,7 @@ import torch
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
 from fusecare.device import inference_device
 from fusecare.ensemble import Ensemble, load_ensemble
-from fusecare.errors import FuseCareError, InputError
+from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
 from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, inspect_case, list_cases, read_case,
                          stale_partials, write_case)
@@ -560,14 +560,9 @@ class EnsembleCache:
         return entry
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if isinstance(exc, FuseCareError) else f"{type(exc).__name__}: {text}"
-
-
 def _reason(exc: BaseException, name: str) -> str:
-    """``_one_line`` without a leading ``<name>: `` (the FAILED line names the file already)."""
-    text = _one_line(exc)
+    """``errors.one_line`` without a leading ``<name>: `` (the FAILED line names the file already)."""
+    text = one_line(exc)
     return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
 
 
@@ -621,7 +616,7 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
             message += " (over its time budget, tiles per mode: " + ", ".join(
                 f"{mode} {count}" for mode, count in restored.modes.items()) + ")"
     except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
-        message = _one_line(exc)
+        message = one_line(exc)
         log.debug("traceback of the fallback", exc_info=True)
         try:
             write_case(output_dir / name, input_as_uint16(volume), case.meta, imagej=options.imagej)

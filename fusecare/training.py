@@ -188,25 +188,26 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
 
 
 def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
-                          simulator: SimulatorConfig, seed: int) -> ValidationCase:
-    """A validation case: one single view simulated from a whole clean volume, centre-cropped."""
+                          simulator: SimulatorConfig, seed: int | np.random.Generator) -> ValidationCase:
+    """A validation case named ``name``: one single view simulated from a whole clean volume,
+    both centre-cropped to ``VALIDATION_CROP``."""
     view, _ = simulate_single_view(clean, voxel_size, config=simulator, seed=seed)
-    return ValidationCase(f"{name} (simulated, seed {seed})", _centre_crop(view, VALIDATION_CROP),
-                          _centre_crop(clean, VALIDATION_CROP))
+    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(clean, VALIDATION_CROP))
 
 
-def _randomised_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
-                           config: TrainConfig, views: int, seed: int) -> list[ValidationCase]:
-    """``views`` validation cases whose clean content is randomised first (see
-    ``TrainConfig.validation_randomised_views``); named so they group with their volume."""
-    cases = []
+def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,
+                      *, plain: int, plain_seed: int, randomised: int, randomised_seed: int) -> list[ValidationCase]:
+    """``plain`` physical views of a validation volume, then ``randomised`` views of it whose
+    content is randomised first (``TrainConfig.validation_randomised_views``); the names group
+    every view with its volume (``calibration.volume_of``)."""
     simulator = config.validation_simulator or config.simulator
-    for k in range(views):
-        rng = np.random.default_rng(seed + k)
+    cases = [_simulated_validation(f"{name} (simulated, seed {plain_seed + k})", clean, voxel_size, simulator,
+                                   plain_seed + k) for k in range(plain)]
+    for k in range(randomised):
+        rng = np.random.default_rng(randomised_seed + k)
         target = randomise_content(clean, voxel_size, config.simulator, rng)
-        view, _ = simulate_single_view(target, voxel_size, config=simulator, seed=rng)
-        cases.append(ValidationCase(f"{name} (randomised content, seed {seed + k})",
-                                    _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP)))
+        cases.append(_simulated_validation(f"{name} (randomised content, seed {randomised_seed + k})", target,
+                                           voxel_size, simulator, rng))
     return cases
 
 
@@ -250,27 +251,26 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
             if not validation_only:
                 sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
             if config.validate_on_training_volumes:
-                validation.append(_simulated_validation(case.path.name, clean, case.meta.voxel_size.zyx,
-                                                        validation_simulator, 10_000 + i))
+                validation += _validation_views(case.path.name, clean, case.meta.voxel_size.zyx, config,
+                                                plain=1, plain_seed=10_000 + i, randomised=0, randomised_seed=0)
     for i, path in enumerate(Path(f) for f in config.validation_files):
         case = read_case(path)
         check_clean_volume(path.name, case.volume)
-        clean = case.volume.astype(np.float32)
-        for k in range(config.validation_views):
-            validation.append(_simulated_validation(path.name, clean, case.meta.voxel_size.zyx,
-                                                    validation_simulator, 10_000 + 100 * (i + 1) + k))
-        validation += _randomised_validation(path.name, clean, case.meta.voxel_size.zyx, config,
-                                             config.validation_randomised_views, 50_000 + 100 * (i + 1))
+        validation += _validation_views(path.name, case.volume.astype(np.float32), case.meta.voxel_size.zyx,
+                                        config, plain=config.validation_views, plain_seed=10_000 + 100 * (i + 1),
+                                        randomised=config.validation_randomised_views,
+                                        randomised_seed=50_000 + 100 * (i + 1))
     for i in range(0 if validation_only else config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
         sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
     for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
         seed = 1_000_000_007 + i  # never a training phantom's seed
         clean = _phantom(config.channel, config.phantom_shape, seed)
-        view, _ = simulate_single_view(clean, PHANTOM_VOXEL_SIZE_ZYX, config=validation_simulator, seed=seed)
-        validation.append(ValidationCase(f"validation phantom {i}", view, clean))
-        validation += _randomised_validation(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config,
-                                             config.validation_randomised_views, 60_000 + 100 * i)
+        validation.append(_simulated_validation(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX,
+                                                validation_simulator, seed))
+        validation += _validation_views(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config, plain=0,
+                                        plain_seed=0, randomised=config.validation_randomised_views,
+                                        randomised_seed=60_000 + 100 * i)
     if validation_only and not validation:
         raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
     if not sources and not validation_only:
