@@ -24,8 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
-from fusecare.simulate import simulate_single_view  # noqa: E402
+from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
+from fusecare.training.simulate import simulate_single_view  # noqa: E402
 
 
 def timed(fn: Callable[[int], object], repeats: int) -> list[float]:

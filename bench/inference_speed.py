@@ -46,7 +46,7 @@ def _peak_rss() -> int:
 
 
 def _ensemble(args: argparse.Namespace, tmp: Path):
-    from fusecare.ensemble import load_ensemble
+    from fusecare.restoration.ensemble import load_ensemble
 
     folder = args.weights if args.weights is not None else _random_weights(tmp, args.members) / "nucleus"
     return load_ensemble(folder, device=args.device, fp16=args.fp16)
@@ -57,8 +57,8 @@ def _random_weights(folder: Path, members: int) -> Path:
     not depend on the weights); returns ``folder``."""
     import torch
 
-    from fusecare.ensemble import save_member, write_manifest
-    from fusecare.model import CareUNet, ModelConfig
+    from fusecare.restoration.ensemble import save_member, write_manifest
+    from fusecare.restoration.model import CareUNet, ModelConfig
 
     for k in range(members):
         torch.manual_seed(k)
@@ -72,8 +72,9 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from fusecare.pipeline import DEFAULT_TILE, restore_volume
-    from fusecare.tiling import pad_to_multiple
+    from fusecare.constants import DEFAULT_TILE
+    from fusecare.restoration.pipeline import restore_volume
+    from fusecare.restoration.tiling import pad_to_multiple
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +160,7 @@ def main() -> None:
         voxels = math.prod(args.shape)
         for mode in args.modes.split(","):
             if mode == "whole" and args.device == "cpu":
-                from fusecare.pipeline import available_memory
+                from fusecare.restoration.pipeline import available_memory
                 need = voxels * WHOLE_BYTES_PER_VOXEL
                 if need > 0.8 * available_memory():
                     print(f"whole: skipped, needs about {need / 1e9:.0f} GB ({WHOLE_BYTES_PER_VOXEL} B/voxel), "

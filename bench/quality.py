@@ -31,14 +31,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.calibration import ValidationPrediction, evaluate_candidates, predict_validation  # noqa: E402
-from fusecare.data import load_split  # noqa: E402
-from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.gate import INPUT_ONLY, GateConfig  # noqa: E402
+from fusecare.training.calibration import ValidationPrediction, evaluate_candidates, predict_validation  # noqa: E402
+from fusecare.training.pairs import load_split  # noqa: E402
+from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
+from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.io import read_case  # noqa: E402
-from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
-from fusecare.simulate import SimulatorConfig, apply  # noqa: E402
-from fusecare.training import predict_ensemble_volume  # noqa: E402
+from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
+from fusecare.training.simulate import SimulatorConfig, apply  # noqa: E402
+from fusecare.training.calibration import predict_ensemble_volume  # noqa: E402
 
 HELD_OUT_SEED = 20_000  # training validation uses 10_000+, training draws from its own rng
 TUNING_SEED = 30_000

@@ -27,7 +27,7 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.segment import CellposeSegmenter, iou_scores, to_isotropic  # noqa: E402
+from fusecare.scoring.segment import CellposeSegmenter, iou_scores, to_isotropic  # noqa: E402
 
 
 def _peak_mib() -> float:

@@ -1,4 +1,4 @@
-"""Benchmark: time and peak memory of skimage's SSIM against fusecare.metrics.
+"""Benchmark: time and peak memory of skimage's SSIM against fusecare.scoring.metrics.
 
 Every measurement runs in a fresh subprocess: it builds its input pair, resets the kernel's
 peak-RSS mark (/proc/self/clear_refs), runs one SSIM and reports seconds and the peak RSS above
@@ -69,7 +69,7 @@ def _worker(method: str, shape: tuple[int, ...], dtype: str) -> dict:
         def run() -> float:
             return structural_similarity(a, b, data_range=data_range)
     else:
-        from fusecare import metrics
+        from fusecare.scoring import metrics
 
         def run() -> float:
             if method == "fmc_ssim":
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     speedup = sk["seconds"] / ours["seconds"]
     mem_ratio = ours["peak_extra_mib"] / max(sk["peak_extra_mib"], 1e-9)
     print(
-        f"\n{sk['shape']} {args.dtype}: fusecare.metrics.ssim is {speedup:.1f}x faster than "
+        f"\n{sk['shape']} {args.dtype}: fusecare.scoring.metrics.ssim is {speedup:.1f}x faster than "
         f"skimage, peak extra memory {ours['peak_extra_mib']:.0f} MiB vs "
         f"{sk['peak_extra_mib']:.0f} MiB ({mem_ratio:.3f}x); "
         f"|difference| = {abs(sk['value'] - ours['value']):.2e}"

@@ -32,17 +32,17 @@ def restore(volume: np.ndarray, channel: str = "membrane", voxel_size: Sequence[
     ``volume``: any real dtype, 3-D (Z, Y, X). ``channel``: ``"membrane"`` or ``"nucleus"``.
     ``voxel_size``: (z, y, x) in micrometres, optional (checked and logged; the network works
     in voxels). ``weights``: a folder with one ensemble per channel; default by the lookup order
-    of ``fusecare.weights`` (``FUSECARE_WEIGHTS``, the checkout's ``model_weights/``, the copy
+    of ``fusecare.restoration.weights`` (``FUSECARE_WEIGHTS``, the checkout's ``model_weights/``, the copy
     installed with the package). ``device``: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
     Returns uint16 of the volume's shape, on the input's intensity scale (the command line's
     dtype policy); with ``uncertainty=True`` a pair (output, members' spread as uint16 in units of
     1e-4 normalised intensity). Further keywords (``gate``, ``tile``, ``progress``) go to
-    ``fusecare.pipeline.restore_array``. An ensemble whose calibrated gate is input-only (the
+    ``fusecare.restoration.pipeline.restore_array``. An ensemble whose calibrated gate is input-only (the
     shipped nucleus one) returns the input as uint16, with one ERROR line; other failures raise
     ``fusecare.errors.FuseCareError`` subclasses.
     """
-    from fusecare.pipeline import restore_array
+    from fusecare.restoration.pipeline import restore_array
 
     return restore_array(volume, channel=channel, voxel_size=voxel_size, weights=weights, device=device,
                          uncertainty=uncertainty, **options)
@@ -55,7 +55,7 @@ def score(pred: np.ndarray, gt: np.ndarray, inp: np.ndarray, channel: str = "mem
     ``pred``, ``gt`` (the fused target) and ``inp`` (the single view) are ZYX arrays of one shape.
     Returns ``{"ssim_input", "ssim_pred", "n_ssim"}``, plus ``{"iou_input", "iou_pred", "n_iou"}``
     with ``segment=True`` (cellpose 3, slow on CPU; ``voxel_size`` (z, y, x) um matters only
-    then). Further keywords are ``fusecare.evaluate.EvalOptions`` fields (``ssim``, ``seg``,
+    then). Further keywords are ``fusecare.scoring.evaluate.EvalOptions`` fields (``ssim``, ``seg``,
     ``device``, ``cellpose_models``, ``allow_download``).
     """
     import dataclasses
@@ -63,7 +63,7 @@ def score(pred: np.ndarray, gt: np.ndarray, inp: np.ndarray, channel: str = "mem
     import numpy as np
 
     from fusecare.errors import InputError
-    from fusecare.evaluate import EvalOptions, score_volumes
+    from fusecare.scoring.evaluate import EvalOptions, score_volumes
 
     arrays = [np.asarray(v) for v in (gt, pred, inp)]
     if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 3:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fusecare.ensemble import load_ensemble  # noqa: E402
-from fusecare.pipeline import Deadline, restore_volume  # noqa: E402
+from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
+from fusecare.restoration.pipeline import Deadline, restore_volume  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 

@@ -2,7 +2,7 @@
 """Build the bundled demo pairs in samples/ from the real clean volumes in ../shared/data.
 
 Each real volume is treated as the fused target and a single view is derived from it with
-``fusecare.simulate`` (whole volume, so light crosses the whole specimen, then cropped). Both
+``fusecare.training.simulate`` (whole volume, so light crosses the whole specimen, then cropped). Both
 are written as ZYX uint16 BigTIFF like the challenge's files (128x128 tiles, resolution tags,
 shaped JSON metadata), zlib-compressed so the folder stays small. These are NOT real Fuse My
 Cells pairs. Deterministic: the same data and seed give byte-identical volumes.
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.io import read_case  # noqa: E402
-from fusecare.metrics import fmc_ssim  # noqa: E402
-from fusecare.simulate import SimulationParams, simulate_single_view  # noqa: E402
+from fusecare.scoring.metrics import fmc_ssim  # noqa: E402
+from fusecare.training.simulate import SimulationParams, simulate_single_view  # noqa: E402
 
 log = logging.getLogger("make_sample")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def linter(name: str) -> str:
+    """The linter's path: on PATH, or beside this Python (a venv run as ``.venv/bin/python -m
+    pytest`` without activating it keeps its console scripts off PATH); skip when absent."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install -r requirements-dev.txt installs it)")
+    return found
 
 
 @pytest.fixture
@@ -55,9 +66,9 @@ def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilis
     """A randomly initialised ensemble folder (fast, for wiring tests; not a trained model)."""
     import torch
 
-    from fusecare.ensemble import save_member, write_manifest
-    from fusecare.gate import GateConfig
-    from fusecare.model import CareUNet, ModelConfig
+    from fusecare.restoration.ensemble import save_member, write_manifest
+    from fusecare.restoration.gate import GateConfig
+    from fusecare.restoration.model import CareUNet, ModelConfig
 
     folder = root / channel
     for k in range(members):
@@ -96,17 +107,20 @@ def write_fmc_tif(path: Path, volume: np.ndarray, **metadata: object) -> Path:
 LEVELS: dict[str, str] = {
     # e2e: a command run as a user runs it (subprocesses, the container contract, shipped weights)
     "test_cli": "e2e", "test_container": "e2e", "test_fuzz": "e2e", "test_gpu_check": "e2e",
-    "test_inference": "e2e", "test_model_weights": "e2e",
+    "test_inference": "e2e", "test_model_weights": "e2e", "test_lint": "e2e",
     # integration: several modules together (a case end to end in memory, training, scoring, export)
-    "test_calibration": "integration", "test_data": "integration", "test_ensemble": "integration",
-    "test_evaluate": "integration", "test_export": "integration", "test_report": "integration",
-    "test_restore": "integration", "test_segment": "integration", "test_training": "integration",
+    "test_calibration": "integration", "test_pairs": "integration", "test_ensemble": "integration",
+    "test_evaluate": "integration", "test_bioimageio": "integration", "test_report": "integration",
+    "test_pipeline": "integration", "test_segment": "integration", "test_training": "integration",
 }
-"""Test module -> level; every other module is ``unit`` (one module, small arrays, no subprocess).
-Markers rather than folders, so ``git log`` of each test file stays whole; select a level with
-``-m unit``, ``-m integration`` or ``-m e2e`` (and ``-m "not slow"`` for the README's default)."""
+"""Test module (file name, unique across folders) -> level; every other module is ``unit`` (one
+module, small arrays, no subprocess). Folders mirror the package (``tests/restoration/`` tests
+``fusecare/restoration/``; the ground floor and the commands run as a user sit in ``tests/``), so
+levels are markers: select one with ``-m unit``, ``-m integration`` or ``-m e2e`` (and
+``-m "not slow"`` for the README's default)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its module's level (``LEVELS``)."""
     for item in items:
         item.add_marker(getattr(pytest.mark, LEVELS.get(item.path.stem, "unit")))

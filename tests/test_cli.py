@@ -198,7 +198,7 @@ def test_the_readme_python_example_runs():
 
 
 def test_weights_lookup_order(tmp_path, monkeypatch):
-    from fusecare import weights
+    from fusecare.restoration import weights
 
     monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path / "env"))
     assert weights.find_weights(tmp_path / "given") == tmp_path / "given"

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, make_tiny_ensemble, write_fmc_tif
+from conftest import REPO, linter, make_tiny_ensemble, write_fmc_tif
 
 GC_INPUT = "images/fluorescence-lightsheet-3D-microscopy"
 GC_OUTPUT = "images/fused-fluorescence-lightsheet-3D-microscopy"
@@ -349,15 +349,6 @@ def test_dockerignore_keeps_the_context_small_but_complete(dockerfile):
                for word in value.split()[:-1] if not word.startswith("--")]
     assert sources and set(sources) <= allowed
     assert not allowed & {".venv", ".git", "tests", "samples", "out", "runs", "train"}
-
-
-def linter(name: str) -> str:
-    """The linter's path: on PATH, or beside this Python (a venv run as ``.venv/bin/python -m
-    pytest`` without activating it keeps its console scripts off PATH); skip when absent."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        pytest.skip(f"{name} not installed (pip install -r requirements-dev.txt installs it)")
-    return found
 
 
 def test_dockerfile_passes_hadolint():

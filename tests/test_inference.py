@@ -21,9 +21,9 @@ import tifffile
 import torch
 from conftest import REPO, make_tiny_ensemble, write_fmc_tif
 
-from fusecare.ensemble import Ensemble
-from fusecare.pipeline import MAX_OOM_RETRIES
-from fusecare.weights import WEIGHTS_ENV
+from fusecare.restoration.ensemble import Ensemble
+from fusecare.restoration.pipeline import MAX_OOM_RETRIES
+from fusecare.restoration.weights import WEIGHTS_ENV
 
 GC_INPUT = "/input/images/fluorescence-lightsheet-3D-microscopy"
 GC_OUTPUT = "/output/images/fused-fluorescence-lightsheet-3D-microscopy"
@@ -249,8 +249,8 @@ class OomAbove:
 
 def _oom_case(tmp_path: Path) -> tuple[Path, Path, Path, np.ndarray]:
     """A depth-1 two-member ensemble (margin 6, alignment 2) so a halved tile stays cheap."""
-    from fusecare.ensemble import save_member, write_manifest
-    from fusecare.model import CareUNet, ModelConfig
+    from fusecare.restoration.ensemble import save_member, write_manifest
+    from fusecare.restoration.model import CareUNet, ModelConfig
 
     weights = tmp_path / "weights_depth1"
     for k in range(2):
@@ -481,12 +481,12 @@ def test_read_only_input_folder_works_and_nothing_is_written_into_it(tmp_path, t
 
 def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, tiny_weights, inference,
                                                                monkeypatch, caplog):
-    import fusecare.pipeline
+    import fusecare.restoration.pipeline
 
     def must_not_read(*args, **kwargs):
         raise AssertionError("the volume was read despite the memory limit")
 
-    monkeypatch.setattr(fusecare.pipeline, "read_case", must_not_read)
+    monkeypatch.setattr(fusecare.restoration.pipeline, "read_case", must_not_read)
     inp, out = tmp_path / "in", tmp_path / "out"
     write_fmc_tif(inp / "huge.tif", volume(17))
     assert inference.main(["--input", str(inp), "--output", str(out), "--weights", str(tiny_weights),
@@ -499,8 +499,8 @@ def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, tiny_we
 
 def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_path):
     from conftest import make_tiny_ensemble
-    from fusecare.ensemble import write_manifest
-    from fusecare.gate import INPUT_ONLY
+    from fusecare.restoration.ensemble import write_manifest
+    from fusecare.restoration.gate import INPUT_ONLY
 
     weights = tmp_path / "weights"
     folder = make_tiny_ensemble(weights, "nucleus")
@@ -522,16 +522,16 @@ def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_pa
 
 
 def test_unexpected_reader_errors_fail_only_that_case(tmp_path, tiny_weights, inference, monkeypatch, caplog):
-    import fusecare.pipeline
+    import fusecare.restoration.pipeline
 
-    real = fusecare.pipeline.inspect_case
+    real = fusecare.restoration.pipeline.inspect_case
 
     def flaky(path):
         if path.name == "a_bad.tif":
             raise MemoryError()  # not an InputError: what a header claiming a huge image raised
         return real(path)
 
-    monkeypatch.setattr(fusecare.pipeline, "inspect_case", flaky)
+    monkeypatch.setattr(fusecare.restoration.pipeline, "inspect_case", flaky)
     inp, out = tmp_path / "in", tmp_path / "out"
     write_fmc_tif(inp / "a_bad.tif", volume(20))
     write_fmc_tif(inp / "b_good.tif", volume(21))
@@ -672,7 +672,7 @@ def test_time_budget_option_defaults_to_the_challenge_fit_and_refuses_nonsense(i
 
 
 def test_a_case_too_slow_for_its_budget_finishes_cheaper_and_in_time(tmp_path, monkeypatch, caplog):
-    from fusecare.pipeline import RestoreOptions, restore_folder
+    from fusecare.restoration.pipeline import RestoreOptions, restore_folder
 
     now = [0.0]
     weights = tmp_path / "weights"

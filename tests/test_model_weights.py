@@ -20,9 +20,9 @@ import tifffile
 import torch
 from conftest import REPO
 
-from fusecare.ensemble import MANIFEST, Ensemble, load_ensemble, verify_manifest
-from fusecare.gate import GateConfig
-from fusecare.metrics import score_ssim
+from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, verify_manifest
+from fusecare.restoration.gate import GateConfig
+from fusecare.scoring.metrics import score_ssim
 
 WEIGHTS = REPO / "model_weights"
 SAMPLES = REPO / "samples"

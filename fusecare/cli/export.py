@@ -2,7 +2,7 @@
 
 One BioImage Model Zoo zip per channel, ``DIR/fusecare-<channel>.zip``, built and validated with
 ``bioimageio.spec`` and, unless ``--no-test``, tested with ``bioimageio.core``'s ``test_model``
-(``fusecare/export.py`` says what is in it). The model is the ensemble's ungated mean.
+(``fusecare/export/bioimageio.py`` says what is in it). The model is the ensemble's ungated mean.
 
 Exit status 0, 1 when the written package fails ``test_model`` (it is removed), 2 for bad input
 (a channel without weights, an output folder that exists and is not empty without --overwrite).
@@ -19,7 +19,7 @@ from pathlib import Path
 from fusecare.cli import Parser, add_logging_arguments, configure_logging, new_parser
 from fusecare.constants import CHANNELS
 from fusecare.errors import FuseCareError
-from fusecare.weights import REPO_WEIGHTS, WEIGHTS_ENV, find_weights
+from fusecare.restoration.weights import REPO_WEIGHTS, WEIGHTS_ENV, find_weights
 
 log = logging.getLogger("fusecare")
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Export each channel asked for; torch and bioimageio are imported only here."""
     configure_logging(quiet=args.quiet, debug=args.debug)
     from fusecare.errors import ExportError
-    from fusecare.export import MODEL_CARD, _quiet_bioimageio, check_output_folder, export_bioimageio
+    from fusecare.export.bioimageio import MODEL_CARD, _quiet_bioimageio, check_output_folder, export_bioimageio
 
     _quiet_bioimageio(args.debug)
     model_card = args.model_card

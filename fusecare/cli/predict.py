@@ -25,7 +25,7 @@ from pathlib import Path
 from fusecare.cli import add_logging_arguments, configure_logging, new_parser
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, TIFF_SUFFIXES
 from fusecare.errors import FuseCareError, UsageError
-from fusecare.weights import WEIGHTS_ENV, find_weights
+from fusecare.restoration.weights import WEIGHTS_ENV, find_weights
 
 GC_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
 GC_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         check_inputs(inputs)
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from fusecare.pipeline import RestoreOptions, restore_paths
+        from fusecare.restoration.pipeline import RestoreOptions, restore_paths
 
         options = RestoreOptions(
             tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,

@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from fusecare.evaluate import EvalOptions, SsimOptions, all_scored, evaluate_folder
-    from fusecare.report import format_table, summarize, write_csv, write_html, write_json
-    from fusecare.segment import SegOptions
+    from fusecare.scoring.evaluate import EvalOptions, SsimOptions, all_scored, evaluate_folder
+    from fusecare.scoring.report import format_table, summarize, write_csv, write_html, write_json
+    from fusecare.scoring.segment import SegOptions
 
     try:
         options = EvalOptions(

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 from fusecare.cli import configure_logging, new_parser
 from fusecare.errors import ConfigError, FuseCareError
-from fusecare.weights import training_weights_dir
+from fusecare.restoration.weights import training_weights_dir
 
 if TYPE_CHECKING:
-    from fusecare.training import TrainConfig
+    from fusecare.training.config import TrainConfig
 
 log = logging.getLogger("fusecare")
 
@@ -86,7 +86,7 @@ def build_parser(prog: str | None = "fusecare train") -> argparse.ArgumentParser
 def merged_config(args: argparse.Namespace) -> TrainConfig:
     """The config file's values, overridden by the command line; ``ConfigError`` (one line) for a
     missing or unreadable file, invalid JSON, or JSON that is not an object."""
-    from fusecare.training import TrainConfig  # torch: only once the arguments parsed
+    from fusecare.training.config import TrainConfig  # torch: only once the arguments parsed
 
     values: object = {}
     if args.config:
@@ -112,7 +112,10 @@ def merged_config(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     """Train (or recalibrate, or describe); torch is imported only here."""
     configure_logging(debug=args.debug)
-    from fusecare.training import TrainConfig, build_data, recalibrate_gate, train_ensemble
+    from fusecare.training.calibration import recalibrate_gate
+    from fusecare.training.config import TrainConfig
+    from fusecare.training.members import train_ensemble
+    from fusecare.training.sources import build_data
 
     if args.describe:
         print(TrainConfig.describe())

@@ -1,0 +1,208 @@
+"""The safety net: blend the ensemble's prediction toward the (smoothed) input where it is not trusted.
+
+``output = f + blend * w * (prediction - f)``, all in the challenge's normalised scale, with
+``w = w_spread * w_consistency``:
+
+* ``w_spread = 1 / (1 + (spread / spread_scale)**2)``: the members disagree;
+* ``w_consistency = 1 / (1 + (c / consistency_scale)**2)``, ``c = |G_consistency_sigma * (prediction - f)|``:
+  the prediction moves a whole region's intensity away from the input's. Members trained alike
+  share their systematic errors (on unseen content, brightening dim structure and flattening a
+  saturated object, so that the metric's own percentile normalisation no longer matches the
+  target's), and their spread stays low there; a restoration should sharpen and denoise, which
+  changes fine detail, not the local mean over several voxels. This term sees what disagreement
+  cannot. ``consistency_scale = 0`` switches it off.
+
+``f`` is the fallback: the input itself, or the input
+lightly Gaussian-smoothed (``fallback_sigma`` voxels; light smoothing alone already beats copying
+the input on most volumes, and it errs differently from the networks, so the blend gains from
+both), and the prediction is the members' mean, optionally lightly smoothed (``prediction_sigma``:
+networks trained for minutes on a CPU keep some of the input's noise, which SSIM punishes in the
+background). The members' spread is optionally smoothed first (``spread_sigma`` voxels) so the weight map
+is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
+fallback smoothing is the input itself: a candidate that always scores 0.
+
+Both weights are per voxel, so the net decides per region. Everything here works on one whole
+tile (``gate_fields``) and then on its core (``gated``); ``GateConfig.context`` says how far the
+smoothing reaches, so tiles widen by as much and stay exact. Inference, training's calibration
+and the benchmark all go through these functions; choosing a gate lives in
+``fusecare.training.calibration``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from fusecare.config import Config, param
+
+
+class GateConfig(Config):
+    """The calibrated gate of an ensemble, stored in its manifest."""
+
+    spread_scale: float = param(0.05, doc="Spread (normalised units) at which the prediction and the "
+                                "input get equal weight.", gt=0.0, le=10.0)
+    blend: float = param(1.0, doc="Share of the gated correction applied (0 = the input itself).",
+                         ge=0.0, le=1.0)
+    spread_sigma: float = param(0.0, doc="Gaussian smoothing of the spread map before weighting "
+                                "(voxels; tiles widen by its reach, see ``context``).", ge=0.0, le=4.0)
+    fallback_sigma: float = param(0.0, doc="Gaussian smoothing of the input that the gate falls back to "
+                                  "(voxels; 0 = the input itself).", ge=0.0, le=4.0)
+    prediction_sigma: float = param(0.0, doc="Gaussian smoothing of the members' mean before blending "
+                                    "(voxels; briefly trained networks leave noise that the targets lack).",
+                                    ge=0.0, le=4.0)
+    consistency_scale: float = param(0.0, doc="Local-mean shift (normalised units) between prediction and "
+                                     "fallback at which the prediction gets half weight (0 = off).",
+                                     ge=0.0, le=10.0)
+    consistency_sigma: float = param(4.0, doc="Gaussian scale (voxels) of the local mean the consistency "
+                                     "term compares: coarser than the detail a restoration adds.",
+                                     gt=0.0, le=16.0)
+
+    @property
+    def keeps_input(self) -> bool:
+        """The output is the input itself: predicting would change nothing."""
+        return self.blend == 0.0 and self.fallback_sigma == 0.0
+
+    @property
+    def context(self) -> float:
+        """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
+        reach = max(self.spread_sigma, self.fallback_sigma, self.prediction_sigma)
+        if self.consistency_scale > 0:
+            reach = max(reach, self.consistency_sigma + max(self.fallback_sigma, self.prediction_sigma))
+        return SMOOTHING_TRUNCATE * reach
+
+
+INPUT_ONLY = GateConfig(blend=0.0)
+SMOOTHING_TRUNCATE = 4.0
+"""Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
+
+
+def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
+    """Weight of the prediction against the input: 1 where members agree, -> 0 as they disagree."""
+    ratio = spread / np.float32(spread_scale)
+    return 1.0 / (1.0 + ratio * ratio)
+
+
+def smooth(volume: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing as the gate does it (reflect, ``SMOOTHING_TRUNCATE`` sigmas); the volume
+    itself at sigma 0."""
+    if sigma <= 0:
+        return volume
+    return ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=SMOOTHING_TRUNCATE)
+
+
+def consistency_map(mean: np.ndarray, fallback: np.ndarray, sigma: float) -> np.ndarray:
+    """|local mean of (prediction - fallback)|: how far the prediction moves a region's intensity."""
+    return np.abs(smooth(mean - fallback, sigma))
+
+
+FIELDS = ("mean", "spread", "gate_spread", "fallback", "consistency")
+"""What ``gate_fields`` stacks: the gate's smoothed mean, the members' own spread (for the
+uncertainty output), the gate's smoothed spread, the fallback and the consistency map."""
+
+
+def gate_fields(gate: GateConfig, block: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Everything ``gated`` needs for one whole tile (normalised input ``block``, the members'
+    mean and spread), stacked as ``FIELDS``; smoothing needs the tile's context, so this runs
+    before the tile's margins are cropped."""
+    mean_s = smooth(mean, gate.prediction_sigma)
+    fallback = smooth(block, gate.fallback_sigma)
+    consistency = (consistency_map(mean_s, fallback, gate.consistency_sigma) if gate.consistency_scale > 0
+                   else np.zeros_like(mean_s))
+    return np.stack([mean_s, spread, smooth(spread, gate.spread_sigma), fallback, consistency])
+
+
+def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,
+          consistency: np.ndarray | None = None) -> np.ndarray:
+    """The gated prediction (all normalised; mean, spread, fallback and consistency as
+    ``gate_fields`` makes them); ``None`` is no gate."""
+    if gate is None:
+        return mean
+    if gate.blend == 0.0:
+        return fallback
+    weight = np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)
+    if gate.consistency_scale > 0:
+        if consistency is None:
+            raise ValueError("a gate with a consistency term needs the consistency map")
+        weight = weight * gate_weight(consistency, gate.consistency_scale)
+    return fallback + weight * (mean - fallback)
+
+
+def gated_fields(fields: np.ndarray, gate: GateConfig) -> np.ndarray:
+    """``gated`` of a ``gate_fields`` stack (or a crop of one)."""
+    mean, _, gate_spread, fallback, consistency = fields
+    return gated(fallback, mean, gate_spread, gate, consistency)
+
+
+
+
+# --------------------------------------------------------------------------- the same gate in torch
+#
+# On CUDA the numpy gate would pull every whole widened tile (members' mean and spread, float32)
+# to the host and smooth it on the CPU, serially with the GPU: 0.57 s per 112x272x272 tile, about
+# 275 s of a membrane case before any network work. These twins run where the tensors are, so only
+# the finished core leaves the device. They equal the numpy functions to float32 rounding
+# (tests/restoration/test_gate.py), so the calibrated gate means the same thing on either device.
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = SMOOTHING_TRUNCATE) -> np.ndarray:
+    """scipy.ndimage's 1-D Gaussian weights (radius ``int(truncate * sigma + 0.5)``), float64."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
+    return weights / weights.sum()
+
+
+def _symmetric_index(size: int, radius: int) -> np.ndarray:
+    """Indices padding an axis by ``radius`` on both sides as scipy's ``mode='reflect'`` does
+    (``d c b a | a b c d | d c b a``, repeating for radii longer than the axis); torch's own
+    'reflect' drops the edge voxel, so it would not match."""
+    index = np.arange(-radius, size + radius)
+    period = 2 * size
+    index = np.mod(index, period)
+    return np.where(index >= size, period - 1 - index, index)
+
+
+def smooth_torch(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``smooth`` for a 3-D float tensor on any device: separable conv1d per axis."""
+    if sigma <= 0:
+        return volume
+    kernel64 = gaussian_kernel1d(sigma)
+    radius = (len(kernel64) - 1) // 2
+    kernel = torch.from_numpy(kernel64.astype(np.float32)).to(volume.device).view(1, 1, -1)
+    out = volume
+    for axis in range(3):
+        size = out.shape[axis]
+        index = torch.from_numpy(_symmetric_index(size, radius)).to(volume.device)
+        padded = out.index_select(axis, index).movedim(axis, -1)
+        shape = padded.shape
+        filtered = torch.nn.functional.conv1d(padded.reshape(-1, 1, shape[-1]), kernel)
+        out = filtered.reshape(*shape[:-1], size).movedim(-1, axis)
+    return out.contiguous()
+
+
+def gate_weight_torch(spread: torch.Tensor, spread_scale: float) -> torch.Tensor:
+    """``gate_weight`` for tensors."""
+    ratio = spread / float(np.float32(spread_scale))
+    return 1.0 / (1.0 + ratio * ratio)
+
+
+def gate_fields_torch(gate: GateConfig, block: torch.Tensor, mean: torch.Tensor,
+                      spread: torch.Tensor) -> torch.Tensor:
+    """``gate_fields`` for float32 tensors on any device (the ensemble's)."""
+    mean_s = smooth_torch(mean, gate.prediction_sigma)
+    fallback = smooth_torch(block, gate.fallback_sigma)
+    consistency = (smooth_torch(mean_s - fallback, gate.consistency_sigma).abs() if gate.consistency_scale > 0
+                   else torch.zeros_like(mean_s))
+    return torch.stack([mean_s, spread, smooth_torch(spread, gate.spread_sigma), fallback, consistency])
+
+
+def gated_fields_torch(fields: torch.Tensor, gate: GateConfig) -> torch.Tensor:
+    """``gated_fields`` for a tensor stack (or a crop of one)."""
+    mean, _, gate_spread, fallback, consistency = fields
+    if gate.blend == 0.0:
+        return fallback
+    weight = float(np.float32(gate.blend)) * gate_weight_torch(gate_spread, gate.spread_scale)
+    if gate.consistency_scale > 0:
+        weight = weight * gate_weight_torch(consistency, gate.consistency_scale)
+    return fallback + weight * (mean - fallback)

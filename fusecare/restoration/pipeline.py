@@ -1,0 +1,789 @@
+"""Restore cases end to end: read, normalise, tiled ensemble prediction, gate, write uint16.
+
+Do no harm: a case that fails for any reason after it was read (no weights for its channel,
+a corrupt model, CUDA out of memory twice, a non-finite prediction, ...) gets its input written
+back unchanged, which scores exactly 0 where a missing output scores worse. Each such fallback
+is logged as one ERROR line naming the case and the reason; the folder run goes on. A file
+that cannot be read at all (any exception while opening, parsing or decoding it) gets one
+``FAILED <file>: <reason>`` line and no output; the run goes on with the next case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
+from fusecare.device import inference_device
+from fusecare.restoration.ensemble import Ensemble, load_ensemble
+from fusecare.errors import FuseCareError, InputError, one_line
+from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
+from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, inspect_case, list_cases, read_case,
+                         stale_partials, write_case)
+from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
+from fusecare.restoration.tiling import Region, predict_tiled, tile_grid
+
+log = logging.getLogger(__name__)
+
+UINT16_MAX = 65535
+HEADROOM = 0.25
+"""Fraction of the input's intensity span kept free above and below it in the uint16 output."""
+
+UNCERTAINTY_UNIT = 1e-4
+"""Uncertainty maps are uint16 in steps of 1e-4 normalised intensity (p2 -> 0, p99.8 -> 1)."""
+
+MODEL_OVERHEAD_BYTES = 1_500_000_000
+"""Host memory budgeted for torch, the members and one tile, on top of the per-voxel cost."""
+
+
+class ConstantVolumeError(FuseCareError):
+    """p2 == p99.8: there is no structure to restore."""
+
+
+class NonFinitePredictionError(FuseCareError):
+    """The network produced NaN or Inf."""
+
+
+class InputOnlyGateError(FuseCareError):
+    """The ensemble's calibrated gate keeps the input: predicting would change nothing."""
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+@dataclass(frozen=True)
+class Uint16Map:
+    """Affine map from raw intensities to uint16: ``round(gain * v + offset)``, clipped.
+
+    The output keeps the input's own scale when the input's range, widened by ``HEADROOM`` on
+    both sides, fits in uint16; otherwise that widened range is stretched over 0..65535. So a
+    prediction that over- or undershoots the input's range is not clipped, and the scale is
+    positive-affine, to which the challenge's percentile normalisation is blind.
+    """
+
+    gain: float = 1.0
+    offset: float = 0.0
+
+    @classmethod
+    def for_input(cls, low: float, high: float) -> Uint16Map:
+        span = max(high - low, 1e-12)
+        lo, hi = low - HEADROOM * span, high + HEADROOM * span
+        if lo >= 0 and hi <= UINT16_MAX:
+            return cls()
+        gain = UINT16_MAX / (hi - lo)
+        return cls(gain=gain, offset=-lo * gain)
+
+    def apply(self, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """uint16 values and the number of voxels that had to be clipped."""
+        scaled = np.asarray(values, dtype=np.float32)
+        if self.gain != 1.0 or self.offset != 0.0:
+            scaled = scaled * np.float32(self.gain) + np.float32(self.offset)
+        rounded = np.rint(scaled)
+        clipped = int(np.count_nonzero((rounded < 0) | (rounded > UINT16_MAX)))
+        return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
+
+    def apply_tensor(self, values: torch.Tensor) -> tuple[np.ndarray, int]:
+        """``apply`` on the tensor's device: only the uint16 result crosses to the host."""
+        scaled = values.float()
+        if self.gain != 1.0 or self.offset != 0.0:
+            scaled = scaled * float(np.float32(self.gain)) + float(np.float32(self.offset))
+        rounded = torch.round(scaled)  # half to even, as np.rint
+        clipped = int(((rounded < 0) | (rounded > UINT16_MAX)).sum())
+        return rounded.clamp_(0, UINT16_MAX).to(torch.uint16).cpu().numpy(), clipped
+
+
+def input_as_uint16(volume: np.ndarray) -> np.ndarray:
+    """The input itself as uint16: unchanged values for uint16 (and any non-negative integer
+    that fits); other dtypes through ``Uint16Map`` (positive-affine, so it scores N-SSIM 0)."""
+    if volume.dtype == np.uint16:
+        return volume
+    low, high = float(volume.min()), float(volume.max())  # finite: replace_non_finite ran first
+    if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
+        return volume.astype(np.uint16)
+    out, _ = Uint16Map.for_input(low, high).apply(volume)
+    return out
+
+
+FLOAT_COMFORT = (1e-6, 1e9, 1e-4)
+"""A float input is used as it is when its span is at least 1e-6, its largest magnitude at most
+1e9 and its span at least 1e-4 of that magnitude; otherwise float32 arithmetic (normalisation,
+the uint16 map) would overflow, underflow or round it to a constant: see ``rescale_float``."""
+
+RESCALED_MAX = 60000.0
+"""``rescale_float`` maps an input's [min, max] onto [0, RESCALED_MAX]."""
+
+
+def rescale_float(volume: np.ndarray, name: str) -> np.ndarray:
+    """A float volume whose values float32 arithmetic cannot handle, rescaled affinely.
+
+    Inputs near 1e300, subnormal ones, or ones spanning 1e-12 came out constant: float32 casts
+    overflow to Inf, ``1 / scale`` overflows, or the span rounds away. The metric normalises
+    every volume by its own percentiles, so a positive-affine map is invisible to it: the
+    [min, max] of such an input is mapped onto [0, ``RESCALED_MAX``] in float64, slab by slab,
+    with one warning. Other volumes (and constant ones) are returned unchanged.
+    """
+    if volume.dtype.kind != "f" or volume.size == 0:
+        return volume
+    low, high = float(volume.min()), float(volume.max())
+    span, magnitude = high - low, max(abs(low), abs(high))
+    min_span, max_magnitude, min_relative = FLOAT_COMFORT
+    if span == 0 or (span >= min_span and magnitude <= max_magnitude and span >= min_relative * magnitude):
+        return volume
+    if not np.isfinite(span):  # e.g. -1e308 .. 1e308: halve first
+        low, high = low / 2, high / 2
+        span = high - low
+        halve = True
+    else:
+        halve = False
+    out = np.empty(volume.shape, dtype=np.float32)
+    plane = int(np.prod(volume.shape[1:])) if volume.ndim > 1 else 1
+    for z0, z1 in z_slabs(volume.shape[0], plane):
+        slab = np.asarray(volume[z0:z1], dtype=np.float64)
+        if halve:
+            slab = slab / 2
+        out[z0:z1] = (slab - low) / span * RESCALED_MAX
+    log.warning("%s: float input spans [%g, %g], beyond what float32 arithmetic keeps: rescaled "
+                "affinely to [0, %g] (the metric's normalisation is blind to it)", name,
+                float(volume.min()), float(volume.max()), RESCALED_MAX)
+    return out
+
+
+def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
+    """NaN and -Inf -> the lowest finite value, +Inf -> the highest; one warning with counts."""
+    if volume.dtype.kind != "f":
+        return volume
+    finite = np.isfinite(volume)
+    bad = finite.size - int(np.count_nonzero(finite))
+    if not bad:
+        return volume
+    if not finite.any():
+        raise InputError(f"{name}: no finite voxel (all NaN/Inf)")
+    low, high = float(volume[finite].min()), float(volume[finite].max())
+    volume = np.array(volume, copy=True)
+    volume[np.isposinf(volume)] = high
+    volume[~np.isfinite(volume)] = low
+    log.warning("%s: %d non-finite voxel(s) (NaN/Inf) replaced by the finite min/max", name, bad)
+    return volume
+
+
+# --------------------------------------------------------------------------- one volume
+
+
+BUDGET_SAFETY = 1.15
+"""Projected seconds for the remaining tiles are multiplied by this before comparing them with
+the time left: tile times vary with content only a little, but a case over budget is lost."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a case's processing must be done; ``clock`` is injectable so tests need no sleeping."""
+
+    at: float
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        return cls(clock() + seconds, clock)
+
+    def remaining(self) -> float:
+        return self.at - self.clock()
+
+
+@dataclass(frozen=True)
+class Cheaper:
+    """A cheaper way to predict a block (e.g. fewer members), used when the full one will not
+    finish in time; ``relative_cost`` (per tile, against the full mode) projects it before it ran."""
+
+    description: str
+    predict_block: Callable[[np.ndarray], object]
+    relative_cost: float
+
+
+@dataclass
+class _Mode:
+    description: str
+    predict: Callable[[np.ndarray], object]
+    relative_cost: float
+    seconds: list[float] = field(default_factory=list)
+    tiles: int = 0
+
+
+class Pacer:
+    """Predicts each tile in the best mode whose projected time for the remaining tiles fits.
+
+    Modes go from best to cheapest and the last one, the input itself, costs nothing; the pacer
+    only ever steps down. After every tile (the first one included, so before the case really
+    starts) it projects the remaining tiles at the current mode's measured seconds per tile (an
+    unmeasured mode from its ``relative_cost``) times ``BUDGET_SAFETY``, and steps down to the
+    first mode that fits. Each step is one loud line naming the case and why.
+    """
+
+    def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
+        self.modes, self.deadline, self.name = modes, deadline, name
+        self.level, self.total, self.done = 0, 0, 0
+
+    def start(self, tiles: int) -> None:
+        """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
+        self.total, self.done = tiles, 0
+        for mode in self.modes:
+            mode.tiles = 0
+        if self.deadline is not None and self.deadline.remaining() <= 0:
+            self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
+
+    def __call__(self, block: np.ndarray) -> object:
+        mode = self.modes[self.level]
+        clock = self.deadline.clock if self.deadline is not None else time.monotonic
+        begin = clock()
+        out = mode.predict(block)
+        mode.seconds.append(clock() - begin)
+        mode.tiles += 1
+        self.done += 1
+        self._replan()
+        return out
+
+    def _per_tile(self, level: int) -> float:
+        mode = self.modes[level]
+        if mode.seconds:
+            return float(np.mean(mode.seconds))
+        current = self.modes[self.level]
+        reference = float(np.mean(current.seconds)) / max(current.relative_cost, 1e-9)
+        return reference * mode.relative_cost
+
+    def _replan(self) -> None:
+        left = self.total - self.done
+        if self.deadline is None or left <= 0 or self.level == len(self.modes) - 1:
+            return
+        remaining = self.deadline.remaining()
+        projected = self._per_tile(self.level) * left * BUDGET_SAFETY
+        if projected <= remaining:
+            return
+        level = next(k for k in range(self.level + 1, len(self.modes))
+                     if k == len(self.modes) - 1 or self._per_tile(k) * left * BUDGET_SAFETY <= remaining)
+        self._step(level, f"{left} tile(s) left at {self._per_tile(self.level):.2f} s each project "
+                          f"{projected:.0f} s, {max(remaining, 0):.0f} s of its budget left")
+
+    def _step(self, level: int, why: str) -> None:
+        self.level = level
+        left = self.total - self.done
+        if level == len(self.modes) - 1:
+            log.error("case %s over its time budget: %s; the remaining %d of %d tile(s) are written as "
+                      "the input itself", self.name, why, left, self.total)
+        else:
+            log.warning("case %s over its time budget: %s; the remaining %d of %d tile(s) with %s",
+                        self.name, why, left, self.total, self.modes[level].description)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        """Tiles per mode in the last pass (only modes that ran)."""
+        return {m.description: m.tiles for m in self.modes if m.tiles}
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore: tile, device, precision, gating, uncertainty output, memory and time budget."""
+
+    tile: tuple[int, int, int] | None = None
+    device: str = "auto"
+    fp16: bool = False
+    gate: bool = True
+    uncertainty_dir: Path | None = None
+    memory_limit: int | None = None
+    progress: bool = True
+    time_budget: float | None = DEFAULT_TIME_BUDGET
+    clock: Callable[[], float] = time.monotonic
+    imagej: bool = False
+    """Write ImageJ hyperstacks calibrated in microns (Fiji, napari) instead of the challenge's files."""
+
+
+@dataclass
+class Restored:
+    output: np.ndarray
+    uncertainty: np.ndarray | None = None
+    clipped: int = 0
+    tile: tuple[int, int, int] | None = None
+    modes: dict[str, int] = field(default_factory=dict)
+    """Tiles per prediction mode (``Pacer.summary``): more than one entry when the budget bit."""
+
+
+OOM_CORE_FLOOR = 2
+"""On out-of-memory, cores shrink no further than this many margins per axis: a tile then costs
+at most (1 + 2 / OOM_CORE_FLOOR)**3 = 8 times its core instead of the 46 times that halving the
+widened tile gave (issue 15)."""
+
+MAX_OOM_RETRIES = 4
+
+
+def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: int,
+                align: int) -> tuple[int, int, int]:
+    """The tile after halving the longest core (the tile less its two context margins) that can
+    still shrink, margins kept; the tile itself when every core is at the floor
+    (``OOM_CORE_FLOOR`` margins, at least ``align``).
+
+    Halving the widened tile instead shrinks the core far faster than the tile (the margins stay),
+    and the number of tiles, each paying its margins again, explodes.
+    """
+    floor = max(align, math.ceil(OOM_CORE_FLOOR * margin / align) * align)
+    cores = []
+    for n, t in zip(shape, tile):
+        padded = math.ceil(n / align) * align
+        cores.append(padded if t >= padded else t - 2 * margin)  # one tile: the whole axis is its core
+    for axis in sorted(range(3), key=lambda k: -cores[k]):
+        if cores[axis] <= floor:
+            break
+        core = max(floor, cores[axis] // 2 // align * align)
+        side = math.ceil((core + 2 * margin) / align) * align
+        if side < min(tile[axis], math.ceil(shape[axis] / align) * align):
+            return tuple(side if k == axis else t for k, t in enumerate(tile))  # type: ignore[return-value]
+    return tile
+
+
+FULL_MODE = "all members"
+INPUT_MODE = "the input itself"
+
+
+def restore_volume(
+    volume: np.ndarray,
+    predict_block: Callable[[np.ndarray], np.ndarray],
+    *,
+    tile: tuple[int, int, int],
+    margin: int,
+    align: int,
+    gate: GateConfig | None = None,
+    with_uncertainty: bool = False,
+    progress: str | None = None,
+    max_oom_retries: int = MAX_OOM_RETRIES,
+    deadline: Deadline | None = None,
+    cheaper: Cheaper | None = None,
+    name: str = "volume",
+    device: torch.device | None = None,
+) -> Restored:
+    """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
+
+    Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
+    given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
+    back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
+    out-of-memory the longest core is halved, margins kept (``shrink_core``), and the whole volume
+    retried, up to ``max_oom_retries`` times; below the floor the error propagates (the case falls back).
+    With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
+    written as the input itself (``Pacer``); cores partition the volume, so modes mix per tile.
+
+    With a ``device``, ``predict_block`` (and ``cheaper``'s) take a tensor on it and return a
+    (2, Z, Y, X) tensor there (``Ensemble.predict_tensor``); the gate, the inverse normalisation
+    and the uint16 map run there too (``fusecare.restoration.gate``'s torch twins), and only the finished
+    uint16 core (and the uncertainty's) comes back to the host.
+    """
+    # one histogram pass gives the range for the uint16 map and the challenge's percentiles
+    minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
+    norm = PercentileNorm(low=p_low, high=p_high)
+    if norm.is_degenerate:
+        raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
+    to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
+    output = np.empty(volume.shape, dtype=np.uint16)
+    uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
+    clipped = 0
+
+    def sink(region: Region, prediction: np.ndarray) -> None:
+        nonlocal clipped
+        mean, spread = prediction[0], prediction[1]
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        if gate is not None:  # the gate's fields ride along (see below)
+            mean = gated_fields(prediction, gate)
+        output[region], n = to_uint16.apply(norm.inverse(mean))
+        clipped += n
+        if uncertainty is not None:
+            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+
+    scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
+
+    def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
+        """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
+        nonlocal clipped
+        if not bool(torch.isfinite(prediction[:2]).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        mean = gated_fields_torch(prediction, gate) if gate is not None else prediction[0]
+        output[region], n = to_uint16.apply_tensor(mean * scale + low)
+        clipped += n
+        if uncertainty is not None:
+            units = torch.round(prediction[1] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+            uncertainty[region] = units.to(torch.uint16).cpu().numpy()
+
+    def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
+        fields (``fusecare.restoration.gate.FIELDS``: the members' own spread is the second, so the
+        uncertainty written stays theirs); on ``device``, as a tensor there."""
+        if device is not None:
+            def on_device(block: np.ndarray) -> torch.Tensor:
+                x = torch.from_numpy(block).to(device)
+                prediction = predict(x)
+                return prediction if gate is None else gate_fields_torch(gate, x, prediction[0], prediction[1])
+            return on_device
+        if gate is None:
+            return predict
+
+        def gate_predictor(block: np.ndarray) -> np.ndarray:
+            mean, spread = predict(block)
+            return gate_fields(gate, block, mean, spread)
+        return gate_predictor
+
+    def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
+        """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
+        if device is not None:
+            x = torch.from_numpy(block).to(device)
+            zero_t = torch.zeros_like(x)
+            return torch.stack([x, zero_t] if gate is None else [x, zero_t, zero_t, x, zero_t])
+        zero = np.zeros_like(block)
+        return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
+
+    if gate is not None:
+        # the gate's smoothing reaches further than the network: widen the context so that tiles
+        # stay exact, and the tiles with it so that their cores keep their size
+        extra = math.ceil(gate.context / align) * align
+        margin += extra
+        tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
+    modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
+    if cheaper is not None:
+        modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
+    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+    pacer = Pacer(modes, deadline, name)
+    minimum = 2 * margin + align
+    aligned = [math.ceil(t / align) * align for t in tile]
+    feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed
+                     for n, t in zip(volume.shape, aligned))
+    if feasible != tile:
+        log.warning("tile %s rounded up to %s: sides must be multiples of %d and leave room for %d "
+                    "voxels of context on both sides", tile, feasible, align, margin)
+        tile = feasible  # type: ignore[assignment]
+    for attempt in range(max_oom_retries + 1):
+        try:
+            pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
+            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
+                          sink=sink if device is None else sink_tensor, progress=progress)
+            break
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            smaller = shrink_core(tile, volume.shape, margin=margin, align=align)
+            if attempt == max_oom_retries or smaller == tile:
+                raise
+            log.warning("CUDA out of memory with tile %s; retrying with tile %s (margins of %d kept, "
+                        "cores shrink to at least %d margins)", tile, smaller, margin, OOM_CORE_FLOOR)
+            tile = smaller
+    if clipped:
+        log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)
+    return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile, modes=pacer.summary)
+
+
+# --------------------------------------------------------------------------- cases and folders
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit if lower."""
+    available = math.inf
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return int(available) if math.isfinite(available) else 1 << 62
+
+
+FLOAT_PERCENTILE_BYTES = 17
+"""Bytes per voxel ``normalize.percentiles`` holds for a float volume: a float64 copy, the
+finiteness mask and the float64 copy of the finite voxels (8 + 1 + 8)."""
+
+
+def required_memory(info: CaseInfo, *, with_uncertainty: bool) -> int:
+    """Peak host bytes to restore a case: input + uint16 output (+ uncertainty) + overhead.
+
+    Float inputs also hold a sanitised copy (NaN/Inf replaced), a float32 rescaled copy
+    (``rescale_float``) and the percentiles' float64 working set (``FLOAT_PERCENTILE_BYTES``).
+    """
+    voxels = math.prod(info.shape)
+    per_voxel = info.dtype.itemsize + 2 + (2 if with_uncertainty else 0)
+    if info.dtype.kind == "f":
+        per_voxel += info.dtype.itemsize + 4 + FLOAT_PERCENTILE_BYTES
+    return voxels * per_voxel + MODEL_OVERHEAD_BYTES
+
+
+CaseStatus = Literal["restored", "fallback", "failed"]
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What happened to one case; ``failed`` means no output could be written."""
+
+    name: str
+    status: CaseStatus
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class EnsembleCache:
+    """Loads each channel's ensemble at most once per run; remembers load failures too."""
+
+    weights_dir: Path
+    device: torch.device
+    fp16: bool = False
+    _loaded: dict[str, Ensemble | FuseCareError] = field(default_factory=dict)
+
+    def get(self, channel: str) -> Ensemble:
+        if channel not in self._loaded:
+            try:
+                self._loaded[channel] = load_ensemble(self.weights_dir / channel, device=self.device,
+                                                      fp16=self.fp16)
+            except FuseCareError as exc:
+                self._loaded[channel] = exc
+        entry = self._loaded[channel]
+        if isinstance(entry, FuseCareError):
+            raise entry
+        return entry
+
+
+def _reason(exc: BaseException, name: str) -> str:
+    """``errors.one_line`` without a leading ``<name>: `` (the FAILED line names the file already)."""
+    text = one_line(exc)
+    return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
+
+
+class ConstantOutputError(FuseCareError):
+    """The uint16 output came out constant although the input is not."""
+
+
+def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
+                 options: RestoreOptions) -> CaseOutcome:
+    """Restore one file into ``output_dir`` (same name), falling back to the input on failure.
+
+    Reading: any failure (the readers turn whatever a damaged file raises into ``InputError``;
+    anything else, e.g. MemoryError, is caught here too) is one ``FAILED <file>: <reason>`` line
+    and no output. After the case was read: any failure, ours included, writes the input back
+    (``FALLBACK``), and only a failing write of that is FAILED. Success is logged after the file
+    is in place, never before.
+    """
+    start = time.perf_counter()
+    name = path.name
+    deadline = Deadline.after(options.time_budget, options.clock) if options.time_budget is not None else None
+
+    def failed(reason: str) -> CaseOutcome:
+        log.error("FAILED %s: %s; no output written", name, reason)
+        return CaseOutcome(name, "failed", reason, time.perf_counter() - start)
+
+    try:
+        info = inspect_case(path)
+        limit = options.memory_limit if options.memory_limit is not None else available_memory()
+        need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
+        if need > limit:
+            raise InputError(
+                f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
+                f"{limit / 1e9:.1f} GB available; refusing before reading it"
+            )
+        case = read_case(path, info=info)
+        for note in case.meta.notes:
+            log.warning("%s: %s", name, note)
+        volume = rescale_float(replace_non_finite(case.volume, name), name)
+    except FuseCareError as exc:
+        return failed(_reason(exc, name))
+    except Exception as exc:  # noqa: BLE001 - one rule: a case that cannot be read fails alone
+        log.debug("%s: reading failed", name, exc_info=True)
+        return failed(_reason(exc, name))
+    try:
+        restored = _predict_case(volume, case.meta, ensembles, options, name, deadline)
+        if restored.output.size and restored.output.min() == restored.output.max():
+            raise ConstantOutputError("the output came out constant although the input is not")
+        _write_outputs(output_dir / name, restored, case.meta, options)
+        status, message = "restored", f"restored with tile {restored.tile}"
+        if len(restored.modes) > 1 or FULL_MODE not in restored.modes:
+            message += " (over its time budget, tiles per mode: " + ", ".join(
+                f"{mode} {count}" for mode, count in restored.modes.items()) + ")"
+    except Exception as exc:  # noqa: BLE001 - do no harm: any failure falls back to the input
+        message = one_line(exc)
+        log.debug("traceback of the fallback", exc_info=True)
+        try:
+            write_case(output_dir / name, input_as_uint16(volume), case.meta, imagej=options.imagej)
+        except Exception as write_exc:  # noqa: BLE001 - the run goes on with the next case
+            log.debug("traceback of the failed fallback write", exc_info=True)
+            return failed(f"{message}; writing the input back failed too: {_reason(write_exc, name)}")
+        log.error("case %s FALLBACK, wrote the input back unchanged (scores N-SSIM 0): %s", name, message)
+        status = "fallback"
+    seconds = time.perf_counter() - start
+    log.info("case %s %s in %.1f s", name, status, seconds)
+    return CaseOutcome(name, status, message, seconds)
+
+
+def cheaper_members(ensemble: Ensemble, *, on_device: bool = False) -> Cheaper | None:
+    """Half the members, never fewer than two: with one member the spread is 0 and the gate's
+    main safety term would silently be off, a mode no calibration validated."""
+    n = len(ensemble.members)
+    k = max(2, n // 2)
+    if k >= n:
+        return None
+    predict = ensemble.predict_tensor if on_device else ensemble.predict_block
+    return Cheaper(f"{k} of {n} members", functools.partial(predict, members=k), k / n)
+
+
+def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
+                  options: RestoreOptions, name: str, deadline: Deadline | None = None,
+                  *, with_uncertainty: bool | None = None) -> Restored:
+    ensemble = ensembles.get(meta.channel)
+    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
+    gate = ensemble.gate if options.gate else None
+    if gate is not None and gate.keeps_input:
+        raise InputOnlyGateError(
+            f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
+            "correction that kept every case >= 0); --no-gate runs the ensemble anyway")
+    log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
+             name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
+             tile, gate.to_dict() if gate else "off")
+    on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
+    cheaper = cheaper_members(ensemble, on_device=on_device)
+    return restore_volume(
+        volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
+        gate=gate,
+        with_uncertainty=options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty,
+        progress=name if options.progress else None,
+        deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
+    )
+
+
+def _write_outputs(path: Path, restored: Restored, meta: CaseMeta, options: RestoreOptions) -> None:
+    write_case(path, restored.output, meta, imagej=options.imagej)
+    if options.uncertainty_dir is not None and restored.uncertainty is not None:
+        unc_meta = dataclasses.replace(meta, raw={**meta.raw, "content": "ensemble spread",
+                                                  "uncertainty_unit": UNCERTAINTY_UNIT,
+                                                  "uncertainty_scale": "normalised intensity (p2 -> 0, p99.8 -> 1)"})
+        write_case(options.uncertainty_dir / path.name, restored.uncertainty, unc_meta, imagej=options.imagej)
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or inside it, symbolic links and ``..`` resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def restore_folder(input_dir: str | Path, output_dir: str | Path, weights_dir: str | Path,
+                   options: RestoreOptions = RestoreOptions()) -> list[CaseOutcome]:
+    """Restore every case of ``input_dir`` into ``output_dir``; ``InputError`` if there is none."""
+    list_cases(input_dir)  # InputError for a missing or empty folder, before anything is created
+    return restore_paths([input_dir], output_dir, weights_dir, options)
+
+
+def _refuse_overwriting(folder: Path | None, what: str, inputs: Sequence[Path]) -> None:
+    """An output folder that is an input folder (or inside one), or the folder of an input file,
+    would overwrite or mix with the inputs: ``FuseCareError``, before anything is written."""
+    if folder is None:
+        return
+    for path in inputs:
+        if path.is_dir() and is_within(folder, path):
+            raise FuseCareError(f"{what} folder {folder} is the input folder {path} or inside it: "
+                                "refusing, it would overwrite or mix with the inputs; choose another folder")
+        if not path.is_dir() and folder.resolve() == path.parent.resolve():
+            raise FuseCareError(f"{what} folder {folder} holds the input {path}: refusing, its output would "
+                                "replace it; choose another folder")
+
+
+def restore_paths(inputs: Sequence[str | Path], output_dir: str | Path, weights_dir: str | Path,
+                  options: RestoreOptions = RestoreOptions()) -> list[CaseOutcome]:
+    """Restore ``inputs`` (.tif/.tiff files, or folders of them) into ``output_dir``, each output
+    named as its input. ``InputError`` for a folder with no case; ``FuseCareError`` for an output
+    folder that would overwrite an input, or two inputs of the same name (one output would
+    silently replace the other)."""
+    paths, output_dir = [Path(p) for p in inputs], Path(output_dir)
+    for folder, what in ((output_dir, "output"), (options.uncertainty_dir, "uncertainty")):
+        _refuse_overwriting(folder, what, paths)
+    cases = [case for path in paths for case in (list_cases(path) if path.is_dir() else [path])]
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.name in seen and seen[case.name].absolute() != case.absolute():
+            raise FuseCareError(f"two inputs named {case.name} ({seen[case.name]} and {case}): their outputs "
+                                "would have the same name; restore them into separate folders")
+        seen.setdefault(case.name, case)
+    cases = list({case.absolute(): case for case in cases}.values())  # a file given twice runs once
+    for folder in (output_dir, options.uncertainty_dir):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FuseCareError(f"cannot create output folder {folder}: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise FuseCareError(f"output folder {folder} is not writable")
+        for stale in stale_partials(folder):
+            try:
+                stale.unlink()
+                log.warning("removed %s, a temporary file an interrupted run left in %s", stale.name, folder)
+            except OSError as exc:
+                log.warning("cannot remove %s, a temporary file an interrupted run left: %s", stale, exc.strerror)
+    ensembles = EnsembleCache(Path(weights_dir), inference_device(options.device), fp16=options.fp16)
+    log.info("%d case(s) in %s -> %s (device %s)", len(cases), ", ".join(map(str, paths)), output_dir,
+             ensembles.device)
+    return [restore_case(p, output_dir, ensembles, options) for p in cases]
+
+
+# --------------------------------------------------------------------------- arrays in memory
+
+
+def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
+                  voxel_size: Sequence[float] | None = None, weights: str | Path | None = None,
+                  device: str = "auto", uncertainty: bool = False, gate: bool = True,
+                  tile: tuple[int, int, int] | None = None, progress: bool = False,
+                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One ZYX volume restored as the command line restores a file (``fusecare.restore``).
+
+    The same path as ``restore_case`` minus the files: non-finite voxels repaired, extreme floats
+    rescaled, the channel's ensemble (found by ``fusecare.restoration.weights.find_weights``), the calibrated
+    gate, uint16 out. A gate that is input-only (the shipped nucleus ensemble) returns the input
+    as uint16 with one ERROR line, as the command line's fallback does; any other failure raises,
+    since a caller holding an array can decide better than a blanket fallback. ``voxel_size``
+    (z, y, x) in um is checked and logged: the network works in voxels, trained at the
+    challenge's sampling. With ``uncertainty`` the members' own spread (uint16, unit
+    ``UNCERTAINTY_UNIT``) comes second.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise InputError(f"expected a 3-D ZYX volume, got shape {volume.shape}")
+    if channel not in CHANNELS:
+        raise InputError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+    size = VoxelSize()
+    if voxel_size is not None:
+        values = tuple(float(v) for v in voxel_size)
+        if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise InputError(f"voxel_size must be three positive numbers (z, y, x) in um, got {voxel_size!r}")
+        size = VoxelSize(*values)
+    from fusecare.restoration.weights import find_weights
+
+    ensembles = EnsembleCache(find_weights(weights), inference_device(device))
+    options = RestoreOptions(tile=tile, device=device, gate=gate, progress=progress, time_budget=None)
+    volume = rescale_float(replace_non_finite(volume, "volume"), "volume")
+    meta = CaseMeta(voxel_size=size, channel=channel)
+    try:
+        restored = _predict_case(volume, meta, ensembles, options, "volume", with_uncertainty=uncertainty)
+    except InputOnlyGateError as exc:
+        log.error("volume FALLBACK, returning the input unchanged (scores N-SSIM 0): %s", exc)
+        if not uncertainty:
+            return input_as_uint16(volume)
+        spread = _predict_case(volume, meta, ensembles, dataclasses.replace(options, gate=False), "volume",
+                               with_uncertainty=True)
+        return input_as_uint16(volume), spread.uncertainty  # type: ignore[return-value]
+    if uncertainty:
+        return restored.output, restored.uncertainty  # type: ignore[return-value]
+    return restored.output

@@ -1,0 +1,257 @@
+"""Choosing the safety net's parameters on validation volumes, by cross-validation over them.
+
+A few candidates (the input itself, the Gaussian-smoothed input, and a small grid over how much
+the gate trusts disagreeing members and region-wide intensity shifts) are scored on every
+validation case. The rule: among the candidates whose worst case is not below 0, the best mean
+N-SSIM; when none is safe, the best worst case. ``cross_validate`` reports how that rule does on
+volumes it did not choose on (leave one volume out), which is the honest estimate of what the
+chosen gate does on unseen content; the grid is kept small so four or five validation volumes
+can choose among it without fitting their noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusecare.errors import WeightsError
+from fusecare.normalize import PercentileNorm
+from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
+from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
+from fusecare.scoring.metrics import fmc_ssim, n_ssim
+from fusecare.training.loop import predict_normalised, strict_json
+from fusecare.training.sources import ValidationCase
+
+log = logging.getLogger(__name__)
+
+FALLBACK_SIGMAS: tuple[float, ...] = (0.0, 0.5, 0.8, 1.2)
+"""0: the input itself, for targets whose texture (noise included) any smoothing would lose."""
+PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5)
+SPREAD_SCALES: tuple[float, ...] = (0.05, 0.2, 10.0)
+"""10 normalised units: members never disagree that much, so the spread term is off."""
+CONSISTENCY_SCALES: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1)
+SPREAD_SIGMA = 2.0
+SAFETY_TOLERANCE = 1e-6
+"""A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
+
+
+class _Scores:
+    """Mean and worst case of a sequence of per-case N-SSIM (``n_ssim``)."""
+
+    n_ssim: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.n_ssim))
+
+    @property
+    def worst(self) -> float:
+        return float(np.min(self.n_ssim))
+
+
+@dataclass(frozen=True)
+class GateCandidate(_Scores):
+    """N-SSIM over the validation cases for one gate (``None`` = ungated)."""
+
+    gate: GateConfig | None
+    n_ssim: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"gate": self.gate.to_dict() if self.gate else None, "n_ssim_mean": self.mean,
+                "n_ssim_worst": self.worst, "n_ssim": list(self.n_ssim)}
+
+
+@dataclass(frozen=True)
+class ValidationPrediction:
+    """One validation case with the ensemble's normalised mean and (unsmoothed) spread."""
+
+    name: str
+    source: np.ndarray
+    target: np.ndarray
+    mean: np.ndarray
+    spread: np.ndarray
+
+
+def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, fallback: np.ndarray,
+               mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,
+               consistency: np.ndarray | None = None) -> float:
+    """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
+
+    ``fallback``, ``mean`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
+    is the input itself: exactly 0, without scoring it again.
+    """
+    if gate is not None and gate.keeps_input:
+        return 0.0
+    return n_ssim(fmc_ssim(target, gated(fallback, mean, spread, gate, consistency), target_norm=target_norm),
+                  ssim_input)
+
+
+def default_candidates() -> list[GateConfig]:
+    """The input itself, the Gaussian-smoothed inputs, then the (fallback, prediction smoothing,
+    spread scale, consistency scale) grid: 100 in all."""
+    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
+            + [GateConfig(spread_scale=s, spread_sigma=SPREAD_SIGMA, fallback_sigma=f, prediction_sigma=p,
+                          consistency_scale=c)
+               for f, p, s, c in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
+                                                   CONSISTENCY_SCALES)])
+
+
+def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
+                        *, progress: bool = False) -> list[GateCandidate]:
+    """N-SSIM of every case without a gate and with each candidate gate.
+
+    Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
+    spread and the input (and each consistency map) are computed once, not once per candidate,
+    with the functions inference uses (``fusecare.restoration.gate``). ``progress`` shows a bar over the
+    candidates.
+    """
+    candidates = default_candidates() if candidates is None else candidates
+    prepared = []
+    for case in cases:
+        target_norm = PercentileNorm.fit(case.target)
+        prepared.append((target_norm, fmc_ssim(case.target, case.source, target_norm=target_norm),
+                         PercentileNorm.fit(case.source).forward(case.source)))
+    smoothed: dict[tuple[str, int, float], np.ndarray] = {}
+
+    def cached(kind: str, i: int, sigma: float, volume: np.ndarray) -> np.ndarray:
+        if (kind, i, sigma) not in smoothed:
+            smoothed[kind, i, sigma] = smooth(volume, sigma)
+        return smoothed[kind, i, sigma]
+
+    consistencies: dict[tuple[int, float, float, float], np.ndarray] = {}
+
+    def consistency(i: int, gate: GateConfig, mean: np.ndarray, fallback: np.ndarray) -> np.ndarray | None:
+        if gate.consistency_scale <= 0:
+            return None
+        key = (i, gate.prediction_sigma, gate.fallback_sigma, gate.consistency_sigma)
+        if key not in consistencies:
+            consistencies[key] = consistency_map(mean, fallback, gate.consistency_sigma)
+        return consistencies[key]
+
+    results = []
+    for gate in tqdm((None, *candidates), desc="gate calibration", unit="gate", disable=not progress, leave=False):
+        spread_sigma, fallback_sigma, prediction_sigma = (
+            (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0))
+        scores = []
+        for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
+            fallback = cached("input", i, fallback_sigma, x)
+            mean = cached("mean", i, prediction_sigma, case.mean)
+            scores.append(score_gate(case.target, target_norm, ssim_input, fallback, mean,
+                                     cached("spread", i, spread_sigma, case.spread), gate,
+                                     consistency(i, gate, mean, fallback) if gate else None))
+        results.append(GateCandidate(gate, tuple(scores)))
+    return results
+
+
+def choose_gate(results: Sequence[GateCandidate]) -> GateCandidate:
+    """Best mean among gates whose worst case is >= 0, else the best worst case."""
+    gated_results = [r for r in results if r.gate is not None]
+    safe = [r for r in gated_results if r.worst >= -SAFETY_TOLERANCE]
+    if safe:
+        return max(safe, key=lambda r: r.mean)
+    return max(gated_results, key=lambda r: r.worst)
+
+
+def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
+                   *, progress: bool = False) -> tuple[GateConfig, list[GateCandidate]]:
+    """The calibrated gate and the whole table (for the model card and the manifest)."""
+    if not cases:
+        raise ValueError("gate calibration needs at least one validation case")
+    results = evaluate_candidates(cases, candidates, progress=progress)
+    chosen = choose_gate(results).gate
+    assert chosen is not None
+    return chosen, results
+
+
+def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
+                       predict_volume: Callable[[np.ndarray], np.ndarray]) -> ValidationPrediction:
+    """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` for calibration."""
+    mean, spread = predict_volume(source)
+    return ValidationPrediction(name, source, target, mean, spread)
+
+
+def volume_of(case_name: str) -> str:
+    """The volume a validation case was simulated from: its name before `` (`` (training names
+    simulated views ``<file> (simulated, seed N)``; each phantom is a volume of its own)."""
+    return case_name.split(" (", 1)[0]
+
+
+@dataclass(frozen=True)
+class CrossValidation(_Scores):
+    """Leave-one-volume-out: for each held-out volume, the gate chosen on the others and its
+    N-SSIM on the held-out volume's cases."""
+
+    folds: tuple[tuple[str, GateConfig, tuple[float, ...]], ...]
+
+    @property  # type: ignore[override]
+    def n_ssim(self) -> tuple[float, ...]:
+        return tuple(v for _, _, scores in self.folds for v in scores)
+
+
+def cross_validate(names: Sequence[str], table: Sequence[GateCandidate]) -> CrossValidation | None:
+    """Leave-one-volume-out estimate of the choice rule from an ``evaluate_candidates`` table
+    (``names``: the validation case names, in the table's order); None with fewer than 2 volumes."""
+    volumes = sorted({volume_of(n) for n in names})
+    if len(volumes) < 2:
+        return None
+    folds = []
+    for held in volumes:
+        inside = [i for i, n in enumerate(names) if volume_of(n) != held]
+        outside = [i for i, n in enumerate(names) if volume_of(n) == held]
+        chosen = choose_gate([GateCandidate(c.gate, tuple(c.n_ssim[i] for i in inside)) for c in table]).gate
+        row = next(c for c in table if c.gate == chosen)
+        folds.append((held, chosen, tuple(row.n_ssim[i] for i in outside)))
+    return CrossValidation(tuple(folds))
+
+
+# --------------------------------------------------------------------------- a saved ensemble
+
+
+def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, device: str = "cpu",
+                     info: dict[str, Any] | None = None, progress: bool = False) -> GateConfig:
+    """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table.
+
+    ``WeightsError`` when ``folder`` holds no ensemble (no readable manifest).
+    """
+    if not (folder / MANIFEST).is_file():
+        raise WeightsError(f"no ensemble to calibrate in {folder} (no {MANIFEST}); train one first")
+    manifest = read_manifest(folder)
+    if info is None:
+        info = manifest.get("info", {})
+    gate, table = calibrate_ensemble_gate(folder, validation, device=device, progress=progress)
+    names = [v.name for v in validation]
+    cv = cross_validate(names, table)
+    if cv is not None:
+        log.info("leave-one-volume-out N-SSIM of the choice rule: mean %.4f, worst %.4f", cv.mean, cv.worst)
+    write_manifest(folder, str(manifest.get("channel", folder.name)), gate=gate, info=strict_json({
+        **info, "gate_cases": names, "gate_calibration": [c.to_dict() for c in table],
+        "gate_cross_validation": None if cv is None else [
+            {"held_out": held, "gate": g.to_dict(), "n_ssim": list(scores)} for held, g, scores in cv.folds]}))
+    return gate
+
+
+def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
+    """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume."""
+    return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin, align=ensemble.alignment,
+                              device=ensemble.device)
+
+
+def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu",
+                            progress: bool = False) -> tuple[GateConfig, list[GateCandidate]]:
+    """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
+    ensemble = load_ensemble(folder, device=device)
+    predictions = [predict_validation(c.name, c.source, c.target,
+                                      lambda v: predict_ensemble_volume(ensemble, v)) for c in cases]
+    gate, table = calibrate_gate(predictions, progress=progress)
+    ungated = table[0]
+    chosen = next(c for c in table if c.gate == gate)
+    log.info("validation N-SSIM ungated: mean %.4f, worst %.4f; gated %s: mean %.4f, worst %.4f",
+             ungated.mean, ungated.worst, gate.to_dict(), chosen.mean, chosen.worst)
+    return gate, table

@@ -1,0 +1,240 @@
+"""Training one CARE member: the optimisation loop, its checkpoints and its validation.
+
+``train_member`` trains one network and keeps the best (highest validation N-SSIM) and last
+checkpoints, resumable, with a CSV log. Under ``torchrun`` the same code runs
+DistributedDataParallel (gloo on CPU, NCCL on CUDA; ``training.distributed``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from fusecare.constants import DEFAULT_TILE
+from fusecare.device import resolve_device
+from fusecare.errors import ConfigError, InputError
+from fusecare.normalize import PercentileNorm
+from fusecare.restoration.model import CareUNet, ModelConfig
+from fusecare.restoration.tiling import predict_tiled
+from fusecare.scoring.metrics import score_ssim
+from fusecare.training.config import TrainConfig
+from fusecare.training.distributed import barrier, mean_over_ranks, setup_distributed
+from fusecare.training.losses import training_loss
+from fusecare.training.sources import PatchSource, ValidationCase, build_data, draw_batch
+
+log = logging.getLogger(__name__)
+
+
+def _resume_state(path: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from, as rank 0 reads it, on every rank.
+
+    Ranks need not share the run folder: rank 0's copy (or its absence) decides, so no rank starts
+    at another step (a hang at the first collective) or from different weights or optimizer state.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 and path.is_file() else None
+    if world > 1:
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def _rank_rng(config: TrainConfig, rank: int, saved: Sequence[Any] | None, step: int) -> np.random.Generator:
+    """Rank ``rank``'s patch stream: its own saved state, or (a rank the checkpoint did not have,
+    after resuming with more processes) a fresh stream that no other rank or earlier run drew."""
+    if saved is not None and rank < len(saved):
+        rng = np.random.default_rng()
+        rng.bit_generator.state = saved[rank]
+        return rng
+    return np.random.default_rng([config.seed, rank] + ([step] if step else []))
+
+
+def predict_normalised(volume: np.ndarray, predict_block: Callable[[np.ndarray], np.ndarray], *,
+                       margin: int, align: int, device: torch.device) -> np.ndarray:
+    """A whole volume predicted on the challenge's normalised scale (tiled, exact stitching), in
+    the tiles inference uses on ``device``'s type (``constants.DEFAULT_TILE``)."""
+    norm = PercentileNorm.fit(volume)
+    return predict_tiled(volume, predict_block, tile=DEFAULT_TILE[device.type], margin=margin, align=align,
+                         transform=norm.forward)  # type: ignore[return-value]
+
+
+def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
+    """One member's normalised prediction of a validation volume."""
+    config = model.config
+
+    @torch.inference_mode()
+    def predict(block: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(block)[None, None].to(device))[0, 0].float().cpu().numpy()
+
+    return predict_normalised(volume, predict, margin=config.tiling_margin, align=config.alignment,
+                              device=device)
+
+
+def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],
+             config: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss and MAE on fixed patches, and N-SSIM per validation volume."""
+    model.eval()
+    with torch.inference_mode():
+        x, y = patches[0].to(device), patches[1].to(device)
+        out = model(x)
+        result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
+                  "val_mae": float((out[:, :1] - y).abs().mean())}
+    scores = [score_ssim(c.target, _predict_volume(model, c.source, device), c.source).n_ssim for c in cases]
+    if scores:
+        result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
+    model.train()
+    return result
+
+
+CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    run_dir: Path
+    best: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """Higher is better: mean validation N-SSIM where there is any, else minus the loss."""
+    return metrics.get("val_nssim_mean", -metrics["val_loss"])
+
+
+def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 progress: bool = True, data: tuple[list[PatchSource], list[ValidationCase]] | None = None
+                 ) -> MemberResult:
+    """Train one member into ``run_dir`` (config.json, best.pt, last.pt, log.csv)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    rank, world, device = setup_distributed(device)
+    sources, cases = data if data is not None else build_data(config)
+    rng = np.random.default_rng([config.seed, rank])
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = CareUNet(config.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
+                                                           patience=config.lr_patience)
+    val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]))
+    start_step, best_score, best = 0, -np.inf, {}
+    last_path = run_dir / CHECKPOINT_LAST
+    state = _resume_state(last_path, rank, world) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, best_score, best = state["step"], state["best_score"], state["best"]
+        rng = _rank_rng(config, rank, state["rng"], start_step)
+        saved_world = len(state["rng"])
+        log.info("resumed %s at step %d%s", run_dir, start_step,
+                 f" ({saved_world} rank(s) saved, {world} now)" if saved_world != world else "")
+    elif config.init_weights:
+        model.load_state_dict(_initial_state(config))
+        log.info("%s starts from the weights of %s", run_dir, config.init_weights)
+    net: torch.nn.Module = model
+    if world > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+    started = time.perf_counter()
+
+    def checkpoint(done: int, loss: float) -> None:
+        """Validate (rank 0), step the schedule (every rank), log, keep best and last."""
+        nonlocal best_score, best
+        loss = mean_over_ranks(loss, device, world)
+        states = [rng.bit_generator.state]
+        if world > 1:  # every rank's patch stream goes into last.pt, in rank order
+            states = [None] * world
+            dist.all_gather_object(states, rng.bit_generator.state)
+        metrics = score_validation(model, val_patches, cases, config, device) if rank == 0 else {"val_loss": 0.0}
+        if world > 1:  # every rank steps its scheduler alike
+            shared = torch.tensor([metrics["val_loss"]], device=device)
+            dist.broadcast(shared, 0)
+            metrics["val_loss"] = float(shared)
+        if done > 0:
+            scheduler.step(metrics["val_loss"])
+        if rank == 0:
+            save(done, loss, metrics, states)
+        barrier()  # no rank runs ahead of (or exits before) a checkpoint that is being written
+
+    def save(done: int, loss: float, metrics: dict[str, float], states: list[Any]) -> None:
+        nonlocal best_score, best
+        row = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - started, 1), **metrics}
+        _append_csv(run_dir / LOG_NAME, row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+        # step 0 is logged; it may be the best only when it is a warm start, not random weights
+        if (done > 0 or config.init_weights) and _score(metrics) > best_score:
+            best_score, best = _score(metrics), dict(row)
+            torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
+                    "best": best, "rng": states}, last_path)
+
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               desc=f"train {run_dir.name}", disable=not progress or rank != 0, unit="step")
+    if start_step == 0:
+        checkpoint(0, float("nan"))  # the untrained baseline: step 0 of the log
+    model.train()
+    for step in bar:
+        x, y = draw_batch(sources, config.batch_size, rng)
+        loss = training_loss(net(x.to(device)), y.to(device), loss=config.loss, ssim_weight=config.ssim_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        if done % config.validate_every == 0 or done == config.steps:
+            checkpoint(done, float(loss.detach()))
+    if world > 1:  # every rank returns rank 0's record of the best checkpoint
+        box = [best]
+        dist.broadcast_object_list(box, src=0)
+        best = box[0]
+    return MemberResult(run_dir=run_dir, best=best, steps=config.steps, seconds=time.perf_counter() - started)
+
+
+def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of ``config.init_weights`` (a member folder), checked against ``config.model``."""
+    folder = Path(config.init_weights)
+    weights = folder / "weights.pt" if folder.is_dir() else folder
+    if not weights.is_file():
+        raise InputError(f"init_weights {config.init_weights}: no weights.pt there")
+    member_config = folder / "config.json" if folder.is_dir() else weights.with_name("config.json")
+    if member_config.is_file():
+        saved = ModelConfig.load(member_config)
+        if saved != config.model:
+            raise ConfigError(f"init_weights {config.init_weights}: its model {saved.to_dict()} differs "
+                              f"from the config's {config.model.to_dict()}")
+    return torch.load(weights, map_location="cpu", weights_only=True)
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min"]
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with non-finite floats as None, so that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,0 +1,145 @@
+"""Train K members into the layout inference reads: the ensemble is assembled in a staging folder
+and swapped in only when complete, so a target folder never holds half an ensemble or members
+of two runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusecare.errors import ConfigError, TrainingError
+from fusecare.restoration.ensemble import save_member, write_manifest
+from fusecare.restoration.model import CareUNet
+from fusecare.training.calibration import recalibrate_gate
+from fusecare.training.config import TrainConfig
+from fusecare.training.distributed import barrier, shutdown_distributed
+from fusecare.training.loop import CHECKPOINT_BEST, MemberResult, strict_json, train_member
+from fusecare.training.sources import build_data
+
+log = logging.getLogger(__name__)
+
+
+def _member_init(init_weights: str, k: int) -> str:
+    """Member k's starting weights: ``init_weights/member_<k mod n>`` when it names an ensemble."""
+    folder = Path(init_weights)
+    members = sorted(folder.glob("member_*")) if init_weights and folder.is_dir() else []
+    return str(members[k % len(members)]) if members else init_weights
+
+
+
+def _finite_numbers(values: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in values.values() if isinstance(v, (int, float)))
+
+
+def check_trained(run_dir: Path, best: dict[str, Any], *, warm_started: bool = False) -> None:
+    """``TrainingError`` unless a run's best checkpoint is trained (step > 0, or step 0 of a warm
+    start) with finite metrics.
+
+    Step 0 of a random start is the untrained network, which validation can prefer when training
+    never improved on it (too few steps, a diverged loss); exporting it would ship random weights.
+    Step 0 of a warm start is the network it started from, already trained.
+    """
+    if not best or not (run_dir / CHECKPOINT_BEST).is_file():
+        raise TrainingError(f"{run_dir}: no best checkpoint (every validation was NaN?): nothing to export")
+    if int(best.get("step", 0)) <= 0 and not warm_started:
+        raise TrainingError(f"{run_dir}: the best checkpoint is step 0, the untrained network (training never "
+                            "improved on it: more steps, another learning rate?); not exported")
+    # step 0 has no training loss yet (NaN by design); everything measured must be finite
+    measured = {k: v for k, v in best.items() if k != "loss" or int(best.get("step", 0)) > 0}
+    if not _finite_numbers(measured):
+        raise TrainingError(f"{run_dir}: the best checkpoint (step {best.get('step')}) has non-finite metrics "
+                            f"{ {k: v for k, v in best.items() if isinstance(v, float)} }; not exported")
+
+
+def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
+    """Best checkpoint of a run -> ``member_dir`` (config.json, weights.pt, training.json).
+
+    ``TrainingError`` (see ``check_trained``) for an untrained or non-finite best checkpoint.
+    """
+    if not (run_dir / CHECKPOINT_BEST).is_file():
+        raise TrainingError(f"{run_dir}: no {CHECKPOINT_BEST}: nothing to export")
+    state = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=False)
+    check_trained(run_dir, {**state.get("metrics", {}), "step": state.get("step", 0)},
+                  warm_started=bool(config.init_weights))
+    model = CareUNet(config.model)
+    model.load_state_dict(state["model"])
+    save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(),
+                                                                   "best": strict_json(state["metrics"])}})
+
+
+def check_ensemble_target(folder: Path, *, overwrite: bool) -> None:
+    """``TrainingError`` when ``folder`` holds anything and ``overwrite`` is off.
+
+    Checked before any data is read, so a run is refused in seconds, not after hours of
+    training; the shipped ``model_weights/<channel>/`` is never replaced by accident.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise TrainingError(f"{folder} already holds an ensemble (or other files): refusing to write into it; "
+                            "pass --overwrite to replace it, or choose a new --weights folder")
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete ensemble in ``staging`` in place of ``folder`` (whatever it held)."""
+    old = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
+                   resume: bool = False, progress: bool = True, overwrite: bool = False,
+                   calibrate: bool = True) -> list[MemberResult]:
+    """Train ``members`` members (seeds seed, seed+1, ...) and write ``weights_dir/<channel>/``.
+
+    The ensemble is assembled in a hidden staging folder beside the target and swapped in only
+    when complete (every member of this run exported, manifest and gate written), so the target
+    never mixes members of two runs nor holds half an ensemble. A non-empty target is refused
+    unless ``overwrite`` (then it is replaced as a whole, stale ``member_*`` included); an
+    untrained or non-finite member stops the run before anything is written (``check_trained``).
+    ``calibrate=False`` skips the gate's calibration (training in phases calibrates once, at the end).
+    """
+    runs_dir, weights_dir = Path(runs_dir), Path(weights_dir)
+    if members < 1:
+        raise ConfigError(f"--members must be >= 1, got {members}")
+    folder = weights_dir / config.channel
+    check_ensemble_target(folder, overwrite=overwrite)
+    writer = int(os.environ.get("RANK", "0")) == 0  # the process group starts in train_member
+    data = build_data(config)
+    staging = weights_dir / f".{config.channel}.staging-{os.getpid()}"
+    results = []
+    try:
+        for k in range(members):
+            member_config = config.replace(seed=config.seed + k,
+                                           init_weights=_member_init(config.init_weights, k))
+            result = train_member(member_config, runs_dir / f"member_{k}", resume=resume, progress=progress,
+                                  data=data)
+            results.append(result)
+            barrier()  # every rank finished this member before rank 0 reads its checkpoints
+            if writer:
+                check_trained(result.run_dir, result.best, warm_started=bool(member_config.init_weights))
+                export_member(result.run_dir, staging / f"member_{k}", member_config)
+            barrier()  # and the export is complete before anyone goes on
+        if writer:
+            info = strict_json({"members": members, "best": [r.best for r in results]})
+            write_manifest(staging, config.channel, info=info)
+            _, validation = data
+            if validation and calibrate:
+                recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
+            check_ensemble_target(folder, overwrite=overwrite)  # nothing appeared there meanwhile
+            _swap_in(staging, folder)
+            log.info("wrote the %d-member %s ensemble to %s", members, config.channel, folder)
+    finally:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+    shutdown_distributed()  # after rank 0 wrote the ensemble; then every rank's group ends cleanly
+    return results
+

@@ -1,0 +1,192 @@
+"""What a ``TrainConfig`` names, built into patch sources to train on and whole volumes to validate on.
+
+Training draws random patches from sources (real FMC pairs, or single views simulated afresh from
+clean volumes and phantoms); validation scores whole, centre-cropped volumes that were never
+trained on, plus, optionally, views of the training volumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fusecare.constants import NUCLEUS
+from fusecare.errors import InputError
+from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
+from fusecare.training.config import TrainConfig
+from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
+from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
+from fusecare.training.simulate import SimulatorConfig, randomise_content, simulate_single_view
+
+log = logging.getLogger(__name__)
+
+VALIDATION_CROP = (64, 256, 256)
+"""Validation volumes are centre-cropped to this, so a validation pass stays short."""
+
+
+class PatchSource(Protocol):
+    name: str
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class RealPairs:
+    """Patches of one real (input, target) pair, read lazily from memory maps."""
+
+    name: str
+    patches: PairPatches
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.patches.sample(rng)
+
+
+class SimulatedPairs:
+    """Patches of single views simulated from one clean volume, re-simulated every N draws."""
+
+    def __init__(self, name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
+                 config: TrainConfig) -> None:
+        self.name, self.clean, self.voxel_size, self.config = name, clean, voxel_size, config
+        self._patches: PairPatches | None = None
+        self._draws = 0
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self._patches is None or self._draws % self.config.resimulate_every == 0:
+            simulator = self.config.simulator
+            clean = (randomise_content(self.clean, self.voxel_size, simulator, rng)
+                     if simulator.randomises_content else self.clean)
+            view, _ = simulate_single_view(clean, self.voxel_size, config=simulator, seed=rng)
+            self._patches = PairPatches(view, clean, self.config.patch_settings())
+        self._draws += 1
+        return self._patches.sample(rng)
+
+
+@dataclass(frozen=True)
+class ValidationCase:
+    """A whole (input, target) volume pair scored with N-SSIM during training."""
+
+    name: str
+    source: np.ndarray
+    target: np.ndarray
+
+
+def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    starts = [max(0, (n - s) // 2) for n, s in zip(volume.shape, shape)]
+    return np.asarray(volume[tuple(slice(a, a + s) for a, s in zip(starts, shape))])
+
+
+def _validation_crop(info: CaseInfo) -> np.ndarray:
+    with opened_volume(info.path, info=info, memmap=True) as volume:
+        return _centre_crop(volume, VALIDATION_CROP)
+
+
+def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    make = nuclei_phantom if channel == NUCLEUS else membrane_phantom
+    return make(shape, rng=np.random.default_rng(seed))
+
+
+def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
+                          simulator: SimulatorConfig, seed: int | np.random.Generator) -> ValidationCase:
+    """A validation case named ``name``: one single view simulated from a whole clean volume,
+    both centre-cropped to ``VALIDATION_CROP``."""
+    view, _ = simulate_single_view(clean, voxel_size, config=simulator, seed=seed)
+    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(clean, VALIDATION_CROP))
+
+
+def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,
+                      *, plain: int, plain_seed: int, randomised: int, randomised_seed: int) -> list[ValidationCase]:
+    """``plain`` physical views of a validation volume, then ``randomised`` views of it whose
+    content is randomised first (``TrainConfig.validation_randomised_views``); the names group
+    every view with its volume (``calibration.volume_of``)."""
+    simulator = config.validation_simulator or config.simulator
+    cases = [_simulated_validation(f"{name} (simulated, seed {plain_seed + k})", clean, voxel_size, simulator,
+                                   plain_seed + k) for k in range(plain)]
+    for k in range(randomised):
+        rng = np.random.default_rng(randomised_seed + k)
+        target = randomise_content(clean, voxel_size, config.simulator, rng)
+        cases.append(_simulated_validation(f"{name} (randomised content, seed {randomised_seed + k})", target,
+                                           voxel_size, simulator, rng))
+    return cases
+
+
+def build_data(config: TrainConfig, *, validation_only: bool = False
+               ) -> tuple[list[PatchSource], list[ValidationCase]]:
+    """Training sources and validation cases from every data source the config names.
+
+    ``validation_only`` (gate recalibration) builds no training source: each would cost a pass
+    over its volume. Raises ``InputError`` naming the file or folder before any training starts.
+    """
+    sources: list[PatchSource] = []
+    validation: list[ValidationCase] = []
+    settings = config.patch_settings()
+    validation_simulator = config.validation_simulator or config.simulator
+    if config.fmc_dir:
+        pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
+        train, held = split_by_study(pairs, config.validation_studies)
+        for p in [] if validation_only else train:
+            sources.append(RealPairs(p.angle.path.name, PairPatches(
+                open_volume(p.angle.path, info=p.angle, memmap=True),
+                open_volume(p.fused.path, info=p.fused, memmap=True), settings)))
+        for p in held:
+            validation.append(ValidationCase(p.angle.path.name,
+                                             _validation_crop(p.angle), _validation_crop(p.fused)))
+    clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
+        Path(f) for f in config.clean_files]
+    if clean_paths:
+        infos = [inspect_case(path) for path in clean_paths]  # headers first: read only the chosen
+        chosen_infos = [c for c in infos if c.meta.channel == config.channel]
+        if not chosen_infos:
+            raise InputError(f"no clean volume of channel {config.channel!r} among {len(infos)} clean "
+                             f"file(s) (channels found: {sorted({c.meta.channel for c in infos})})")
+        for c in infos:
+            if c.meta.channel != config.channel:
+                log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, config.channel)
+        chosen = [read_case(c.path, info=c) for c in chosen_infos]
+        for case in chosen:
+            check_clean_volume(case.path.name, case.volume)
+        for i, case in enumerate(chosen):
+            clean = case.volume.astype(np.float32)
+            if not validation_only:
+                sources.append(SimulatedPairs(case.path.name, clean, case.meta.voxel_size.zyx, config))
+            if config.validate_on_training_volumes:
+                validation += _validation_views(case.path.name, clean, case.meta.voxel_size.zyx, config,
+                                                plain=1, plain_seed=10_000 + i, randomised=0, randomised_seed=0)
+    for i, path in enumerate(Path(f) for f in config.validation_files):
+        case = read_case(path)
+        check_clean_volume(path.name, case.volume)
+        validation += _validation_views(path.name, case.volume.astype(np.float32), case.meta.voxel_size.zyx,
+                                        config, plain=config.validation_views, plain_seed=10_000 + 100 * (i + 1),
+                                        randomised=config.validation_randomised_views,
+                                        randomised_seed=50_000 + 100 * (i + 1))
+    for i in range(0 if validation_only else config.phantoms):
+        clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
+        sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
+    for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
+        seed = 1_000_000_007 + i  # never a training phantom's seed
+        clean = _phantom(config.channel, config.phantom_shape, seed)
+        validation.append(_simulated_validation(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX,
+                                                validation_simulator, seed))
+        validation += _validation_views(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config, plain=0,
+                                        plain_seed=0, randomised=config.validation_randomised_views,
+                                        randomised_seed=60_000 + 100 * i)
+    if validation_only and not validation:
+        raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
+    if not sources and not validation_only:
+        raise InputError("no training source could be built from the config")
+    return sources, validation
+
+
+def draw_batch(sources: Sequence[PatchSource], batch_size: int, rng: np.random.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (input, target) patches, each from a source drawn uniformly."""
+    pairs = [sources[int(rng.integers(len(sources)))].sample(rng) for _ in range(batch_size)]
+    x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+    y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+    return x, y
+

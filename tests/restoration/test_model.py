@@ -1,0 +1,69 @@
+"""The CARE 3-D U-Net: CSBDeep's layout, parameter count, receptive field, heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusecare.errors import ConfigError
+from fusecare.restoration.model import LAPLACE_SCALE_FLOOR, CareUNet, ModelConfig, count_parameters
+
+
+def test_default_has_csbdeep_parameter_count():
+    assert count_parameters(CareUNet(ModelConfig())) == 996_769  # 0.997 M, as CSBDeep's CARE
+
+
+def test_probabilistic_head_adds_one_output_channel():
+    assert count_parameters(CareUNet(ModelConfig(probabilistic=True))) == 996_769 + 33
+
+
+def test_layers_follow_the_config():
+    model = CareUNet(ModelConfig(depth=3, first_filters=8, convs_per_level=3))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 3 * 3 * 2 + 3 + 1  # encoder + decoder levels, bottom, head
+    assert max(c.out_channels for c in convs) == 8 * 2**3
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _empirical_radius(config: ModelConfig) -> int:
+    """Largest distance from an output voxel to an input voxel with a non-zero gradient."""
+    torch.manual_seed(0)
+    model = CareUNet(config).double()
+    for p in model.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    worst = 0
+    for offset in range(config.alignment):  # every position relative to the pooling grid
+        x = torch.randn(1, 1, 8, 128, 8, dtype=torch.float64, requires_grad=True)
+        centre = 64 + offset
+        model(x)[0, 0, 4, centre, 4].backward()
+        touched = torch.nonzero(x.grad[0, 0].abs().sum(dim=(0, 2)) > 0).flatten()
+        worst = max(worst, centre - int(touched.min()), int(touched.max()) - centre)
+    return worst
+
+
+@pytest.mark.parametrize("config", [ModelConfig(first_filters=4), ModelConfig(depth=1, first_filters=4),
+                                    ModelConfig(convs_per_level=1, first_filters=4)])
+def test_receptive_field_radius_matches_gradient(config):
+    assert _empirical_radius(config) == config.receptive_field_radius
+
+
+def test_default_receptive_field_and_alignment():
+    assert ModelConfig().receptive_field_radius == 23
+    assert ModelConfig().alignment == 4
+    assert ModelConfig().tiling_margin == 24
+
+
+def test_residual_net_with_zero_weights_is_identity_and_scale_is_positive():
+    model = CareUNet(ModelConfig(first_filters=4, probabilistic=True))
+    for p in model.parameters():
+        p.data.zero_()
+    x = torch.randn(1, 1, 8, 16, 16)
+    out = model(x)
+    assert out.shape == (1, 2, 8, 16, 16)
+    torch.testing.assert_close(out[:, :1], x)
+    assert torch.all(out[:, 1] >= LAPLACE_SCALE_FLOOR)
+
+
+def test_even_kernel_is_rejected():
+    with pytest.raises(ConfigError, match="kernel_size"):
+        ModelConfig(kernel_size=4)

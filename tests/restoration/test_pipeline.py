@@ -1,0 +1,485 @@
+"""Restoring one volume: intensities back to uint16, gating, non-finite and OOM handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from scipy import ndimage
+
+from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
+from fusecare.io import CaseInfo, CaseMeta
+from fusecare.normalize import PercentileNorm
+from fusecare.restoration.pipeline import (
+    BUDGET_SAFETY,
+    FULL_MODE,
+    INPUT_MODE,
+    Cheaper,
+    Deadline,
+    HEADROOM,
+    UNCERTAINTY_UNIT,
+    ConstantVolumeError,
+    NonFinitePredictionError,
+    Uint16Map,
+    shrink_core,
+    input_as_uint16,
+    replace_non_finite,
+    required_memory,
+    restore_volume,
+)
+from fusecare.restoration.tiling import tile_grid
+
+TILING = {"tile": (16, 32, 32), "margin": 4, "align": 4}
+
+
+def _with_spread(fn, spread=0.0):
+    return lambda x: np.stack([fn(x), np.full_like(x, spread)])
+
+
+@pytest.fixture
+def volume(rng) -> np.ndarray:
+    """Intensities with room for the output headroom, so the output keeps the input's scale."""
+    return rng.integers(2000, 5000, size=(20, 50, 40)).astype(np.uint16)
+
+
+def test_identity_predictor_gives_back_the_input_exactly(volume):
+    restored = restore_volume(volume, _with_spread(lambda x: x), **TILING)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert restored.clipped == 0
+
+
+def test_identity_without_headroom_is_an_exact_positive_affine_image(rng):
+    volume = rng.integers(100, 3000, size=(8, 32, 32)).astype(np.uint16)  # 25% below 100 < 0
+    out = restore_volume(volume, _with_spread(lambda x: x), **TILING).output
+    mapping = Uint16Map.for_input(float(volume.min()), float(volume.max()))
+    assert mapping.gain > 1  # stretched to use the uint16 range
+    expected, _ = mapping.apply(volume.astype(np.float32))
+    assert np.abs(out.astype(int) - expected).max() <= 1
+
+
+def test_prediction_is_mapped_back_to_the_input_scale(volume):
+    norm = PercentileNorm.fit(volume)
+    restored = restore_volume(volume, _with_spread(lambda x: x + 0.1), **TILING)
+    expected = volume.astype(np.float64) + 0.1 * (norm.high - norm.low)
+    assert np.abs(restored.output - expected).max() <= 0.51
+
+
+def test_output_range_keeps_headroom_instead_of_clipping(rng):
+    volume = rng.integers(0, 60000, size=(8, 32, 32)).astype(np.uint16)  # no room in uint16
+    restored = restore_volume(volume, _with_spread(lambda x: 1.15 * x - 0.05), **TILING)
+    assert restored.clipped == 0
+    # a positive affine image of the prediction: ranks are kept
+    corr = np.corrcoef(restored.output.ravel().astype(float), volume.ravel().astype(float))[0, 1]
+    assert corr > 0.9999
+
+
+def test_uint16_map_identity_when_room_else_stretch():
+    assert Uint16Map.for_input(1000, 2000) == Uint16Map()
+    stretched = Uint16Map.for_input(0, 60000)
+    low, high = -HEADROOM * 60000, 60000 * (1 + HEADROOM)
+    out, clipped = stretched.apply(np.array([low, high, high * 1.01]))
+    assert out.tolist()[:2] == [0, 65535] and clipped == 1
+
+
+def test_gate_blends_toward_the_input_where_members_disagree(volume):
+    shift = _with_spread(lambda x: x + 0.5, spread=10.0)
+    unsure = restore_volume(volume, shift, gate=GateConfig(spread_scale=0.01), **TILING)
+    assert np.abs(unsure.output.astype(int) - volume).max() <= 1  # w ~ 1e-6: the input
+    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), gate=GateConfig(spread_scale=0.01), **TILING)
+    ungated = restore_volume(volume, shift, **TILING)
+    np.testing.assert_array_equal(sure.output, ungated.output)
+    np.testing.assert_allclose(gate_weight(np.array([0.0, 0.05, 0.1]), 0.05), [1.0, 0.5, 0.2])
+
+
+def test_uncertainty_is_the_spread_in_fixed_units(volume):
+    restored = restore_volume(volume, _with_spread(lambda x: x, spread=0.0123), with_uncertainty=True, **TILING)
+    assert restored.uncertainty.dtype == np.uint16
+    assert np.all(restored.uncertainty == round(0.0123 / UNCERTAINTY_UNIT))
+
+
+def test_uncertainty_stays_the_members_spread_under_a_smoothing_gate(rng):
+    volume = rng.integers(2000, 5000, size=(16, 32, 32)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.1, np.abs(x - 0.5)])  # noqa: E731 - spread varies per voxel
+    gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, fallback_sigma=0.8)
+    gated_run = restore_volume(volume, predict, gate=gate, with_uncertainty=True, **TILING)
+    plain_run = restore_volume(volume, predict, with_uncertainty=True, **TILING)
+    np.testing.assert_array_equal(gated_run.uncertainty, plain_run.uncertainty)
+    assert not np.array_equal(gated_run.output, plain_run.output)
+
+
+def test_non_finite_prediction_is_an_error(volume):
+    with pytest.raises(NonFinitePredictionError, match="NaN/Inf"):
+        restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING)
+
+
+def test_constant_volume_is_refused():
+    with pytest.raises(ConstantVolumeError, match="constant volume"):
+        restore_volume(np.full((8, 16, 16), 5, np.uint16), _with_spread(lambda x: x), **TILING)
+
+
+def _oom_above(limit: int):
+    calls = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        if x.size > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return np.stack([x, np.zeros_like(x)])
+    return predict, calls
+
+
+def _cores(tile, shape, margin=4, align=4):
+    return [n if t >= -(-n // align) * align else t - 2 * margin for n, t in zip(shape, tile)]
+
+
+def test_out_of_memory_shrinks_the_core_and_keeps_the_margins(volume, caplog):
+    predict, calls = _oom_above(16 * 24 * 24)
+    restored = restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert calls[0] == (16, 48, 40) and restored.tile == (16, 16, 28)  # y core 40 -> 20, x 40 -> 20, y 20 -> 8
+    assert all(c >= 2 * 4 for c in _cores(restored.tile, volume.shape))
+    assert caplog.text.count("CUDA out of memory with tile") == 3
+
+
+def test_out_of_memory_at_the_floor_raises(volume):
+    predict, calls = _oom_above(100)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4, max_oom_retries=50)
+    assert len(calls) <= 6  # cores of 8 per axis reached in a few halvings, then it stops
+    assert all(c >= 8 for shape in calls for c, n in zip(_cores(shape, volume.shape), volume.shape) if c < n)
+
+
+def test_shrink_core_bounds_the_overhead_of_the_shipped_tile():
+    tile, shape, margin = (112, 272, 272), (309, 1920, 1920), 28
+    seen = [tile]
+    while (smaller := shrink_core(seen[-1], shape, margin=margin, align=4)) != seen[-1]:
+        seen.append(smaller)
+    assert seen[1] == (112, 164, 272) and seen[-1] == (112, 112, 112)
+    assert all(t - 2 * margin >= 2 * margin for t in seen[-1])  # at most 8x the core computed
+    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)  # z is one tile of 16: not split
+
+
+def test_input_as_uint16_keeps_values_or_maps_positively(rng):
+    u16 = rng.integers(0, 65535, size=(3, 8, 8)).astype(np.uint16)
+    assert input_as_uint16(u16) is u16
+    u8 = rng.integers(0, 255, size=(3, 8, 8)).astype(np.uint8)
+    np.testing.assert_array_equal(input_as_uint16(u8), u8)
+    f32 = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    mapped = input_as_uint16(f32)
+    assert mapped.dtype == np.uint16
+    assert np.corrcoef(mapped.ravel(), f32.ravel())[0, 1] > 0.9999
+
+
+def test_non_finite_voxels_are_replaced_with_finite_extremes(caplog):
+    volume = np.array([[[1.0, np.nan, np.inf, -np.inf, 3.0]]], dtype=np.float32)
+    fixed = replace_non_finite(volume, "x.tif")
+    np.testing.assert_array_equal(fixed, [[[1.0, 1.0, 3.0, 1.0, 3.0]]])
+    assert "3 non-finite voxel(s)" in caplog.text
+
+
+def test_required_memory_counts_input_output_and_uncertainty():
+    info = CaseInfo(path=None, shape=(10, 100, 100), dtype=np.dtype(np.uint16), meta=CaseMeta())  # type: ignore[arg-type]
+    base = required_memory(info, with_uncertainty=False)
+    assert required_memory(info, with_uncertainty=True) - base == 2 * 100_000
+
+
+@pytest.mark.parametrize("sigmas", [{"spread_sigma": 2.0}, {"fallback_sigma": 0.8}, {"prediction_sigma": 1.0},
+                                    {"spread_sigma": 2.0, "fallback_sigma": 0.5, "prediction_sigma": 0.5}])
+def test_smoothed_gate_is_still_exact_across_tiles(rng, sigmas):
+    """Spread, fallback and prediction smoothing need context beyond the network's: restore_volume
+    widens the margin. A pointwise predictor needs no margin, so any seam comes from the smoothing alone.
+    """
+    volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731 - spread varies per voxel
+    kwargs = {"margin": 0, "align": 4, "gate": GateConfig(spread_scale=0.2, blend=0.75, **sigmas)}
+    whole = restore_volume(volume, predict, tile=(24, 40, 160), **kwargs).output
+    tiled = restore_volume(volume, predict, tile=(24, 40, 32), **kwargs).output
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_gate_smooths_the_members_mean_not_the_spread_it_writes(rng):
+    """With ``prediction_sigma`` (and a gate that keeps the whole prediction) the output is the
+    Gaussian-smoothed network output, while the uncertainty written stays unsmoothed."""
+    volume = rng.integers(2000, 5000, size=(16, 32, 32)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731
+    gate = GateConfig(spread_scale=10.0, blend=1.0, prediction_sigma=1.0)
+    restored = restore_volume(volume, predict, tile=(16, 32, 32), margin=0, align=4, gate=gate,
+                              with_uncertainty=True)
+    norm = PercentileNorm.fit(volume)
+    x = norm.forward(volume)
+    spread = np.abs(x - 0.5)
+    expected = gated(x, smooth(x + 0.5, 1.0), spread, gate)
+    mapped = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(expected))[0]
+    assert np.abs(restored.output.astype(int) - mapped.astype(int)).max() <= 1
+    unsmoothed = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, 65535)
+    assert np.abs(restored.uncertainty.astype(int) - unsmoothed.astype(int)).max() <= 1
+
+
+def test_gate_context_grows_the_tiles_instead_of_failing(rng):
+    """A tile that fits the network's margin but not the gate's wider one still restores,
+    with cores of the size asked for (the tile grows by the gate's extra context)."""
+    volume = rng.integers(2000, 5000, size=(40, 40, 40)).astype(np.uint16)
+    predict = lambda x: np.stack([x + 0.5, np.abs(x - 0.5)])  # noqa: E731
+    gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, fallback_sigma=0.8)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(x):
+        seen.append(x.shape)
+        return predict(x)
+
+    tiled = restore_volume(volume, spy, tile=(16, 16, 16), margin=4, align=4, gate=gate).output
+    whole = restore_volume(volume, predict, tile=(40, 40, 40), margin=4, align=4, gate=gate).output
+    assert max(seen) == (32, 32, 32) and len(seen) > 1  # 16 + 2 x 8 voxels of gate context
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("tile", [(10, 30, 50), (4, 4, 4)])
+def test_tile_the_tiling_cannot_use_is_rounded_up_not_failed(volume, tile, caplog):
+    """A --tile off the alignment or too small for the margin would fail every case."""
+    identity = _with_spread(lambda x: x)
+    restored = restore_volume(volume, identity, tile=tile, margin=4, align=4)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert all(t % 4 == 0 and (t >= 12 or t >= n) for t, n in zip(restored.tile, volume.shape))
+    assert "rounded up" in caplog.text
+
+
+def _documented_gate(volume: np.ndarray, mean_of, spread_of, gate: GateConfig) -> np.ndarray:
+    """The gate of ``fusecare/restoration/gate.py``'s docstring, computed on the whole volume with scipy alone:
+    ``f + blend * w * (mean - f)``, ``w = 1 / (1 + (spread / spread_scale)**2)``, where ``f`` is the
+    normalised input smoothed by ``fallback_sigma``, ``mean`` the members' mean smoothed by
+    ``prediction_sigma`` and ``spread`` their spread smoothed by ``spread_sigma`` (reflect, 4 sigmas;
+    sigma 0 = unsmoothed). Returned as the uint16 output, mapped back like the input's scale."""
+    def blur(v: np.ndarray, sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(v, sigma, mode="reflect", truncate=4.0) if sigma > 0 else v
+
+    low, high = np.percentile(volume, (2.0, 99.8))
+    x = ((volume - low) / (high - low)).astype(np.float32)
+    f = blur(x, gate.fallback_sigma).astype(np.float64)
+    mean = blur(mean_of(x), gate.prediction_sigma).astype(np.float64)
+    spread = blur(spread_of(x), gate.spread_sigma).astype(np.float64)
+    w = 1.0 / (1.0 + (spread / gate.spread_scale) ** 2)
+    out = (f + gate.blend * w * (mean - f)) * (high - low) + low
+    assert volume.min() - HEADROOM * (volume.max() - volume.min()) >= 0  # the output keeps the input's scale
+    return np.clip(np.rint(out), 0, 65535)
+
+
+@pytest.mark.parametrize("gate", [
+    GateConfig(spread_scale=0.1, blend=0.75, spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=1.0),
+    GateConfig(spread_scale=0.1, blend=1.0, spread_sigma=2.0),
+    GateConfig(spread_scale=0.1, blend=0.5, fallback_sigma=0.8),
+    GateConfig(spread_scale=0.1, blend=0.75, prediction_sigma=0.5),
+], ids=["all-sigmas", "spread-sigma", "fallback-sigma", "prediction-sigma"])
+def test_tiled_gated_output_is_the_documented_formula(rng, gate):
+    """The gated output of the tiled production path equals the documented formula computed on
+    the whole volume, independently of ``fusecare.restoration.gate``: so the weight must see the *smoothed*
+    spread and the fallback must be the *smoothed* input (the spread here is voxel-wise noise,
+    far from its smoothed self; the input is noise too, far from its smoothing)."""
+    volume = rng.integers(2000, 5000, size=(24, 40, 160)).astype(np.uint16)
+    mean_of = lambda x: (1.0 - x).astype(np.float32)  # noqa: E731 - pointwise: tiles need no network margin
+    spread_of = lambda x: (0.3 * np.abs(x - 0.5)).astype(np.float32)  # noqa: E731 - varies voxel to voxel
+    restored = restore_volume(volume, lambda x: np.stack([mean_of(x), spread_of(x)]), tile=(24, 40, 32),
+                              margin=0, align=4, gate=gate)
+    expected = _documented_gate(volume, mean_of, spread_of, gate)
+    assert restored.clipped == 0
+    assert np.abs(restored.output.astype(np.int64) - expected.astype(np.int64)).max() <= 1
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeypatch, request, cuda):
+    """``--device auto`` with CUDA reported (faked: tensors stay on the CPU) loads the ensemble on
+    CUDA and restores with the CUDA tile default; without CUDA, with the CPU one."""
+    from conftest import write_fmc_tif
+    from fusecare.constants import DEFAULT_TILE
+    from fusecare.restoration import pipeline
+
+    if cuda:
+        request.getfixturevalue("fake_cuda")
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 3000, (8, 32, 32)).astype(np.uint16))
+    tiles: list[tuple[int, int, int]] = []
+    real = pipeline.restore_volume
+
+    def spy(volume, predict_block, **kwargs):
+        tiles.append(kwargs["tile"])
+        return real(volume, predict_block, **kwargs)
+
+    monkeypatch.setattr(pipeline, "restore_volume", spy)
+    options = pipeline.RestoreOptions(device="auto", gate=False, progress=False)
+    results = pipeline.restore_folder(tmp_path / "in", tmp_path / "out", tiny_weights, options)
+    assert [r.status for r in results] == ["restored"]
+    assert tiles == [DEFAULT_TILE["cuda" if cuda else "cpu"]]
+    assert DEFAULT_TILE["cuda"] != DEFAULT_TILE["cpu"]
+
+
+def test_memory_budget_of_float32_inputs_covers_the_float_percentiles(tmp_path):
+    """Float percentiles hold a float64 copy, a mask and the finite values: 17 B/voxel more."""
+    from fusecare.restoration.pipeline import MODEL_OVERHEAD_BYTES
+
+    info = CaseInfo(path=tmp_path / "f.tif", shape=(10, 100, 100), dtype=np.dtype(np.float32), meta=CaseMeta())
+    per_voxel = (required_memory(info, with_uncertainty=False) - MODEL_OVERHEAD_BYTES) / 100_000
+    assert per_voxel >= 4 + 2 + 4 + 17
+
+
+@pytest.mark.parametrize(("scale", "offset", "dtype"), [(1e300, 0.0, np.float64), (1e-42, 0.0, np.float32),
+                                                         (1e-12, 0.0, np.float64), (1e-9, 1.0, np.float64),
+                                                         (1e308, -1e308, np.float64)])
+def test_rescale_float_keeps_the_structure_of_extreme_float_inputs(rng, scale, offset, dtype):
+    from fusecare.restoration.pipeline import rescale_float
+
+    base = rng.random((4, 16, 16))
+    volume = (base * scale + offset).astype(dtype)
+    out = rescale_float(volume, "x.tif")
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    assert np.corrcoef(out.ravel(), base.ravel())[0, 1] > 0.99
+    assert len(np.unique(input_as_uint16(out))) > 500
+
+
+def test_rescale_float_leaves_ordinary_volumes_alone(volume):
+    from fusecare.restoration.pipeline import rescale_float
+
+    floats = volume.astype(np.float32)
+    assert rescale_float(floats, "x") is floats
+    assert rescale_float(volume, "x") is volume
+
+
+# --------------------------------------------------------------------------- the time budget
+
+
+class FakeClock:
+    """Time that passes only when a fake predictor says so: budget tests without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow(clock: FakeClock, seconds: float, offset: float):
+    def predict(x: np.ndarray) -> np.ndarray:
+        clock.now += seconds
+        return np.stack([x + offset, np.zeros_like(x)])
+    return predict
+
+
+def _tiles(volume) -> int:
+    return len(tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"]))
+
+
+def test_budget_finishes_in_the_cheaper_mode_within_the_deadline(volume, caplog):
+    clock = FakeClock()
+    n = _tiles(volume)
+    assert n >= 4
+    deadline = Deadline.after(10.0 * 2 + 5.0 * (n - 2) * BUDGET_SAFETY + 1, clock)  # all members cannot finish, half of them can
+    cheaper = Cheaper("1 of 2 members", _slow(clock, 5.0, 0.1), 0.5)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
+                              name="slow.tif")
+    assert clock.now <= deadline.at
+    assert restored.modes == {FULL_MODE: 1, "1 of 2 members": n - 1}  # projected after the first tile
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "case slow.tif over its time budget" in line and "1 of 2 members" in line
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
+def test_budget_writes_the_input_for_tiles_that_cannot_fit(volume, caplog):
+    clock = FakeClock()
+    n = _tiles(volume)
+    deadline = Deadline.after(25.0, clock)  # 2 tiles of 10 s, then nothing fits, not even the cheaper mode
+    cheaper = Cheaper("fewer members", _slow(clock, 5.0, 0.1), 0.5)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
+                              name="slow.tif")
+    assert clock.now <= deadline.at
+    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: n - 1}
+    changed = restored.output != volume
+    assert changed.any() and not changed.all()  # the first core restored, the rest is the input itself
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "case slow.tif over its time budget" in line and f"remaining {n - 1} of {n} tile(s)" in line
+
+
+@pytest.mark.parametrize("gate", [None, GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.5)])
+def test_budget_spent_before_the_first_tile_gives_the_input_itself(volume, caplog, gate):
+    clock = FakeClock()
+    deadline = Deadline.after(-1.0, clock)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, gate=gate,
+                              with_uncertainty=True)
+    np.testing.assert_array_equal(restored.output, volume)
+    assert not restored.uncertainty.any() and list(restored.modes) == [INPUT_MODE]
+    assert clock.now == 1000.0 and "before the first tile" in caplog.text
+
+
+def test_within_budget_nothing_changes(volume, caplog):
+    clock = FakeClock()
+    plain = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING)
+    timed = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, deadline=Deadline.after(1e6, clock))
+    np.testing.assert_array_equal(plain.output, timed.output)
+    assert timed.modes == {FULL_MODE: _tiles(volume)} and not caplog.records
+
+
+# --------------------------------------------------------------------------- the gate on the device
+
+
+def _members(x):
+    return x + 0.1 * np.sin(3 * x), 0.05 * np.abs(np.cos(5 * x))
+
+
+def _members_numpy(x: np.ndarray) -> np.ndarray:
+    return np.stack(_members(x)).astype(np.float32)
+
+
+def _members_torch(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([x + 0.1 * torch.sin(3 * x), 0.05 * torch.abs(torch.cos(5 * x))])
+
+
+@pytest.mark.parametrize("gate", [
+    None,
+    GateConfig(spread_scale=1.0, spread_sigma=2.0, prediction_sigma=0.5),
+    GateConfig(spread_scale=0.05, blend=0.8, spread_sigma=1.0, fallback_sigma=0.5, consistency_scale=0.05,
+               consistency_sigma=2.0),
+])
+def test_device_path_equals_the_host_path(rng, gate):
+    volume = rng.integers(100, 40000, size=(20, 50, 40)).astype(np.uint16)  # no headroom: stretched map
+    host = restore_volume(volume, _members_numpy, **TILING, gate=gate, with_uncertainty=True)
+    device = restore_volume(volume, _members_torch, **TILING, gate=gate, with_uncertainty=True,
+                            device=torch.device("cpu"))
+    for a, b in ((host.output, device.output), (host.uncertainty, device.uncertainty)):
+        difference = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * a.size  # float32 rounding flips
+    assert host.clipped == device.clipped
+
+
+def test_device_path_writes_the_input_for_tiles_over_budget(volume):
+    clock = FakeClock()
+    restored = restore_volume(volume, _members_torch, **TILING, device=torch.device("cpu"),
+                              gate=GateConfig(spread_sigma=1.0), deadline=Deadline.after(-1, clock))
+    np.testing.assert_array_equal(restored.output, volume)
+
+
+def test_device_path_refuses_non_finite_predictions(volume):
+    with pytest.raises(NonFinitePredictionError):
+        restore_volume(volume, lambda x: torch.stack([x / 0.0, x]), **TILING, device=torch.device("cpu"))
+
+
+def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request):
+    """Under fake CUDA the case goes through ``predict_tensor`` and the torch gate; the output
+    matches the host path's to float32 rounding."""
+    from conftest import make_tiny_ensemble, write_fmc_tif
+
+    from fusecare.restoration.ensemble import Ensemble
+    from fusecare.restoration.pipeline import RestoreOptions, restore_folder
+
+    weights = tmp_path / "weights"
+    make_tiny_ensemble(weights, "nucleus", gate_scale=0.05)
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 4000, size=(12, 40, 40)).astype(np.uint16))
+    options = RestoreOptions(tile=(8, 32, 32), progress=False)
+    [host] = restore_folder(tmp_path / "in", tmp_path / "host", weights, dataclasses.replace(options, device="cpu"))
+    request.getfixturevalue("fake_cuda")
+    calls = []
+    real = Ensemble.predict_tensor
+    monkeypatch.setattr(Ensemble, "predict_tensor", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    [device] = restore_folder(tmp_path / "in", tmp_path / "device", weights, dataclasses.replace(options, device="cuda"))
+    assert host.status == device.status == "restored" and calls
+    a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
+    assert np.abs(a - b).max() <= 1

@@ -1,0 +1,132 @@
+"""Calibration of the safety net: candidates, scoring, the choice rule and cross-validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fusecare.training.calibration import (
+    GateCandidate,
+    ValidationPrediction,
+    calibrate_gate,
+    choose_gate,
+    cross_validate,
+    default_candidates,
+    evaluate_candidates,
+    score_gate,
+    volume_of,
+)
+from fusecare.restoration.gate import INPUT_ONLY, GateConfig, smooth
+from fusecare.normalize import PercentileNorm
+
+
+def test_smoothed_input_scores_like_the_gaussian_baseline(rng):
+    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
+    source = (target + 0.05 * rng.standard_normal(target.shape)).astype(np.float32)
+    norm = PercentileNorm.fit(target)
+    from fusecare.scoring.metrics import fmc_ssim, score_ssim
+
+    fallback = smooth(PercentileNorm.fit(source).forward(source), 0.8)
+    ssim_input = fmc_ssim(target, source, target_norm=norm)
+    gate = GateConfig(blend=0.0, fallback_sigma=0.8)
+    score = score_gate(target, norm, ssim_input, fallback, np.zeros_like(source), np.zeros_like(source), gate)
+    assert score == score_ssim(target, fallback, source).n_ssim > 0
+
+
+def _gc(n_ssim, **gate):
+    return GateCandidate(GateConfig(**gate) if gate else None, tuple(n_ssim))
+
+
+def test_choice_prefers_best_mean_among_safe_candidates():
+    table = [_gc((0.5, -0.3)), _gc((0.4, -0.01), spread_scale=0.1), _gc((0.3, 0.01), spread_scale=0.05),
+             _gc((0.1, 0.02), spread_scale=0.02), _gc((0.0, 0.0), blend=0.0)]
+    assert choose_gate(table).gate == GateConfig(spread_scale=0.05)
+    unsafe = [_gc((0.4, -0.2), spread_scale=0.1), _gc((0.1, -0.05), spread_scale=0.01)]
+    assert choose_gate(unsafe).gate == GateConfig(spread_scale=0.01)  # the most cautious when none is safe
+
+
+def test_candidates_include_the_input_itself_smoothed_fallbacks_and_the_consistency_term():
+    candidates = default_candidates()
+    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 100
+    assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8, 1.2}
+    assert {c.consistency_scale for c in candidates} == {0.0, 0.02, 0.05, 0.1}
+    assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
+
+
+def _case(rng, *, good: bool) -> ValidationPrediction:
+    """A case where the 'ensemble' is right (good), or wrong and with members disagreeing."""
+    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 2).astype(np.float32)
+    source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
+    if good:
+        mean = PercentileNorm.fit(target).forward(target)
+    else:
+        mean = PercentileNorm.fit(source).forward(source) + rng.standard_normal(target.shape).astype(np.float32)
+    spread = np.full(target.shape, 0.01 if good else 1.0, np.float32)
+    return ValidationPrediction("c", source, target, mean, spread)
+
+
+def test_calibration_keeps_every_case_at_or_above_zero(rng):
+    cases = [_case(rng, good=True), _case(rng, good=False)]
+    gate, table = calibrate_gate(cases)
+    ungated = table[0]
+    assert ungated.gate is None and ungated.worst < 0  # ungated, the bad case hurts
+    chosen = next(c for c in table if c.gate == gate)
+    assert chosen.worst >= 0 and chosen.mean > 0 and gate.blend > 0
+    with pytest.raises(ValueError, match="at least one validation case"):
+        calibrate_gate([])
+
+
+def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
+    target = rng.random((16, 40, 40)).astype(np.float32)  # white noise: smoothing it hurts too
+    source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
+    wrong = rng.random(target.shape).astype(np.float32)
+    bad = ValidationPrediction("bad", source, target, wrong, np.zeros_like(wrong))  # confidently wrong
+    gate, table = calibrate_gate([bad])
+    assert gate == INPUT_ONLY
+    assert next(c for c in table if c.gate == gate).worst == 0.0
+
+
+def test_calibration_scores_the_smoothed_mean(rng):
+    """A candidate with ``prediction_sigma`` is scored on the Gaussian-smoothed members' mean, and
+    calibration finds it when the networks left noise that the target lacks (and the input is too
+    blurred for smoothing it to compete)."""
+    target = ndimage.gaussian_filter(rng.random((16, 40, 40)), 1.0).astype(np.float32)
+    source = (ndimage.gaussian_filter(target, 2.0) + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
+    noisy_mean = (PercentileNorm.fit(target).forward(target)
+                  + 0.3 * rng.standard_normal(target.shape)).astype(np.float32)
+    case = ValidationPrediction("noisy", source, target, noisy_mean, np.zeros_like(target))
+    gate = GateConfig(spread_scale=1.0, blend=1.0, prediction_sigma=0.5)
+    _, unsmoothed, smoothed = (c.n_ssim[0] for c in evaluate_candidates([case], [GateConfig(spread_scale=1.0), gate]))
+    from fusecare.scoring.metrics import score_ssim
+
+    assert smoothed == pytest.approx(score_ssim(target, smooth(noisy_mean, 0.5), source).n_ssim, abs=1e-6)
+    assert smoothed > unsmoothed
+    chosen, _ = calibrate_gate([case])
+    assert chosen.prediction_sigma > 0 and chosen.blend > 0
+
+
+def test_calibration_shows_a_bar_over_candidates_only_when_asked(rng, capsys):
+    cases = [_case(rng, good=True)]
+    candidates = default_candidates()[:5]
+    calibrate_gate(cases, candidates)
+    assert "gate calibration" not in capsys.readouterr().err
+    calibrate_gate(cases, candidates, progress=True)
+    assert "gate calibration" in capsys.readouterr().err
+
+
+def test_cross_validation_chooses_without_the_held_out_volume():
+    names = ["a.tif (simulated, seed 1)", "a.tif (simulated, seed 2)", "b.tif (simulated, seed 1)",
+             "validation phantom 0"]
+    assert [volume_of(n) for n in names] == ["a.tif", "a.tif", "b.tif", "validation phantom 0"]
+    cautious, bold = GateConfig(spread_scale=0.05), GateConfig(spread_scale=0.5)
+    table = [GateCandidate(None, (0.5, 0.5, -0.4, 0.5)),
+             GateCandidate(cautious, (0.2, 0.2, 0.1, 0.2)),
+             GateCandidate(bold, (0.5, 0.5, -0.4, 0.5))]
+    cv = cross_validate(names, table)
+    assert cv is not None
+    folds = {held: (gate, scores) for held, gate, scores in cv.folds}
+    assert folds["b.tif"] == (bold, (-0.4,))  # chosen on a and the phantom, where bold is safe
+    assert folds["a.tif"] == (cautious, (0.2, 0.2))  # b's -0.4 rules bold out
+    assert cv.worst == -0.4 and len(cv.n_ssim) == 4
+    assert cross_validate(names[:2], table) is None  # one volume: nothing to hold out

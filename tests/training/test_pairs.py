@@ -1,0 +1,212 @@
+"""Training data: FMC pair discovery and validation, study split, patch sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, write_fmc_tif
+from fusecare.training.pairs import (
+    PairPatches,
+    PatchSettings,
+    augment,
+    check_clean_volume,
+    discover_fmc_pairs,
+    foreground_blocks,
+    load_split,
+    split_by_study,
+)
+from fusecare.errors import InputError
+
+
+def _pair(folder, case_id, channel, study, shape=(4, 16, 16), fused_shape=None):
+    volume = np.ones(shape, np.uint16)
+    write_fmc_tif(folder / f"image_{case_id}_{channel}_angle.tif", volume, channel=channel, study=study)
+    write_fmc_tif(folder / f"image_{case_id}_{channel}_fused.tif", np.ones(fused_shape or shape, np.uint16),
+                  channel=channel, study=study)
+
+
+def test_pairs_are_found_by_name_and_filtered_by_channel(tmp_path):
+    _pair(tmp_path, 0, "nucleus", 1)
+    _pair(tmp_path, 5, "membrane", 2)
+    _pair(tmp_path, 12, "nucleus", 3)
+    (tmp_path / "notes.tif").write_bytes(b"")  # not an FMC name: ignored
+    pairs = discover_fmc_pairs(tmp_path)
+    assert [(p.case_id, p.channel, p.study) for p in pairs] == [(0, "nucleus", 1), (5, "membrane", 2),
+                                                              (12, "nucleus", 3)]
+    assert [p.case_id for p in discover_fmc_pairs(tmp_path, channel="nucleus")] == [0, 12]
+
+
+def test_unpaired_file_is_named(tmp_path):
+    _pair(tmp_path, 0, "nucleus", 1)
+    write_fmc_tif(tmp_path / "image_3_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
+    with pytest.raises(InputError, match="image_3_nucleus_angle.tif has no fused partner"):
+        discover_fmc_pairs(tmp_path)
+
+
+def test_shape_mismatch_names_both_files(tmp_path):
+    _pair(tmp_path, 7, "membrane", 1, shape=(4, 16, 16), fused_shape=(4, 16, 12))
+    with pytest.raises(InputError, match=r"image_7_membrane_angle.tif is \(4, 16, 16\), "
+                                         r"image_7_membrane_fused.tif is \(4, 16, 12\)"):
+        discover_fmc_pairs(tmp_path)
+
+
+def test_metadata_disagreement_alone_is_accepted(tmp_path):
+    """Nucleus ids 213..399 have angle/fused metadata that disagree: shapes decide."""
+    write_fmc_tif(tmp_path / "image_213_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16), PhysicalSizeX=0.39)
+    write_fmc_tif(tmp_path / "image_213_nucleus_fused.tif", np.ones((4, 8, 8), np.uint16), PhysicalSizeX=0.195)
+    assert len(discover_fmc_pairs(tmp_path)) == 1
+
+
+def test_empty_or_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="no FMC pair"):
+        discover_fmc_pairs(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        discover_fmc_pairs(tmp_path / "absent")
+
+
+def test_split_holds_whole_studies_out(tmp_path):
+    for i, study in enumerate([1, 1, 2, 3]):
+        _pair(tmp_path, i, "nucleus", study)
+    train, validation = split_by_study(discover_fmc_pairs(tmp_path), [2])
+    assert {p.study for p in train} == {1, 3} and [p.case_id for p in validation] == [2]
+    with pytest.raises(InputError, match=r"no pair of validation studies \[5\]; studies present: \[1, 2, 3\]"):
+        split_by_study(discover_fmc_pairs(tmp_path), [5])
+
+
+def test_foreground_blocks_equal_a_direct_block_maximum(rng):
+    target = rng.random((10, 21, 19)).astype(np.float32) ** 8
+    blocks = foreground_blocks(target, (4, 8, 8))
+    maxima = np.zeros(blocks.shape)
+    for idx in np.ndindex(blocks.shape):
+        region = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, (4, 8, 8)))
+        maxima[idx] = target[region].max()
+    level = 0.4 * min(np.percentile(target, 99.9), np.percentile(maxima, 90))
+    np.testing.assert_array_equal(blocks, maxima > level)
+
+
+def test_foreground_survives_a_saturated_outlier():
+    """Dim structure everywhere plus one bright object holding the top percentiles: the dim
+    structure stays foreground (with the plain 0.4 x p99.9 rule it would all be background)."""
+    target = np.zeros((16, 64, 64), np.float32)
+    target[:, ::8, :] = 1.0  # dim sheets in every block
+    target[2:10, 2:14, 2:14] = 50.0  # a saturated object, 0.9 % of the voxels
+    blocks = foreground_blocks(target, (8, 16, 16))
+    assert 0.4 * np.percentile(target, 99.9) > 1.0  # the old rule would drop the sheets
+    assert blocks.all()
+
+
+def _sparse_pair(rng):
+    target = np.zeros((20, 64, 64), np.uint16)
+    target[5:9, 10:18, 40:48] = 1000  # 0.3 % of the volume
+    source = (target // 2 + rng.integers(0, 50, target.shape)).astype(np.uint16)
+    return source, target
+
+
+def test_patches_are_drawn_from_foreground_as_configured(rng):
+    source, target = _sparse_pair(rng)
+    for fraction, low, high in [(0.9, 0.8, 1.0), (0.0, 0.0, 0.25)]:
+        patches = PairPatches(source, target, PatchSettings(patch=(8, 16, 16), foreground_fraction=fraction))
+        hits = np.mean([patches.sample(rng)[1].max() > 0.5 for _ in range(200)])
+        assert low <= hits <= high, (fraction, hits)
+
+
+def test_patches_use_jittered_volume_percentiles(rng):
+    source = rng.integers(100, 1100, (16, 32, 32)).astype(np.uint16)
+    settings = PatchSettings(patch=(16, 32, 32), pmin=(2.0, 2.0), pmax=(99.8, 99.8))
+    x, y = PairPatches(source, source, settings).sample(rng)
+    low, high = np.percentile(source, (2, 99.8))
+    np.testing.assert_allclose(np.sort(x.ravel()), np.sort((source.ravel() - low) / (high - low)), atol=1e-5)
+    np.testing.assert_array_equal(x, y)  # the same augmentation on both
+
+
+def test_augment_applies_the_same_transform_to_both(rng):
+    x = rng.random((4, 8, 8)).astype(np.float32)
+    seen = set()
+    for _ in range(40):
+        a, b = augment(x, x + 1, rng)
+        np.testing.assert_allclose(b, a + 1)
+        seen.add(a.tobytes())
+    assert len(seen) > 8  # flips and rotations vary
+
+
+def test_sampling_never_modifies_the_volumes(rng):
+    """Normalisation is in place on the patch: a float32 volume must not be a view of it."""
+    source = rng.random((8, 32, 32)).astype(np.float32)
+    target = source.copy()
+    before = source.copy()
+    patches = PairPatches(source, target, PatchSettings(patch=(8, 16, 16)))
+    for _ in range(20):
+        patches.sample(rng)
+    np.testing.assert_array_equal(source, before)
+    np.testing.assert_array_equal(target, before)
+
+
+# --------------------------------------------------------------------------- splits and clean volumes
+
+
+def _split(tmp_path, content: dict) -> tuple:
+    for name in ("a.tif", "b.tif", "c.tif"):
+        (tmp_path / name).write_bytes(b"")
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(content))
+    return path, tmp_path
+
+
+def test_split_loads_paths_per_role(tmp_path):
+    path, data = _split(tmp_path, {"about": "x", "membrane": {"train": ["a.tif"], "test": ["b.tif", "c.tif"]}})
+    split = load_split(path, data)
+    assert split == {"membrane": {"train": [data / "a.tif"], "validation": [], "test": [data / "b.tif", data / "c.tif"]}}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"membrane": {"train": ["a.tif"], "test": ["a.tif"]}}, "a.tif is listed under both 'train' and 'test'"),
+    ({"membrane": {"train": ["missing.tif"]}}, "membrane train volume missing.tif not found"),
+    ({"cytoplasm": {"train": ["a.tif"]}}, "unknown channel 'cytoplasm'"),
+    ({"nucleus": {"holdout": ["a.tif"]}}, r"unknown role\(s\) \['holdout'\]"),
+    (["a.tif"], "expected a JSON object"),
+])
+def test_split_refuses_leaks_and_unknown_volumes(tmp_path, content, message):
+    path, data = _split(tmp_path, content)
+    with pytest.raises(InputError, match=message):
+        load_split(path, data)
+
+
+def test_shipped_split_holds_out_three_volumes_per_channel_with_a_lightsheet_one(shared_data):
+    split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
+    for channel in ("membrane", "nucleus"):
+        assert len(split[channel]["test"]) >= 3
+        assert any("lateralroot" in p.name or "tribolium" in p.name for p in split[channel]["test"])
+
+
+@pytest.mark.parametrize(("volume", "message"), [
+    (np.full((8, 16, 16), 7, np.uint16), "percentiles collapse"),
+    (np.zeros((8, 16, 16), np.float32), "percentiles collapse"),  # no foreground at all
+    (np.pad(np.ones((1, 1, 1), np.uint16), ((0, 7), (0, 15), (0, 15))), "percentiles collapse"),
+])
+def test_clean_volumes_that_cannot_train_are_refused_by_name(volume, message):
+    with pytest.raises(InputError, match=f"clean volume v.tif: .*{message}"):
+        check_clean_volume("v.tif", volume)
+    check_clean_volume("ok.tif", np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16))
+
+
+def test_unreadable_file_is_one_failed_line_and_its_pair_is_left_out(tmp_path, caplog):
+    import logging
+
+    volume = np.arange(4 * 16 * 16, dtype=np.uint16).reshape(4, 16, 16)
+    for i in (1, 2, 3):
+        for kind in ("angle", "fused"):
+            write_fmc_tif(tmp_path / f"image_{i}_nucleus_{kind}.tif", volume)
+    data = (tmp_path / "image_2_nucleus_angle.tif").read_bytes()
+    (tmp_path / "image_2_nucleus_angle.tif").write_bytes(data[:12])  # cut inside the header
+    (tmp_path / "image_3_nucleus_fused.tif").unlink()
+    (tmp_path / "image_3_nucleus_fused.tif").symlink_to(tmp_path / "gone.tif")
+    with caplog.at_level(logging.ERROR):
+        pairs = discover_fmc_pairs(tmp_path)
+    assert [p.case_id for p in pairs] == [1]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert errors[0].startswith("FAILED image_2_nucleus_angle.tif: ") and "\n" not in errors[0]
+    assert errors[1].startswith("FAILED image_3_nucleus_fused.tif: broken symbolic link")

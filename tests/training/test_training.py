@@ -1,0 +1,459 @@
+"""Training: config validation, losses, a tiny member end to end, resume, ensembles, CLI, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, write_fmc_tif
+from fusecare.training.calibration import volume_of
+from fusecare.training.pairs import PairPatches, PatchSettings, load_split
+from fusecare.restoration.ensemble import load_ensemble
+from fusecare.errors import ConfigError, InputError, TrainingError
+from fusecare.scoring.metrics import ssim
+from fusecare.restoration.model import ModelConfig
+from fusecare.training.config import TrainConfig
+from fusecare.training.losses import ssim_torch, training_loss
+from fusecare.training.loop import _rank_rng, train_member
+from fusecare.training.members import train_ensemble
+from fusecare.training.sources import RealPairs, SimulatedPairs, build_data
+
+TINY = {"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16], "batch_size": 2,
+        "phantoms": 1, "phantom_shape": [12, 32, 32], "validation_phantoms": 1, "validation_patches": 2,
+        "device": "cpu"}
+
+
+def tiny(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, **changes})
+
+
+def test_config_needs_data_and_consistent_loss():
+    with pytest.raises(ConfigError, match="no training data"):
+        TrainConfig()
+    with pytest.raises(ConfigError, match="needs model.probabilistic"):
+        tiny(loss="laplace")
+    with pytest.raises(ConfigError, match="must be multiples of 2"):
+        tiny(patch=[8, 16, 15])
+    with pytest.raises(ConfigError, match=r"unknown TrainConfig key\(s\) \['stpes'\]"):
+        TrainConfig.from_dict({**TINY, "stpes": 3})
+    assert tiny(loss="laplace", model={"probabilistic": True, "first_filters": 4}).loss == "laplace"
+
+
+def test_losses_match_their_formulas():
+    torch.manual_seed(0)
+    out, y = torch.randn(2, 2, 8, 12, 12), torch.randn(2, 1, 8, 12, 12)
+    out[:, 1] = out[:, 1].abs() + 0.1
+    d = out[:, :1] - y
+    torch.testing.assert_close(training_loss(out, y, loss="mae"), d.abs().mean())
+    torch.testing.assert_close(training_loss(out, y, loss="mse"), (d**2).mean())
+    b = out[:, 1:2]
+    torch.testing.assert_close(training_loss(out, y, loss="laplace"), (torch.log(2 * b) + d.abs() / b).mean())
+    with_ssim = training_loss(out, y, loss="mae", ssim_weight=0.5)
+    torch.testing.assert_close(with_ssim, d.abs().mean() + 0.5 * (1 - ssim_torch(out[:, :1], y)))
+
+
+def test_differentiable_ssim_equals_the_metric(rng):
+    a = rng.random((12, 20, 18)).astype(np.float32)
+    b = (a + 0.3 * rng.random(a.shape)).astype(np.float32)
+    expected = ssim(a, b, data_range=1.0)
+    got = float(ssim_torch(torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None]))
+    assert abs(got - expected) < 1e-5
+
+
+def _halving_source(rng) -> RealPairs:
+    """Target = a smoothed copy of the input: a correction a tiny net starts to learn in 60 steps."""
+    from scipy import ndimage
+
+    source = rng.integers(0, 1000, (16, 32, 32)).astype(np.float32)
+    target = ndimage.uniform_filter(source, 3)
+    return RealPairs("toy", PairPatches(source, target, PatchSettings(patch=(8, 16, 16))))
+
+
+@pytest.mark.slow
+def test_a_tiny_member_learns_and_keeps_checkpoints(tmp_path, rng):
+    config = tiny(steps=60, validate_every=20, learning_rate=3e-3)
+    data = ([_halving_source(rng)], [])
+    result = train_member(config, tmp_path / "run", progress=False, data=data)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 20, 40, 60]  # step 0: the untrained baseline
+    assert float(rows[-1]["val_loss"]) < 0.9 * float(rows[0]["val_loss"])
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json", "best.pt", "last.pt", "log.csv"}
+    assert TrainConfig.load(tmp_path / "run" / "config.json") == config
+    assert result.best["step"] in (20, 40, 60)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, rng):
+    data = ([_halving_source(rng)], [])
+    train_member(tiny(steps=4, validate_every=2), tmp_path / "run", progress=False, data=data)
+    train_member(tiny(steps=8, validate_every=2), tmp_path / "run", resume=True, progress=False, data=data)
+    steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())]
+    assert steps == [0, 2, 4, 6, 8]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_ensemble_on_simulated_phantoms_loads_for_inference(tmp_path):
+    results = train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "runs",
+                             weights_dir=tmp_path / "weights", members=2, progress=False)
+    assert len(results) == 2 and "val_nssim_mean" in results[0].best
+    ensemble = load_ensemble(tmp_path / "weights" / "nucleus")
+    assert len(ensemble.members) == 2 and ensemble.members[0].config == ModelConfig(first_filters=4, depth=1)
+    training = json.loads((tmp_path / "weights" / "nucleus" / "member_1" / "training.json").read_text())
+    assert training["config"]["seed"] == 1
+    # the do-no-harm gate was calibrated on the validation phantom and written to the manifest
+    manifest = json.loads((tmp_path / "weights" / "nucleus" / "manifest.json").read_text())
+    table = manifest["info"]["gate_calibration"]
+    assert table[0]["gate"] is None and len(table) > 5  # the ungated row first
+    assert ensemble.gate is not None and ensemble.gate.to_dict() == manifest["gate"]
+
+
+def _run_train(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "batch_sise": 2}))
+    result = _run_train("--config", config)
+    assert result.returncode == 2 and "unknown TrainConfig key(s) ['batch_sise']" in result.stderr
+    assert "Traceback" not in result.stderr
+    fmc = tmp_path / "fmc"
+    write_fmc_tif(fmc / "image_4_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
+    config.write_text(json.dumps({**TINY, "phantoms": 0, "fmc_dir": str(fmc)}))
+    result = _run_train("--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w")
+    assert result.returncode == 2 and "image_4_nucleus_angle.tif has no fused partner" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _torchrun(tmp_path: Path, config: Path, nproc: int, *extra: str, port: int = 29517) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return subprocess.run(
+        [sys.executable, *(launcher if nproc > 1 else []), "-m", "train", "--config", config,
+         "--runs", tmp_path / "runs", "--weights", tmp_path / "w", "--quiet", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_trains_and_resumes_with_another_world_size(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))
+    result = _torchrun(tmp_path, config, 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "w" / "nucleus" / "manifest.json").is_file()
+    assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 1
+    last = torch.load(tmp_path / "runs" / "nucleus" / "member_0" / "last.pt", weights_only=False)
+    assert last["step"] == 2 and len(last["rng"]) == 2 and last["rng"][0] != last["rng"][1]  # every rank's stream
+    # resumed by one process: rank 0's stream and the step go on, the log continues
+    config.write_text(json.dumps({**TINY, "steps": 4, "validate_every": 2}))
+    result = _torchrun(tmp_path, config, 1, "--resume", "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "nucleus" / "member_0" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 2, 4] and np.isfinite(float(rows[1]["loss"]))
+    last = torch.load(tmp_path / "runs" / "nucleus" / "member_0" / "last.pt", weights_only=False)
+    assert last["step"] == 4 and len(last["rng"]) == 1
+
+
+def test_resumed_ranks_draw_their_own_streams():
+    config = tiny()
+    saved = [np.random.default_rng(7).bit_generator.state]
+    first = _rank_rng(config, 0, saved, 10)
+    assert first.bit_generator.state == saved[0]  # rank 0 continues where it stopped
+    new = [_rank_rng(config, r, saved, 10).random() for r in (1, 2)]  # ranks the checkpoint lacked
+    fresh = [_rank_rng(config, r, None, 0).random() for r in (0, 1, 2)]
+    assert len({first.random(), *new, *fresh}) == 6  # no stream repeats another
+
+
+def test_clean_files_pick_their_channel_and_skip_others(tmp_path, rng):
+    nuc = write_fmc_tif(tmp_path / "n.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    mem = write_fmc_tif(tmp_path / "m.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="membrane")
+    sources, validation = build_data(tiny(phantoms=0, validation_phantoms=0, clean_files=[str(nuc), str(mem)]))
+    assert [s.name for s in sources] == ["n.tif"]
+    assert len(validation) == 1 and validation[0].name.startswith("n.tif (simulated")
+    with pytest.raises(InputError, match="no clean volume of channel 'nucleus'"):
+        build_data(tiny(phantoms=0, clean_files=[str(mem)]))
+
+
+def test_validation_only_builds_the_same_validation_and_no_training_source(tmp_path, rng, monkeypatch):
+    """Gate recalibration needs the validation cases only: no training source (each costs a
+    pass over its volume) is built, and a config with no validation case is refused by name."""
+    nuc = write_fmc_tif(tmp_path / "n.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    from fusecare.training import sources as training
+
+    config = tiny(phantoms=1, validation_phantoms=1, clean_files=[str(nuc)])
+    _, full = training.build_data(config)
+    built: list[str] = []
+    monkeypatch.setattr(training, "SimulatedPairs", lambda name, *a, **k: built.append(name))
+    sources, validation = training.build_data(config, validation_only=True)
+    assert sources == [] and built == []
+    assert [v.name for v in validation] == [v.name for v in full]
+    for mine, theirs in zip(validation, full):
+        np.testing.assert_array_equal(mine.source, theirs.source)
+        np.testing.assert_array_equal(mine.target, theirs.target)
+    with pytest.raises(InputError, match="no validation case in the config"):
+        training.build_data(tiny(phantoms=1, validation_phantoms=0), validation_only=True)
+
+
+def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 2, "validate_every": 2}))
+    from train.train import main
+
+    assert main(["--config", str(config), "--runs", str(tmp_path / "runs"), "--weights", str(tmp_path / "w"),
+                 "--quiet"]) == 0
+    manifest_path = tmp_path / "w" / "nucleus" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["gate"] = None
+    manifest["info"].pop("gate_calibration")
+    manifest_path.write_text(json.dumps(manifest))
+    weights_before = (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes()
+    assert main(["--config", str(config), "--weights", str(tmp_path / "w"), "--calibrate-only"]) == 0
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["gate"] is not None and manifest["info"]["members"] == 1
+    assert manifest["info"]["gate_cases"] == ["validation phantom 0"]
+    assert (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes() == weights_before
+
+
+def test_command_line_options_override_the_config_file(tmp_path):
+    from train.train import build_parser, merged_config
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**TINY, "steps": 3, "ssim_weight": 0.0, "seed": 4}))
+    merged = merged_config(build_parser().parse_args(["--config", str(config), "--steps", "7",
+                                                      "--ssim-weight", "0.5"]))
+    assert (merged.steps, merged.ssim_weight, merged.seed, merged.patch) == (7, 0.5, 4, (8, 16, 16))
+    with pytest.raises(ConfigError, match="ssim_weight"):
+        merged_config(build_parser().parse_args(["--config", str(config), "--ssim-weight", "11"]))
+
+
+# --------------------------------------------------------------------------- generalisation recipe
+
+
+def test_members_start_from_the_matching_member_of_an_ensemble(tmp_path):
+    """``init_weights`` naming an ensemble starts member k from its member_k: the first logged
+    validation equals that member's own, and a resume never reloads it."""
+    train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "a", weights_dir=tmp_path / "w",
+                   members=2, progress=False, calibrate=False)
+    start = tiny(steps=2, validate_every=2, init_weights=str(tmp_path / "w" / "nucleus"), learning_rate=1e-6)
+    train_ensemble(start, runs_dir=tmp_path / "b", weights_dir=tmp_path / "w2", members=2, progress=False,
+                   calibrate=False)
+    for k in range(2):
+        saved = torch.load(tmp_path / "w" / "nucleus" / f"member_{k}" / "weights.pt", weights_only=True)
+        first = torch.load(tmp_path / "b" / f"member_{k}" / "best.pt", weights_only=False)
+        training = json.loads((tmp_path / "w2" / "nucleus" / f"member_{k}" / "training.json").read_text())
+        assert training["config"]["init_weights"].endswith(f"member_{k}")
+        drift = max(float((first["model"][n] - saved[n]).abs().max()) for n in saved)
+        assert drift < 1e-3  # lr 1e-6 for 2 steps: still the member it started from
+    other = TINY["model"] | {"first_filters": 8}
+    with pytest.raises(ConfigError, match="differs from the config's"):
+        train_member(tiny(model=other, init_weights=str(tmp_path / "w" / "nucleus" / "member_0")),
+                     tmp_path / "c", progress=False)
+
+
+def test_no_calibration_between_phases(tmp_path):
+    train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "r", weights_dir=tmp_path / "w",
+                   members=1, progress=False, calibrate=False)
+    manifest = json.loads((tmp_path / "w" / "nucleus" / "manifest.json").read_text())
+    assert manifest["gate"] is None and "gate_calibration" not in manifest["info"]
+
+
+def test_randomised_content_changes_the_target_with_the_view(rng):
+    """With content randomisation the target is the randomised clean volume, not the original."""
+    clean = np.zeros((16, 32, 32), np.float32)
+    clean[4:12, 8:24, 8:24] = 1.0
+    clean += rng.random(clean.shape).astype(np.float32) * 0.1
+    config = tiny(patch=[16, 32, 32], simulator={"content_gamma": [3.0, 3.0]}, foreground_fraction=0.0,
+                  pmin=[2.0, 2.0], pmax=[99.8, 99.8])
+    _, target = SimulatedPairs("v", clean, (1.0, 1.0, 1.0), config).sample(np.random.default_rng(0))
+    plain = tiny(patch=[16, 32, 32], foreground_fraction=0.0, pmin=[2.0, 2.0], pmax=[99.8, 99.8])
+    _, plain_target = SimulatedPairs("v", clean, (1.0, 1.0, 1.0), plain).sample(np.random.default_rng(0))
+    assert target.shape == plain_target.shape
+    # gamma 3 pushes the dim texture toward 0 relative to the bright block
+    assert np.median(target) < np.median(plain_target) - 0.05
+
+
+def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
+    """The held-out protocol holds only if the shipped recipe never touches a test volume."""
+    split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
+    for channel in ("membrane", "nucleus"):
+        config = TrainConfig.load(REPO / "train" / "configs" / f"generalise_{channel}.json")
+        assert config.channel == channel and not config.validate_on_training_volumes
+        assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
+        assert [Path(f).name for f in config.validation_files] == [p.name for p in split[channel]["validation"]]
+
+
+def test_randomised_validation_views_group_with_their_volume():
+    config = tiny(validation_randomised_views=2, simulator={"bright_objects": [1, 1]})
+    _, validation = build_data(config, validation_only=True)
+    names = [v.name for v in validation]
+    assert names[0] == "validation phantom 0" and len(names) == 3
+    assert all("randomised content" in n for n in names[1:])
+    assert {volume_of(n) for n in names} == {"validation phantom 0"}
+    # the randomised targets are in signal units (p99.8 of the clean volume = 1) and carry the
+    # bright object, at 2-8x that level
+    for case in validation[1:]:
+        assert case.target.max() >= 2.0 - 1e-6
+
+
+# --------------------------------------------------------------------------- issue 10: no silent data loss
+
+
+def _strict_json(path):
+    """Parse as a strict JSON parser would: NaN/Infinity are errors."""
+    def refuse(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """``train_member`` replaced by one that saves an untrained tiny network as a step-5 best
+    checkpoint (``best`` overrides its metrics): the export path without minutes of training."""
+    from fusecare.restoration.model import CareUNet
+    from fusecare.training import loop, members
+
+    calls: list[str] = []
+
+    def fake(config, run_dir, *, resume=False, progress=True, data=None, best=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = best if best is not None else {"step": 5, "loss": 0.1, "val_loss": 0.1, "val_nssim_mean": 0.2}
+        torch.manual_seed(config.seed)
+        torch.save({"model": CareUNet(config.model).state_dict(), "step": metrics["step"], "metrics": metrics},
+                   run_dir / loop.CHECKPOINT_BEST)
+        calls.append(run_dir.name)
+        return loop.MemberResult(run_dir=run_dir, best=metrics, steps=config.steps, seconds=0.0)
+
+    monkeypatch.setattr(members, "train_member", fake)
+    fake.calls = calls
+    return fake
+
+
+def test_members_below_one_is_refused_and_nothing_written(tmp_path, fake_training):
+    with pytest.raises(ConfigError, match="members"):
+        train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=0, progress=False)
+    assert not (tmp_path / "w").exists() and fake_training.calls == []
+
+
+def test_existing_ensemble_is_refused_before_any_data_is_read(tmp_path, fake_training, monkeypatch):
+    from conftest import make_tiny_ensemble
+    from fusecare.training import members
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    monkeypatch.setattr(members, "build_data", lambda *a, **k: pytest.fail("data read before the refusal"))
+    with pytest.raises(TrainingError, match="--overwrite"):
+        train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=1, progress=False)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_writes_a_complete_ensemble_without_stale_members(tmp_path, fake_training):
+    from conftest import make_tiny_ensemble
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=2)
+    train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                   members=1, progress=False, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "member_0"]
+    manifest = _strict_json(folder / "manifest.json")
+    assert manifest["members"] == ["member_0"]
+    assert len(load_ensemble(folder).members) == 1
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["nucleus"]  # no staging folder left
+
+
+def test_new_empty_folder_is_written_without_overwrite(tmp_path, fake_training):
+    (tmp_path / "w" / "nucleus").mkdir(parents=True)
+    train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                   members=2, progress=False)
+    assert len(load_ensemble(tmp_path / "w" / "nucleus").members) == 2
+
+
+@pytest.mark.parametrize("best", [
+    {"step": 0, "loss": float("nan"), "val_loss": 0.3, "val_nssim_mean": 0.1},
+    {"step": 7, "loss": float("nan"), "val_loss": float("nan"), "val_nssim_mean": 0.1},
+    {"step": 7, "loss": 0.1, "val_loss": 0.1, "val_nssim_mean": float("inf")},
+])
+def test_untrained_or_non_finite_member_is_never_exported(tmp_path, fake_training, monkeypatch, best):
+    from conftest import make_tiny_ensemble
+    from fusecare.training import members as training
+
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=2)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    real = training.train_member
+    monkeypatch.setattr(training, "train_member", lambda config, run_dir, **k: real(
+        config, run_dir, **{**k, "best": best if config.seed == 1 else None}))
+    with pytest.raises(TrainingError, match="step 0|non-finite"):
+        train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                       members=2, progress=False, overwrite=True)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # old ensemble intact
+    assert [p.name for p in (tmp_path / "w").iterdir()] == ["nucleus"]
+    with pytest.raises(TrainingError, match="step 0|non-finite"):
+        training.export_member(tmp_path / "runs" / "member_1", tmp_path / "x", tiny().replace(seed=1))
+    assert not (tmp_path / "x").exists()
+
+
+def test_step_0_is_never_the_best_checkpoint(tmp_path, monkeypatch):
+    """The untrained network is logged (step 0 of log.csv) but never kept as the best."""
+    from fusecare.training import loop
+
+    scores = iter([0.9, 0.1, 0.2])  # the untrained network "validates" best of all
+    monkeypatch.setattr(loop, "score_validation", lambda *a, **k: {"val_loss": 1.0, "val_nssim_mean": next(scores)})
+    result = train_member(tiny(steps=4, validate_every=2), tmp_path / "run", progress=False)
+    assert result.best["step"] == 4
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 4
+
+
+def test_written_json_is_strict(tmp_path, fake_training):
+    train_ensemble(tiny(), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w", members=1, progress=False)
+    for path in [tmp_path / "w" / "nucleus" / "manifest.json", tmp_path / "runs" / "member_0" / "config.json",
+                 *(tmp_path / "w").rglob("*.json")]:
+        if path.is_file():
+            _strict_json(path)
+    from fusecare.restoration.ensemble import write_manifest
+
+    with pytest.raises(ValueError):
+        write_manifest(tmp_path / "w" / "nucleus", "nucleus", info={"loss": float("nan")})
+
+
+def _main(*args):
+    from train.train import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, "config file not found"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"learning_rate": NaN, "phantoms": 1}', "'learning_rate' must be a finite number"),
+    ('{"phantoms": 1, "ssim_weight": Infinity}', "'ssim_weight' must be a finite number"),
+    ("{not json", "not valid JSON"),
+])
+def test_cli_bad_config_is_one_line_exit_2(tmp_path, caplog, content, words):
+    config = tmp_path / "c.json"
+    if content is not None:
+        config.write_text(content)
+    assert _main("--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w") == 2
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert words in record.getMessage() and "\n" not in record.getMessage() and record.exc_info is None
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_calibrate_only_without_an_ensemble_is_exit_2(tmp_path, caplog):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(TINY))
+    assert _main("--config", config, "--weights", tmp_path / "w", "--calibrate-only") == 2
+    [record] = [r for r in caplog.records if r.levelno >= 40]
+    assert "no ensemble to calibrate" in record.getMessage()
+
+
+@pytest.mark.parametrize("members", ["0", "-1", "two"])
+def test_cli_members_below_one_is_a_usage_error(members):
+    with pytest.raises(SystemExit) as caught:
+        _main("--members", members)
+    assert caught.value.code == 2
