@@ -175,9 +175,11 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
     import torch
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     print(f"\ndevice: {device}; torch {torch.__version__}")
-    header = f"{'mode':<11}{'shape':<15}{'tile':<16}{'members':>8}{'seconds':>9}{'Mvox/s/member':>15}{'peak GB':>9}{'B/voxel':>9}  target"
+    header = (f"{'mode':<11}{'shape':<15}{'tile':<16}{'members':>8}{'seconds':>9}{'Mvox/s/member':>15}"
+              f"{'peak GB':>9}{'B/voxel':>9}  target")
     print(header)
     print("-" * len(header))
     for r in rows:

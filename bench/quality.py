@@ -31,14 +31,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusecare.training.calibration import ValidationPrediction, evaluate_candidates, predict_validation  # noqa: E402
-from fusecare.training.pairs import load_split  # noqa: E402
+from fusecare.io import read_case  # noqa: E402
 from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
-from fusecare.io import read_case  # noqa: E402
+from fusecare.training.calibration import (  # noqa: E402
+    ValidationPrediction,
+    evaluate_candidates,
+    predict_ensemble_volume,  # noqa: E402
+    predict_validation,
+)
+from fusecare.training.pairs import load_split  # noqa: E402
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
 from fusecare.training.simulate import SimulatorConfig, apply  # noqa: E402
-from fusecare.training.calibration import predict_ensemble_volume  # noqa: E402
 
 HELD_OUT_SEED = 20_000  # training validation uses 10_000+, training draws from its own rng
 TUNING_SEED = 30_000
@@ -108,7 +112,8 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
                                         lambda v: predict_ensemble_volume(ensemble, v))
         # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one
         baselines = [INPUT_ONLY, GateConfig(blend=0.0, fallback_sigma=sigma)]
-        ungated, identity, smoothed, *with_gate = evaluate_candidates([prediction], baselines + ([gate] if gate else []))
+        candidates = baselines + ([gate] if gate else [])
+        ungated, identity, smoothed, *with_gate = evaluate_candidates([prediction], candidates)
         scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0])]
         rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores))})
         print(f"{channel:<9}{case.name:<46}{GROUPS[case.group][:9]:<10}" + "".join(f"{v:>9.3f}" for v in scores),

@@ -1,6 +1,7 @@
 """Typed, validated configuration objects saved as JSON beside what they produced.
 
-Each concern (model, simulator, training) has one frozen dataclass deriving from ``Config``.
+Each concern (model, simulator, training, and the options of restoring and scoring) has one
+frozen dataclass deriving from ``Config``: the one options style of the package.
 Fields are declared with ``param`` so that their documentation and valid range live next to
 the default; validation runs on construction, and ``from_dict`` rejects unknown keys, so a
 typo in a config file fails loudly instead of being ignored.
@@ -41,6 +42,24 @@ def param(
 
 def _is_number_tuple(hint: Any) -> bool:
     return typing.get_origin(hint) is tuple
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal[...]`` hint; None for any other hint."""
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    """Whether ``value`` belongs to ``hint``, one member of a union: which of ``float |
+    Literal["target"]`` a value is decides how it is checked."""
+    choices = _literal_choices(hint)
+    if choices is not None:
+        return value in choices
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint) or (issubclass(hint, Config) and isinstance(value, typing.Mapping))
+    return True
 
 
 def _check_scalar(name: str, value: Any, hint: Any) -> Any:
@@ -101,7 +120,7 @@ class Config:
                 args = [a for a in typing.get_args(hint) if a is not type(None)]
                 if value is None:
                     continue
-                hint = args[0]
+                hint = next((a for a in args if _matches(a, value)), args[0])
             if isinstance(hint, type) and issubclass(hint, Config):
                 if isinstance(value, typing.Mapping):
                     try:
@@ -129,6 +148,9 @@ class Config:
                         f"{list(value)}"
                     )
             else:
+                choices = _literal_choices(hint)
+                if choices is not None and value not in choices:
+                    raise ConfigError(f"config field {field.name!r} must be one of {list(choices)}, got {value!r}")
                 value = _check_scalar(field.name, value, hint)
                 _check_bounds(field.name, value, meta)
             object.__setattr__(self, field.name, value)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import REPO, write_fmc_tif
 
 PROBE = """

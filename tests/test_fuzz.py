@@ -23,8 +23,8 @@ import pytest
 import tifffile
 from conftest import REPO, make_tiny_ensemble, write_fmc_tif
 
-from fusecare.training.pairs import discover_fmc_pairs
 from fusecare.restoration.weights import WEIGHTS_ENV
+from fusecare.training.pairs import discover_fmc_pairs
 
 SHAPE = (8, 32, 32)
 SEED = 20260

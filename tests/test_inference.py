@@ -499,6 +499,7 @@ def test_volume_too_large_for_memory_is_refused_before_reading(tmp_path, tiny_we
 
 def test_input_only_gate_writes_the_input_loudly_and_no_gate_overrides_it(tmp_path):
     from conftest import make_tiny_ensemble
+
     from fusecare.restoration.ensemble import write_manifest
     from fusecare.restoration.gate import INPUT_ONLY
 

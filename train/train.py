@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``python train/train.py`` from a checkout, the package not installed
     sys.path.insert(0, str(REPO))
 
-from fusecare.cli.train import build_parser as _build_parser, merged_config, run  # noqa: E402
+from fusecare.cli.train import build_parser as _build_parser  # noqa: E402
+from fusecare.cli.train import merged_config, run  # noqa: E402
 
 __all__ = ["build_parser", "main", "merged_config"]
 

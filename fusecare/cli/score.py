@@ -69,16 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--no-png", dest="png", action="store_false", help="do not draw the per-case PNGs")
     io.add_argument("--channel", choices=CHANNELS, help="score every case as this channel (default: from metadata)")
     ssim = parser.add_argument_group("N-SSIM (choices the organisers did not publish)")
-    ssim.add_argument("--ssim-2d", dest="per_slice", action="store_true", help="mean of per-slice 2-D SSIM (default 3-D)")
+    ssim.add_argument("--ssim-2d", dest="per_slice", action="store_true",
+                      help="mean of per-slice 2-D SSIM (default 3-D)")
     ssim.add_argument("--ssim-window", choices=("uniform", "gaussian"), default="uniform",
                       help="uniform 7-voxel window (default) or Gaussian sigma 1.5")
     ssim.add_argument("--data-range", type=_data_range, default=1.0, metavar="1|target|X",
-                      help="SSIM data_range on the normalised volumes: a number (default 1) or 'target' (its max - min)")
+                      help="SSIM data_range on the normalised volumes: a number (default 1) or 'target' "
+                           "(its max - min)")
     seg = parser.add_argument_group("N-IoU (cellpose 3 segmentation)")
     seg.add_argument("--no-seg", dest="segment", action="store_false", help="skip segmentation (N-SSIM only; fast)")
     seg.add_argument("--iou", choices=IOU_MODES, default="foreground",
                      help="foreground IoU of the masks (default) or mean IoU of one-to-one matched cells")
-    seg.add_argument("--best-iou", type=_positive, default=1.0, metavar="IOU", help="IoU of the verified segmentation (default 1.0)")
+    seg.add_argument("--best-iou", type=_positive, default=1.0, metavar="IOU",
+                     help="IoU of the verified segmentation (default 1.0)")
     seg.add_argument("--iso-spacing", type=_positive, metavar="UM",
                      help="isotropic voxel size in um (default: the smallest voxel size; coarser is faster)")
     seg.add_argument("--diameter", type=_positive, metavar="VOXELS",
@@ -88,9 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           f"nuclei / cyto3 from ${MODELS_ENV} or ~/.cellpose/models")
     seg.add_argument("--offline", action="store_true", help="never try to download cellpose models")
     misc = parser.add_argument_group("hardware / logging")
-    misc.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
+    misc.add_argument("--device", default="auto",
+                      help="auto (CUDA when present), cpu, cuda or cuda:N (default: %(default)s)")
     misc.add_argument("--threads", type=int, metavar="N",
-                      help="torch CPU threads (default: torch's); 1 is often faster when other processes share the cores")
+                      help="torch CPU threads (default: torch's); 1 is often faster when other processes "
+                           "share the cores")
     add_logging_arguments(misc)
 
 

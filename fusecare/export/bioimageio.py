@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.errors import ExportError
-from fusecare.restoration.model import ModelConfig
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm
+from fusecare.restoration.ensemble import Ensemble, load_ensemble
+from fusecare.restoration.model import ModelConfig
 
 log = logging.getLogger(__name__)
 

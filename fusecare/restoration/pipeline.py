@@ -24,14 +24,25 @@ from typing import Literal
 import numpy as np
 import torch
 
+from fusecare.config import Config
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
 from fusecare.device import inference_device
-from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError, one_line
-from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
-from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, inspect_case, list_cases, read_case,
-                         stale_partials, write_case)
+from fusecare.io import (
+    CHANNELS,
+    MEMBRANE,
+    CaseInfo,
+    CaseMeta,
+    VoxelSize,
+    inspect_case,
+    list_cases,
+    read_case,
+    stale_partials,
+    write_case,
+)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
+from fusecare.restoration.ensemble import Ensemble, load_ensemble
+from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
 from fusecare.restoration.tiling import Region, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
@@ -289,8 +300,7 @@ class Pacer:
         return {m.description: m.tiles for m in self.modes if m.tiles}
 
 
-@dataclass(frozen=True)
-class RestoreOptions:
+class RestoreOptions(Config):
     """How to restore: tile, device, precision, gating, uncertainty output, memory and time budget."""
 
     tile: tuple[int, int, int] | None = None

@@ -36,10 +36,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from fusecare.errors import FuseCareError, InputError
+from fusecare.config import Config
+from fusecare.errors import ConfigError, FuseCareError, InputError
 from fusecare.io import CHANNELS, TIFF_SUFFIXES, CaseInfo, Volume, inspect_case, opened_volume, tiff_files
-from fusecare.scoring.metrics import SsimScores, Window, score_ssim
 from fusecare.normalize import PercentileNorm, percentiles, z_slabs
+from fusecare.scoring.metrics import SsimScores, Window, score_ssim
 from fusecare.scoring.segment import SegmenterCache, SegOptions, SegScores, score_segmentation
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ _ROLE_NAMES = {"pred": "prediction", "target": "target", "input": "input"}
 _KEY_SUFFIX = re.compile(r"_(angle|fused)$", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class SsimOptions:
+class SsimOptions(Config):
     """The unpublished SSIM choices; defaults: 3-D, 7-voxel uniform window, data_range 1."""
 
     window: Window = "uniform"
@@ -61,8 +61,7 @@ class SsimOptions:
     sigma: float = 1.5
 
 
-@dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(Config):
     """Everything ``evaluate_folder`` and ``score_volumes`` can be told."""
 
     ssim: SsimOptions = SsimOptions()
@@ -79,9 +78,9 @@ class EvalOptions:
     uncertainty_dir: Path | None = None
     progress: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.channel is not None and self.channel not in CHANNELS:
-            raise ValueError(f"channel must be one of {CHANNELS}, got {self.channel!r}")
+            raise ConfigError(f"channel must be one of {CHANNELS}, got {self.channel!r}")
 
     def settings(self) -> dict[str, Any]:
         """The choices that change the numbers, for the report."""
@@ -310,7 +309,8 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
             raise InputError(case.problem)
         infos = infos or _inspect(case)
         result.channel = case_channel(infos, options.channel)
-        result.study = infos["input"].meta.study if infos["input"].meta.study is not None else infos["target"].meta.study
+        study = infos["input"].meta.study
+        result.study = study if study is not None else infos["target"].meta.study
         if step is not None:
             step("reading")
         volumes = {}
@@ -346,7 +346,8 @@ def score_case(case: CasePaths, options: EvalOptions, segmenters: SegmenterCache
         result.error = "out of memory"
     except Exception as exc:  # noqa: BLE001 - a scoring run must go on with the other cases
         log.debug("%s: unexpected failure", case.name, exc_info=True)
-        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (--debug for the traceback)"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        result.error = f"{type(exc).__name__}: {first_line} (--debug for the traceback)"
     finally:
         files.close()
     result.seconds = time.perf_counter() - start

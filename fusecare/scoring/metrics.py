@@ -176,7 +176,8 @@ def _tiles(shape: tuple[int, ...], spec: _Spec, z_range: tuple[int, int], slab: 
             yield (z0, z1), (y0, min(y0 + rows, shape[1] - ay.crop)), x_range
 
 
-def _read_slabs(volumes: Sequence[Volume], spec: _Spec, planes: int) -> Iterator[tuple[tuple[int, int], list[np.ndarray]]]:
+def _read_slabs(volumes: Sequence[Volume], spec: _Spec, planes: int
+                ) -> Iterator[tuple[tuple[int, int], list[np.ndarray]]]:
     """((z0, z1), blocks): every volume's planes for output planes [z0, z1) plus the z halo.
 
     Blocks start at ``max(0, z0 - radius)``; where the halo would leave the volume the block

@@ -18,16 +18,14 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 import numpy as np
 
-from fusecare.io import CHANNELS, Volume
+from fusecare.io import CHANNELS
 from fusecare.scoring.evaluate import ScoredCase
-
 
 CSV_COLUMNS: tuple[str, ...] = (
     "case", "channel", "study", "ssim_input", "ssim_pred", "n_ssim",
@@ -166,7 +164,8 @@ th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 table.sortable th { cursor: pointer; } table.sortable th:hover { background: #e0e8ff; }
 td.bad { color: #b00; } td.good { color: #060; }
-figure { margin: 1em 0 2em; } figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #ddd; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; height: auto; box-sizing: border-box; border: 1px solid #ddd; }
 .failed { color: #b00; }
 """
 

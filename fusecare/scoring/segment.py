@@ -51,8 +51,9 @@ from scipy import ndimage, sparse
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from fusecare.errors import InputError, WeightsError
+from fusecare.config import Config
 from fusecare.constants import IOU_MODES, MEMBRANE, MODELS_ENV, NUCLEUS
+from fusecare.errors import ConfigError, InputError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -403,8 +404,7 @@ class SegmenterCache:
 # --------------------------------------------------------------------------- one case
 
 
-@dataclass(frozen=True)
-class SegOptions:
+class SegOptions(Config):
     """Choices of the N-IoU score (defaults: the documented reading of the organisers')."""
 
     iou: IouMode = "foreground"
@@ -415,13 +415,13 @@ class SegOptions:
     """Cell diameter in isotropic voxels; None = estimated on the target."""
     diameter_planes: int = 3
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.iou not in IOU_MODES:
-            raise ValueError(f"iou must be one of {IOU_MODES}, got {self.iou!r}")
+            raise ConfigError(f"iou must be one of {IOU_MODES}, got {self.iou!r}")
         if self.iso_spacing is not None and not self.iso_spacing > 0:
-            raise ValueError(f"iso_spacing must be > 0, got {self.iso_spacing}")
+            raise ConfigError(f"iso_spacing must be > 0, got {self.iso_spacing}")
         if self.diameter is not None and not self.diameter > 0:
-            raise ValueError(f"diameter must be > 0, got {self.diameter}")
+            raise ConfigError(f"diameter must be > 0, got {self.diameter}")
 
 
 @dataclass(frozen=True)

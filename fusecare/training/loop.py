@@ -8,8 +8,8 @@ DistributedDataParallel (gloo on CPU, NCCL on CUDA; ``training.distributed``).
 from __future__ import annotations
 
 import csv
-import math
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

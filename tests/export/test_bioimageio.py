@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_ensemble
+
 from fusecare.export import bioimageio as export
 from fusecare.export import zoo_arch
+from fusecare.normalize import PercentileNorm
 from fusecare.restoration.ensemble import load_ensemble
 from fusecare.restoration.model import CareUNet, ModelConfig
-from fusecare.normalize import PercentileNorm
 
 pytest.importorskip("bioimageio.core")
 
@@ -132,7 +132,8 @@ def _errors(caplog) -> list[str]:
 
 def test_channel_without_weights_is_one_line(tmp_path, caplog):
     make_tiny_ensemble(tmp_path / "w", "membrane")
-    code = export.main(["bioimageio", "--channel", "nucleus", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "w")])
+    code = export.main(["bioimageio", "--channel", "nucleus", "-o", str(tmp_path / "out"),
+                        "--weights", str(tmp_path / "w")])
     assert code == 2
     [message] = _errors(caplog)
     assert "no weights for channel 'nucleus'" in message and "\n" not in message
@@ -143,7 +144,8 @@ def test_member_config_not_expressible_is_one_line(tmp_path, caplog, monkeypatch
     make_tiny_ensemble(tmp_path / "w", "membrane")
     monkeypatch.setattr(export, "EXPRESSIBLE_FIELDS", tuple(f for f in export.EXPRESSIBLE_FIELDS if f != "residual"))
     (tmp_path / "out").mkdir()
-    code = export.main(["bioimageio", "--channel", "membrane", "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "w")])
+    code = export.main(["bioimageio", "--channel", "membrane", "-o", str(tmp_path / "out"),
+                        "--weights", str(tmp_path / "w")])
     assert code == 2
     [message] = _errors(caplog)
     assert message.startswith("member_0: config field 'residual' cannot be expressed")

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_ensemble
+
+from fusecare.errors import WeightsError
 from fusecare.restoration.ensemble import (
     MANIFEST,
     Ensemble,
@@ -17,7 +18,6 @@ from fusecare.restoration.ensemble import (
     save_member,
     write_manifest,
 )
-from fusecare.errors import WeightsError
 from fusecare.restoration.gate import GateConfig
 from fusecare.restoration.model import CareUNet, ModelConfig
 

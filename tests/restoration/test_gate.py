@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from fusecare.normalize import PercentileNorm
 from fusecare.restoration.gate import (
     FIELDS,
     INPUT_ONLY,
@@ -22,7 +23,6 @@ from fusecare.restoration.gate import (
     smooth_torch,
 )
 from fusecare.scoring.metrics import score_ssim
-from fusecare.normalize import PercentileNorm
 
 
 def test_gate_weight_and_blend():

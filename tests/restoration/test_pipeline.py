@@ -11,25 +11,25 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
+from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
 from fusecare.restoration.pipeline import (
     BUDGET_SAFETY,
     FULL_MODE,
-    INPUT_MODE,
-    Cheaper,
-    Deadline,
     HEADROOM,
+    INPUT_MODE,
     UNCERTAINTY_UNIT,
+    Cheaper,
     ConstantVolumeError,
+    Deadline,
     NonFinitePredictionError,
     Uint16Map,
-    shrink_core,
     input_as_uint16,
     replace_non_finite,
     required_memory,
     restore_volume,
+    shrink_core,
 )
 from fusecare.restoration.tiling import tile_grid
 
@@ -89,7 +89,8 @@ def test_gate_blends_toward_the_input_where_members_disagree(volume):
     shift = _with_spread(lambda x: x + 0.5, spread=10.0)
     unsure = restore_volume(volume, shift, gate=GateConfig(spread_scale=0.01), **TILING)
     assert np.abs(unsure.output.astype(int) - volume).max() <= 1  # w ~ 1e-6: the input
-    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), gate=GateConfig(spread_scale=0.01), **TILING)
+    sure = restore_volume(volume, _with_spread(lambda x: x + 0.5, spread=0.0), gate=GateConfig(spread_scale=0.01),
+                          **TILING)
     ungated = restore_volume(volume, shift, **TILING)
     np.testing.assert_array_equal(sure.output, ungated.output)
     np.testing.assert_allclose(gate_weight(np.array([0.0, 0.05, 0.1]), 0.05), [1.0, 0.5, 0.2])
@@ -160,7 +161,8 @@ def test_shrink_core_bounds_the_overhead_of_the_shipped_tile():
         seen.append(smaller)
     assert seen[1] == (112, 164, 272) and seen[-1] == (112, 112, 112)
     assert all(t - 2 * margin >= 2 * margin for t in seen[-1])  # at most 8x the core computed
-    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)  # z is one tile of 16: not split
+    # z is one tile of 16: not split
+    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)
 
 
 def test_input_as_uint16_keeps_values_or_maps_positively(rng):
@@ -293,6 +295,7 @@ def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeyp
     """``--device auto`` with CUDA reported (faked: tensors stay on the CPU) loads the ensemble on
     CUDA and restores with the CUDA tile default; without CUDA, with the CPU one."""
     from conftest import write_fmc_tif
+
     from fusecare.constants import DEFAULT_TILE
     from fusecare.restoration import pipeline
 
@@ -373,7 +376,8 @@ def test_budget_finishes_in_the_cheaper_mode_within_the_deadline(volume, caplog)
     clock = FakeClock()
     n = _tiles(volume)
     assert n >= 4
-    deadline = Deadline.after(10.0 * 2 + 5.0 * (n - 2) * BUDGET_SAFETY + 1, clock)  # all members cannot finish, half of them can
+    # all members cannot finish, half of them can
+    deadline = Deadline.after(10.0 * 2 + 5.0 * (n - 2) * BUDGET_SAFETY + 1, clock)
     cheaper = Cheaper("1 of 2 members", _slow(clock, 5.0, 0.1), 0.5)
     restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
                               name="slow.tif")
@@ -479,7 +483,7 @@ def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request
     calls = []
     real = Ensemble.predict_tensor
     monkeypatch.setattr(Ensemble, "predict_tensor", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    [device] = restore_folder(tmp_path / "in", tmp_path / "device", weights, dataclasses.replace(options, device="cuda"))
+    [device] = restore_folder(tmp_path / "in", tmp_path / "device", weights, options.replace(device="cuda"))
     assert host.status == device.status == "restored" and calls
     a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
     assert np.abs(a - b).max() <= 1

@@ -21,16 +21,26 @@ import numpy as np
 import pytest
 from conftest import REPO, write_fmc_tif
 from PIL import Image
-from test_segment import ThresholdSegmenter, blob_model_path, blobs, render
-from test_segment import _offline_one_thread  # noqa: F401  (autouse here too: no network, one torch thread)
+from test_segment import (
+    ThresholdSegmenter,
+    _offline_one_thread,  # noqa: F401  (autouse here too: no network, one torch thread)
+    blob_model_path,
+    blobs,
+    render,
+)
 
+from fusecare.normalize import PercentileNorm
 from fusecare.scoring import evaluate
 from fusecare.scoring.evaluate import (
-    EvalOptions, SsimOptions, case_key, evaluate_folder, pair_cases, score_volumes,
+    EvalOptions,
+    SsimOptions,
+    case_key,
+    evaluate_folder,
+    pair_cases,
+    score_volumes,
 )
-from fusecare.scoring.metrics import score_ssim
-from fusecare.normalize import PercentileNorm
 from fusecare.scoring.figures import png_size
+from fusecare.scoring.metrics import score_ssim
 from fusecare.scoring.segment import MODELS_ENV, SegOptions
 
 SHAPE = (12, 40, 40)

@@ -10,10 +10,10 @@ import torch
 from scipy import ndimage as ndi
 from skimage.metrics import structural_similarity
 
-from fusecare.scoring import metrics
 from fusecare.errors import InputError
-from fusecare.scoring.metrics import SsimScores, fmc_ssim, n_ssim, score_ssim, ssim
 from fusecare.normalize import PercentileNorm, normalize
+from fusecare.scoring import metrics
+from fusecare.scoring.metrics import SsimScores, fmc_ssim, n_ssim, score_ssim, ssim
 
 TOL = 1e-6  # the contract asks 1e-5; float32 tiles stay within ~1e-8 of skimage in float64
 
@@ -78,9 +78,8 @@ def test_read_slabs_match_skimage(rng, monkeypatch, window, kw, slab):
 
 
 def test_paged_volumes_score_exactly_like_arrays_reading_slabs_only(rng, tmp_path, monkeypatch):
-    from fusecare.io import CaseMeta, PagedVolume, open_volume, write_case
-
     from fusecare import normalize
+    from fusecare.io import CaseMeta, PagedVolume, open_volume, write_case
 
     monkeypatch.setattr(metrics, "_SLAB_BYTES", 40 * 48 * 6 * 8)  # about 8 planes of three volumes
     monkeypatch.setattr(metrics, "_MIN_SLAB", 2)

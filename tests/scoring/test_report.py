@@ -1,4 +1,4 @@
-"""fusecare.scoring.report and figures: CSV rows, per-channel summary and leaderboard, table, projections, PNG, index.html."""
+"""fusecare.scoring.report: CSV rows, per-channel summary and leaderboard, table, index.html."""
 
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ import csv
 import json
 import math
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from fusecare.normalize import PercentileNorm
-from fusecare.scoring import figures
 from fusecare.scoring.evaluate import ScoredCase
-from fusecare.scoring.figures import case_picture, png_size, projections, render_case_png, run_scales, write_case_png
 from fusecare.scoring.metrics import SsimScores
 from fusecare.scoring.report import (
-    CSV_COLUMNS, LEADERBOARD, format_table, result_row, summarize, write_csv, write_html, write_json,
+    CSV_COLUMNS,
+    LEADERBOARD,
+    format_table,
+    result_row,
+    summarize,
+    write_csv,
+    write_html,
+    write_json,
 )
 from fusecare.scoring.segment import IouScores, SegScores
 

@@ -18,11 +18,18 @@ import torch
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
-from fusecare.scoring import segment
 from fusecare.errors import WeightsError
+from fusecare.scoring import segment
 from fusecare.scoring.segment import (
-    CellposeSegmenter, SegmenterCache, SegOptions, from_isotropic, iou_scores, isotropic_shape, n_iou,
-    score_segmentation, to_isotropic,
+    CellposeSegmenter,
+    SegmenterCache,
+    SegOptions,
+    from_isotropic,
+    iou_scores,
+    isotropic_shape,
+    n_iou,
+    score_segmentation,
+    to_isotropic,
 )
 
 _BLOB_MODEL: dict[str, Path] = {}
@@ -331,7 +338,7 @@ def test_score_segmentation_wiring():
     assert stages[-1] == "pred: same as input"
     assert scores.iou_input == scores.input.instance == scores.iou_pred and scores.n_iou == 0.0
     assert scores.best_iou == 0.9 and scores.spacing == 1.0
-    with pytest.raises(ValueError, match="iou must be one of .* got 'dice'"):
+    with pytest.raises(ValueError, match="'iou' must be one of .* got 'dice'"):
         SegOptions(iou="dice")
 
 

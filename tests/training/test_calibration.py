@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from fusecare.normalize import PercentileNorm
+from fusecare.restoration.gate import INPUT_ONLY, GateConfig, smooth
 from fusecare.training.calibration import (
     GateCandidate,
     ValidationPrediction,
@@ -17,8 +19,6 @@ from fusecare.training.calibration import (
     score_gate,
     volume_of,
 )
-from fusecare.restoration.gate import INPUT_ONLY, GateConfig, smooth
-from fusecare.normalize import PercentileNorm
 
 
 def test_smoothed_input_scores_like_the_gaussian_baseline(rng):

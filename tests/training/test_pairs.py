@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import REPO, write_fmc_tif
+
+from fusecare.errors import InputError
 from fusecare.training.pairs import (
     PairPatches,
     PatchSettings,
@@ -18,7 +19,6 @@ from fusecare.training.pairs import (
     load_split,
     split_by_study,
 )
-from fusecare.errors import InputError
 
 
 def _pair(folder, case_id, channel, study, shape=(4, 16, 16), fused_shape=None):
@@ -158,7 +158,8 @@ def _split(tmp_path, content: dict) -> tuple:
 def test_split_loads_paths_per_role(tmp_path):
     path, data = _split(tmp_path, {"about": "x", "membrane": {"train": ["a.tif"], "test": ["b.tif", "c.tif"]}})
     split = load_split(path, data)
-    assert split == {"membrane": {"train": [data / "a.tif"], "validation": [], "test": [data / "b.tif", data / "c.tif"]}}
+    expected = {"train": [data / "a.tif"], "validation": [], "test": [data / "b.tif", data / "c.tif"]}
+    assert split == {"membrane": expected}
 
 
 @pytest.mark.parametrize(("content", "message"), [

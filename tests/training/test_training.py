@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, write_fmc_tif
-from fusecare.training.calibration import volume_of
-from fusecare.training.pairs import PairPatches, PatchSettings, load_split
-from fusecare.restoration.ensemble import load_ensemble
+
 from fusecare.errors import ConfigError, InputError, TrainingError
-from fusecare.scoring.metrics import ssim
+from fusecare.restoration.ensemble import load_ensemble
 from fusecare.restoration.model import ModelConfig
+from fusecare.scoring.metrics import ssim
+from fusecare.training.calibration import volume_of
 from fusecare.training.config import TrainConfig
-from fusecare.training.losses import ssim_torch, training_loss
 from fusecare.training.loop import _rank_rng, train_member
+from fusecare.training.losses import ssim_torch, training_loss
 from fusecare.training.members import train_ensemble
+from fusecare.training.pairs import PairPatches, PatchSettings, load_split
 from fusecare.training.sources import RealPairs, SimulatedPairs, build_data
 
 TINY = {"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16], "batch_size": 2,
@@ -344,6 +344,7 @@ def test_members_below_one_is_refused_and_nothing_written(tmp_path, fake_trainin
 
 def test_existing_ensemble_is_refused_before_any_data_is_read(tmp_path, fake_training, monkeypatch):
     from conftest import make_tiny_ensemble
+
     from fusecare.training import members
 
     folder = make_tiny_ensemble(tmp_path / "w", "nucleus")
@@ -381,6 +382,7 @@ def test_new_empty_folder_is_written_without_overwrite(tmp_path, fake_training):
 ])
 def test_untrained_or_non_finite_member_is_never_exported(tmp_path, fake_training, monkeypatch, best):
     from conftest import make_tiny_ensemble
+
     from fusecare.training import members as training
 
     folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=2)
