@@ -41,7 +41,7 @@ from fusecare.metrics import score_ssim
 from fusecare.model import CareUNet, ModelConfig
 from fusecare.normalize import PercentileNorm
 from fusecare.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
-from fusecare.simulate import SimulatorConfig, randomise_content, simulate_single_view
+from fusecare.simulate import SimulatorConfig, randomise_content, simulate_pair
 from fusecare.tiling import predict_tiled
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ class SimulatedPairs:
             simulator = self.config.simulator
             clean = (randomise_content(self.clean, self.voxel_size, simulator, rng)
                      if simulator.randomises_content else self.clean)
-            view, _ = simulate_single_view(clean, self.voxel_size, config=simulator, seed=rng)
-            self._patches = PairPatches(view, clean, self.config.patch_settings())
+            view, target, _ = simulate_pair(clean, self.voxel_size, config=simulator, seed=rng)
+            self._patches = PairPatches(view, target, self.config.patch_settings())
         self._draws += 1
         return self._patches.sample(rng)
 
@@ -189,10 +189,10 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
 
 def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
                           simulator: SimulatorConfig, seed: int | np.random.Generator) -> ValidationCase:
-    """A validation case named ``name``: one single view simulated from a whole clean volume,
-    both centre-cropped to ``VALIDATION_CROP``."""
-    view, _ = simulate_single_view(clean, voxel_size, config=simulator, seed=seed)
-    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(clean, VALIDATION_CROP))
+    """A validation case named ``name``: one (single view, target) pair simulated from a whole
+    clean volume (``simulate_pair``), both centre-cropped to ``VALIDATION_CROP``."""
+    view, target, _ = simulate_pair(clean, voxel_size, config=simulator, seed=seed)
+    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP))
 
 
 def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,
