@@ -37,12 +37,12 @@ from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.training.calibration import (  # noqa: E402
     ValidationPrediction,
     evaluate_candidates,
-    predict_ensemble_volume,  # noqa: E402
+    predict_ensemble_volume,
     predict_validation,
 )
 from fusecare.training.pairs import load_split  # noqa: E402
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
-from fusecare.training.simulate import SimulatorConfig, apply  # noqa: E402
+from fusecare.training.simulate import SimulatorConfig, render_pair  # noqa: E402
 
 HELD_OUT_SEED = 20_000  # training validation uses 10_000+, training draws from its own rng
 TUNING_SEED = 30_000
@@ -60,34 +60,36 @@ class Case:
     target: np.ndarray
 
 
-def view_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int) -> np.ndarray:
-    """Single view ``seed`` of a clean volume (physical default simulator); the illumination axis
-    and side cycle with the seed, so a few views cover both axes and both sides."""
+def pair_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int, target: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(single view, target) number ``seed`` of a clean volume (physical default simulator); the
+    illumination axis and side cycle with the seed, so a few views cover both axes and both sides.
+    ``target`` is ``SimulatorConfig.target``: the clean volume, or its simulated dual-view fusion."""
     rng = np.random.default_rng(seed)
     k = seed % 4
     params = SimulatorConfig().sample(rng).replace(illumination_axis="yx"[k % 2],
                                                    illumination_from_start=k < 2)
-    return apply(clean, voxel_size, params, rng)
+    return render_pair(clean, voxel_size, params, rng, target=target)
 
 
-def volume_cases(files: list[Path], group: str, seeds: range) -> list[Case]:
+def volume_cases(files: list[Path], group: str, seeds: range, target: str) -> list[Case]:
     cases = []
     for file in files:
         clean = read_case(file)
-        target = clean.volume.astype(np.float32)
+        volume = clean.volume.astype(np.float32)
         for seed in seeds:
-            cases.append(Case(f"{file.name} view {seed}", group, view_of(target, clean.meta.voxel_size.zyx, seed),
-                              target))
+            cases.append(Case(f"{file.name} view {seed}", group,
+                              *pair_of(volume, clean.meta.voxel_size.zyx, seed, target)))
     return cases
 
 
-def phantom_cases(channel: str, count: int) -> list[Case]:
+def phantom_cases(channel: str, count: int, target: str) -> list[Case]:
     make = nuclei_phantom if channel == "nucleus" else membrane_phantom
     cases = []
     for k in range(count):
-        target = make((48, 128, 128), rng=np.random.default_rng(PHANTOM_SEED + k))
+        clean = make((48, 128, 128), rng=np.random.default_rng(PHANTOM_SEED + k))
         cases.append(Case(f"phantom {PHANTOM_SEED + k}", "phantom",
-                          view_of(target, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k), target))
+                          *pair_of(clean, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k, target)))
     return cases
 
 
@@ -100,12 +102,13 @@ def tune_sigma(cases: list[Case]) -> float:
 
 
 def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Namespace) -> dict:
-    sigma = tune_sigma(volume_cases(split["train"], "train", range(TUNING_SEED, TUNING_SEED + 2)))
+    sigma = tune_sigma(volume_cases(split["train"], "train", range(TUNING_SEED, TUNING_SEED + 2), args.target))
     ensemble = load_ensemble(args.weights / channel, device=args.device)
     gate = ensemble.gate
-    cases = (volume_cases(split["test"], "test", range(HELD_OUT_SEED, HELD_OUT_SEED + args.views))
-             + volume_cases(split["train"], "train", range(HELD_OUT_SEED, HELD_OUT_SEED + args.seen_views))
-             + phantom_cases(channel, args.phantoms))
+    cases = (volume_cases(split["test"], "test", range(HELD_OUT_SEED, HELD_OUT_SEED + args.views), args.target)
+             + volume_cases(split["train"], "train", range(HELD_OUT_SEED, HELD_OUT_SEED + args.seen_views),
+                            args.target)
+             + phantom_cases(channel, args.phantoms, args.target))
     rows = []
     for case in cases:
         prediction = predict_validation(case.name, case.source, case.target,
@@ -147,6 +150,10 @@ def main() -> None:
     parser.add_argument("--seen-views", type=int, default=1, help="views per training volume (extra rows)")
     parser.add_argument("--phantoms", type=int, default=2, help="unseen phantoms per channel (extra rows)")
     parser.add_argument("--channels", nargs="+", default=["membrane", "nucleus"])
+    parser.add_argument("--target", choices=("clean", "fused"), default="clean",
+                        help="what each case's target is (SimulatorConfig.target): the clean volume, or "
+                        "the simulated fusion of its view with the opposite view, which keeps the "
+                        "detection blur and part of the view's noise, as real fused volumes do")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
     args = parser.parse_args()
@@ -168,6 +175,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"split": str(args.split), "weights": str(args.weights),
+                                         "target": args.target,
                                          "results": results}, indent=2, allow_nan=False) + "\n")
 
 

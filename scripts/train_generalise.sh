@@ -4,17 +4,20 @@
 # of PHASE steps that alternate between the channels, so that both progress evenly and the run
 # can stop at any point and resume (also on another machine: the run folder is committed).
 # One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
-# usage: scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
+# RECIPE names the configs (train/configs/RECIPE_{membrane,nucleus}.json) and the default run
+# folder (train/checkpoints/RECIPE): generalise (clean targets) or fused (dual-view fused targets).
+# usage: [RECIPE=fused] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 final="${1:-3000}"
 phase="${2:-200}"
 python="${PYTHON:-.venv/bin/python}"
-runs="${RUNS:-train/checkpoints/generalise}"
+recipe="${RECIPE:-generalise}"
+runs="${RUNS:-train/checkpoints/$recipe}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 for (( steps = phase; steps <= final; steps += phase )); do
     for channel in membrane nucleus; do
-        "$python" -m train --config "train/configs/generalise_${channel}.json" --members 2 \
+        "$python" -m train --config "train/configs/${recipe}_${channel}.json" --members 2 \
             --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --overwrite --quiet
     done
 done
@@ -22,6 +25,6 @@ done
 # there too); ship with: cp -r "$runs/weights/<channel>" model_weights/ (after comparing, on the
 # validation numbers the manifest records, with what model_weights/ holds now).
 for channel in membrane nucleus; do
-    "$python" -m train --config "train/configs/generalise_${channel}.json" --weights "$runs/weights" \
+    "$python" -m train --config "train/configs/${recipe}_${channel}.json" --weights "$runs/weights" \
         --calibrate-only --quiet
 done

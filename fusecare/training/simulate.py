@@ -157,6 +157,16 @@ class SimulatorConfig(Config):
         "restoration that smooths their texture away loses SSIM.", ge=0.0, le=2.0,
     )
 
+    target: str = param(
+        "clean", choices=("clean", "fused"),
+        doc="What a simulated pair's target is. 'clean': the clean volume itself (noise-free, "
+        "unattenuated, sharp). 'fused': the fusion of the input view with the view lit and "
+        "watched from the opposite sides (``fuse_views``), as a dual-view microscope's fused "
+        "volume is: it keeps the detection PSF and part of the input's own noise, so a restoration "
+        "trained on it learns to keep the input where the input is already good and to fill in "
+        "where the other view would have seen better, instead of smoothing every texture away.",
+    )
+
     def validate(self) -> None:
         if not self.illumination_axes:
             raise ConfigError("config field 'illumination_axes' must name at least one of 'y', 'x'")
@@ -503,6 +513,14 @@ def expected_photons(
     clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams
 ) -> np.ndarray:
     """The noise-free single view in photons: every optical effect, no camera."""
+    return _render(clean, voxel_size_zyx, params)[0]
+
+
+def _render(
+    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Expected photons of the view and its gain: photons per unit of clean signal at each voxel
+    (illumination and detection transmission times the photon scale, before any blur)."""
     vs = _check_volume(clean, voxel_size_zyx)
     signal = clean_signal(clean, params.signal_percentiles)
     density = specimen_density(signal, vs, params.density_sigma_um)
@@ -525,9 +543,10 @@ def expected_photons(
         width_um=params.stripe_width_um,
         rng=np.random.default_rng(params.stripe_seed),
     )
-    emitted = signal * excitation
     depth = path_length_um(density, 0, params.detection_from_start, vs[0])  # also the scattering depth
-    emitted *= detection_transmission(depth, params.mu_detection)
+    gain = excitation
+    gain *= detection_transmission(depth, params.mu_detection)
+    emitted = signal * gain
     axial_um = math.hypot(params.axial_sigma_um, params.axial_sigma_voxels * vs[0])
     emitted = axial_blur(emitted, vs, axial_um)
     if params.lateral_sigma_voxels > 0:
@@ -541,17 +560,89 @@ def expected_photons(
         max_sigma_um=params.scatter_max_sigma_um,
         levels=params.scatter_levels,
     )
-    emitted *= np.float32(params.foreground_photons / max(foreground_level(signal), 1e-6))
-    return emitted
+    scale = np.float32(params.foreground_photons / max(foreground_level(signal), 1e-6))
+    emitted *= scale
+    gain *= scale
+    return emitted, gain
 
 
 def apply(
     clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, rng: np.random.Generator
 ) -> np.ndarray:
     """Render the single view for given params; ``rng`` draws the camera noise only."""
-    photons = expected_photons(clean, voxel_size_zyx, params)
+    return _apply_with_gain(clean, voxel_size_zyx, params, rng)[0]
+
+
+def _apply_with_gain(
+    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored view, its camera counts before any quantisation, and its gain."""
+    photons, gain = _render(clean, voxel_size_zyx, params)
     counts = camera_noise(photons, rng, read_noise=params.read_noise, offset=params.camera_offset)
-    return quantize(counts, params.quantize_levels) if params.quantize_levels else counts
+    view = quantize(counts, params.quantize_levels) if params.quantize_levels else counts
+    return view, counts, gain
+
+
+def opposite_sides(params: SimulationParams, rng: np.random.Generator) -> SimulationParams:
+    """The second view of a dual-view microscope: the same optics and camera, the sheet entering
+    from the other end of its axis and the light collected by the opposing objective; its own
+    shadow stripes."""
+    return params.replace(illumination_from_start=not params.illumination_from_start,
+                          detection_from_start=not params.detection_from_start,
+                          stripe_seed=int(rng.integers(2**31)), quantize_levels=0)
+
+
+def fuse_views(counts: list[np.ndarray], gains: list[np.ndarray], offset: float) -> np.ndarray:
+    """Maximum-likelihood fusion of Poisson views of one signal seen with known gains.
+
+    View ``i`` counts ``Poisson(g_i s) + offset``; the likelihood of ``s`` peaks at
+    ``sum(counts_i - offset) / sum(g_i)``: each view weighted by its gain, which is what
+    multi-view fusion's quality weights approximate. Where one view is much brighter the fusion
+    is that view (with its own noise); where both see alike, the noise drops by sqrt(2).
+    Returned in units of the clean signal (float32).
+    """
+    total = np.zeros(counts[0].shape, dtype=np.float32)
+    for view in counts:
+        total += view.astype(np.float32) - np.float32(offset)
+    weight = np.zeros_like(total)
+    for gain in gains:
+        weight += gain
+    np.maximum(weight, np.float32(1e-6), out=weight)
+    total /= weight
+    return total
+
+
+def simulate_pair(
+    clean: np.ndarray,
+    voxel_size_zyx: VoxelSizeZYX,
+    *,
+    config: SimulatorConfig = SimulatorConfig(),
+    seed: int | np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, SimulationParams]:
+    """A (single view, target) pair from a clean volume, the target as ``config.target`` says.
+
+    The view is exactly ``simulate_single_view``'s for the same seed: the second view of a fused
+    target is drawn after it from the same generator.
+    """
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    params = config.sample(rng)
+    view, target = render_pair(clean, voxel_size_zyx, params, rng, target=config.target)
+    return view, target, params
+
+
+def render_pair(
+    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, rng: np.random.Generator,
+    *, target: str = "clean",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``apply`` for the view, then the target (``SimulatorConfig.target``): ``clean`` itself, or
+    the fusion with the opposite view, whose stripes and noise ``rng`` draws after the view's."""
+    view, counts, gain = _apply_with_gain(clean, voxel_size_zyx, params, rng)
+    if target == "clean":
+        return view, clean
+    if target != "fused":
+        raise ConfigError(f"target must be 'clean' or 'fused', got {target!r}")
+    _, counts_b, gain_b = _apply_with_gain(clean, voxel_size_zyx, opposite_sides(params, rng), rng)
+    return view, fuse_views([counts, counts_b], [gain, gain_b], params.camera_offset)
 
 
 def quantize(counts: np.ndarray, levels: int) -> np.ndarray:

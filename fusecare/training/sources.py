@@ -22,7 +22,7 @@ from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_
 from fusecare.training.config import TrainConfig
 from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
-from fusecare.training.simulate import SimulatorConfig, randomise_content, simulate_single_view
+from fusecare.training.simulate import SimulatorConfig, randomise_content, simulate_pair
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class SimulatedPairs:
             simulator = self.config.simulator
             clean = (randomise_content(self.clean, self.voxel_size, simulator, rng)
                      if simulator.randomises_content else self.clean)
-            view, _ = simulate_single_view(clean, self.voxel_size, config=simulator, seed=rng)
-            self._patches = PairPatches(view, clean, self.config.patch_settings())
+            view, target, _ = simulate_pair(clean, self.voxel_size, config=simulator, seed=rng)
+            self._patches = PairPatches(view, target, self.config.patch_settings())
         self._draws += 1
         return self._patches.sample(rng)
 
@@ -93,10 +93,10 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
 
 def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
                           simulator: SimulatorConfig, seed: int | np.random.Generator) -> ValidationCase:
-    """A validation case named ``name``: one single view simulated from a whole clean volume,
-    both centre-cropped to ``VALIDATION_CROP``."""
-    view, _ = simulate_single_view(clean, voxel_size, config=simulator, seed=seed)
-    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(clean, VALIDATION_CROP))
+    """A validation case named ``name``: one (single view, target) pair simulated from a whole
+    clean volume (``simulate_pair``), both centre-cropped to ``VALIDATION_CROP``."""
+    view, target, _ = simulate_pair(clean, voxel_size, config=simulator, seed=seed)
+    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP))
 
 
 def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,

@@ -20,8 +20,12 @@ from fusecare.training.simulate import (
     camera_noise,
     depth_scatter_blur,
     expected_photons,
+    fuse_views,
+    opposite_sides,
     randomise_content,
+    render_pair,
     shadow_stripes,
+    simulate_pair,
     simulate_single_view,
 )
 
@@ -443,3 +447,71 @@ def test_target_noise_is_shot_like(nuclei: np.ndarray) -> None:
     assert residual[bright].std() == pytest.approx(0.2 * np.sqrt(base[bright]).mean(), rel=0.15)
     assert residual[dark].std() < 0.6 * residual[bright].std()
     assert (out >= 0).all()
+
+
+# --------------------------------------------------------------------------- fused targets
+
+
+def test_clean_target_pair_is_the_single_view_and_the_clean_volume(nuclei: np.ndarray) -> None:
+    view, target, params = simulate_pair(nuclei, VS, seed=5)
+    single, single_params = simulate_single_view(nuclei, VS, seed=5)
+    np.testing.assert_array_equal(view, single)
+    assert target is nuclei and params == single_params
+
+
+def test_fused_pair_keeps_the_view_and_draws_the_second_view_after_it(nuclei: np.ndarray) -> None:
+    fused = SimulatorConfig(target="fused")
+    view, target, _ = simulate_pair(nuclei, VS, config=fused, seed=5)
+    np.testing.assert_array_equal(view, simulate_single_view(nuclei, VS, config=fused, seed=5)[0])
+    again = simulate_pair(nuclei, VS, config=fused, seed=5)[1]
+    np.testing.assert_array_equal(target, again)
+    assert target.dtype == np.float32 and target.shape == nuclei.shape
+
+
+def test_opposite_sides_flips_illumination_and_detection_only() -> None:
+    params = SimulatorConfig().sample(np.random.default_rng(0)).replace(quantize_levels=200)
+    other = opposite_sides(params, np.random.default_rng(1))
+    assert other.illumination_from_start != params.illumination_from_start
+    assert other.detection_from_start != params.detection_from_start
+    assert other.quantize_levels == 0  # the fusion works on camera counts
+    unchanged = {k: v for k, v in params.to_dict().items()
+                 if k not in {"illumination_from_start", "detection_from_start", "stripe_seed", "quantize_levels"}}
+    assert unchanged == {k: other.to_dict()[k] for k in unchanged}
+
+
+def test_fuse_views_is_the_poisson_maximum_likelihood_estimate() -> None:
+    """Views counting Poisson(g_i s) + offset: the fusion is unbiased for s, and its variance is
+    s / (g_1 + g_2), below either view's own s / g_i."""
+    rng = np.random.default_rng(0)
+    s, gains, offset = 20.0, (3.0, 1.0), 100.0
+    shape = (200_000,)
+    counts = [rng.poisson(g * s, size=shape).astype(np.float32) + offset for g in gains]
+    fused = fuse_views(counts, [np.full(shape, g, np.float32) for g in gains], offset)
+    assert abs(fused.mean() - s) < 0.02 * s
+    assert fused.var() == pytest.approx(s / sum(gains), rel=0.03)
+    # the exact formula on small numbers
+    out = fuse_views([np.array([110.0]), np.array([104.0])], [np.array([2.0]), np.array([2.0])], 100.0)
+    assert out[0] == pytest.approx((10 + 4) / 4)
+
+
+def test_fused_target_undoes_the_attenuation_the_view_suffers() -> None:
+    """A uniform specimen lit from one side: the view's far half is dimmer than its near half;
+    the fused target, lit from both sides, is flat within the noise, and the far half of the
+    fused target is noisier relative to the view than the near half (there it is the other view)."""
+    clean = uniform_specimen((16, 64, 64))
+    params = quiet_params(mu_illumination=0.05, illumination_floor=0.0, foreground_photons=400.0)
+    view, target = render_pair(clean, VS, params, np.random.default_rng(0), target="fused")
+    view = view.astype(np.float32) - params.camera_offset
+    near, far = slice(4, 20), slice(44, 60)  # along x, lit from index 0
+    assert view[:, :, far].mean() < 0.5 * view[:, :, near].mean()
+    assert target[:, :, far].mean() == pytest.approx(target[:, :, near].mean(), rel=0.05)
+    # near the view's entry the target follows the view, far from it the target is the other view
+    # (noise only: each plane's mean removed, since the view's brightness falls along x)
+    noise_v, noise_t = (a - a.mean(axis=(0, 1), keepdims=True) for a in (view, target))
+    corr = [np.corrcoef(noise_v[:, :, s].ravel(), noise_t[:, :, s].ravel())[0, 1] for s in (near, far)]
+    assert corr[0] > corr[1] + 0.2
+
+
+def test_unknown_target_is_refused_by_field() -> None:
+    with pytest.raises(ConfigError, match="target"):
+        SimulatorConfig(target="blurred")
