@@ -7,6 +7,10 @@ N-SSIM; when none is safe, the best worst case. ``cross_validate`` reports how t
 volumes it did not choose on (leave one volume out), which is the honest estimate of what the
 chosen gate does on unseen content; the grid is kept small so four or five validation volumes
 can choose among it without fitting their noise.
+
+``recalibrate_gate`` does this for an ensemble saved on disk (after training, or on its own with
+``fusecare train --calibrate-only``) and writes the chosen gate and the whole table into its
+manifest, so inference reads the gate with the members.
 """
 
 from __future__ import annotations
