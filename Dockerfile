@@ -29,7 +29,9 @@ ENV PYTHONUNBUFFERED=1 \
 # image's CUDA 12 torch with another build (gigabytes, possibly a CUDA the driver lacks). So the
 # torch line is dropped, and torch is held with a constraints file: the base's own under
 # TORCH=cuda12 (a package asking for another torch fails the build instead of swapping it), the
-# pin, asked for explicitly, under TORCH=cpu.
+# pin, asked for explicitly, under TORCH=cpu. torch before 2.3 was built against numpy 1 and cannot
+# use numpy 2 ("Numpy is not available"), which new imagecodecs wheels would pull in: on such a base
+# numpy stays below 2, and a smoke check after the install proves torch and numpy work together.
 # wheels/ (bound for this step only, never a layer): when it holds wheels, pip installs from there
 # and nowhere else (--no-index); scripts/docker_build.sh fills it (WHEELS=1) with `pip download`
 # on the host, for builds without PyPI and for torch's CPU wheel, which PyPI does not serve.
@@ -44,6 +46,8 @@ RUN --mount=type=bind,source=wheels,target=/tmp/wheels \
 ok = torch.__version__.startswith('2.') and cuda.startswith('12.'); \
 sys.exit(0 if ok else f'base image must ship torch 2.x for CUDA 12, has {torch.__version__} (CUDA {cuda})')"; \
         python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt; \
+        python -c "import torch; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); \
+print('numpy<2' if v < (2, 3) else '')" >> /tmp/constraints.txt; \
         torch_arg="" ;; \
       cpu) \
         grep -E '^torch==' /tmp/requirements-image.txt > /tmp/constraints.txt; \
@@ -55,9 +59,10 @@ sys.exit(0 if ok else f'base image must ship torch 2.x for CUDA 12, has {torch._
     if ls /tmp/wheels/*.whl > /dev/null 2>&1; then index="--no-index --find-links /tmp/wheels"; fi; \
     pip install --no-cache-dir ${index} -c /tmp/constraints.txt -r /tmp/requirements-no-torch.txt ${torch_arg}; \
     python -c "import sys, torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda); \
-want = open('/tmp/constraints.txt').read().split('==')[1].strip(); \
+want = open('/tmp/constraints.txt').readline().split('==')[1].strip(); \
 ok = torch.__version__.split('+')[0] == want and (sys.argv[1] != 'cpu' or torch.version.cuda is None); \
 sys.exit(0 if ok else f'wanted torch {want} ({sys.argv[1]}), got {torch.__version__} CUDA {torch.version.cuda}')" "${TORCH}"; \
+    python -c "import numpy, torch; torch.from_numpy(numpy.zeros(1))"; \
     rm -f /tmp/requirements-image.txt /tmp/requirements-no-torch.txt /tmp/constraints.txt
 
 # A non-root user (uid 1001), as Grand Challenge's template runs containers.

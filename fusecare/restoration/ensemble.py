@@ -13,6 +13,7 @@ file swapped by hand fails with one clear line instead of a silently different m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -209,11 +210,13 @@ class Ensemble:
         not fall back to its input for them.
         """
         use_fp16 = self.fp16 and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=use_fp16):
+        # No autocast context at all unless float16 is used: torch 2.1-2.2 (the Dockerfile accepts
+        # any 2.x) raise on entering even a disabled CPU autocast with dtype float16.
+        with torch.autocast("cuda", dtype=torch.float16) if use_fp16 else contextlib.nullcontext():
             out = member(x)[0].float()
         if use_fp16 and not bool(torch.isfinite(out).all()):
             log.warning("float16 gave NaN/Inf on a %s block: redone in float32", tuple(x.shape[-3:]))
-            with torch.autocast(self.device.type, enabled=False):
+            with torch.autocast("cuda", enabled=False):
                 out = member(x)[0].float()
         return out
 

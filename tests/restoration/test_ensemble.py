@@ -167,21 +167,22 @@ def autocast_calls(monkeypatch) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("fp16", [True, False])
 def test_fp16_autocast_is_never_enabled_on_cpu(tmp_path, rng, autocast_calls, fp16):
-    """bf16/fp16 autocast on CPU is ~200x slower: --fp16 is ignored there."""
+    """bf16/fp16 autocast on CPU is ~200x slower: --fp16 is ignored there. No autocast is entered
+    at all, not even a disabled one: torch 2.1-2.2 raise on a CPU autocast with dtype float16."""
     ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus"), device="cpu", fp16=fp16)
     ensemble.predict_block(rng.random((8, 16, 16), dtype=np.float32))
-    assert len(autocast_calls) == 2  # one per member
-    assert not any(call["enabled"] for call in autocast_calls)
+    assert autocast_calls == []
 
 
 @pytest.mark.parametrize("fp16", [True, False])
 def test_fp16_autocast_is_enabled_on_cuda_when_asked(tmp_path, rng, fake_cuda, autocast_calls, fp16):
-    """On CUDA (faked: tensors stay on the CPU), --fp16 enters a float16 autocast around every member."""
+    """On CUDA (faked: tensors stay on the CPU), --fp16 enters a float16 autocast around every member;
+    without it, none."""
     ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "nucleus"), device="auto", fp16=fp16)
     assert ensemble.device == torch.device("cuda")
     out = ensemble.predict_block(rng.random((8, 16, 16), dtype=np.float32))
     assert out.shape == (2, 8, 16, 16)
-    assert autocast_calls == [{"device_type": "cuda", "dtype": torch.float16, "enabled": fp16}] * 2
+    assert autocast_calls == [{"device_type": "cuda", "dtype": torch.float16, "enabled": True}] * (2 if fp16 else 0)
 
 
 def test_non_finite_float16_blocks_are_redone_in_float32(tmp_path, rng, fake_cuda, monkeypatch, caplog):
