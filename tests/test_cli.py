@@ -3,6 +3,7 @@ in one line, a single file restored, ``fusecare.restore``/``fusecare.score`` on 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tomllib
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import REPO, write_fmc_tif
+
+from fusecare.cli import number
 
 PROBE = """
 import sys
@@ -273,3 +276,18 @@ def test_predict_imagej_writes_calibrated_hyperstacks_and_the_container_keeps_it
         source.close()
     with pytest.raises(SystemExit):
         build_container_parser().parse_args(["--imagej"])
+
+
+@pytest.mark.parametrize("kind,minimum,strict,text,ok", [
+    (float, 0, True, "0.5", True), (float, 0, True, "0", False), (float, 0, False, "0", True),
+    (float, 0, False, "-1", False), (float, 0, True, "nan", False), (float, 0, True, "inf", False),
+    (float, None, False, "-3", True), (float, 0, False, "abc", False),
+    (int, 1, False, "2", True), (int, 1, False, "0", False), (int, 1, False, "1.5", False),
+])
+def test_number_types_refuse_what_would_refuse_every_case(kind, minimum, strict, text, ok) -> None:
+    parse = number(kind, what="a count", minimum=minimum, strict=strict)
+    if ok:
+        assert parse(text) == kind(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected a count.*{text}"):
+            parse(text)

@@ -17,11 +17,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 log = logging.getLogger("fusecare")
+
+
+def number(kind: type[int] | type[float] = float, *, what: str = "a number", minimum: float | None = None,
+           strict: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number of ``kind`` at or above ``minimum`` (above it when
+    ``strict``): NaN, infinities and out-of-range values are one-line usage errors that name what
+    the option counts, instead of a traceback or a run that refuses every case."""
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        low_ok = minimum is None or (value > minimum if strict else value >= minimum)
+        if not (math.isfinite(value) and low_ok):
+            raise argparse.ArgumentTypeError(f"expected {what}{bound}, got {text!r}")
+        return value
+
+    return parse
 
 
 class Parser(argparse.ArgumentParser):

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusecare.cli import add_logging_arguments, configure_logging, new_parser
+from fusecare.cli import add_logging_arguments, configure_logging, new_parser, number
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, TIFF_SUFFIXES
 from fusecare.errors import FuseCareError, UsageError
 from fusecare.restoration.weights import WEIGHTS_ENV, find_weights
@@ -49,26 +48,10 @@ def tile_size(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def memory_gb(text: str) -> float:
-    """A finite, positive number of GB (NaN, Inf, 0 or negative would refuse every case or none)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of GB > 0, got {text!r}")
-    return value
-
-
-def seconds(text: str) -> float:
-    """A finite number of seconds >= 0 (0 switches the budget off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return value
+memory_gb = number(what="a number of GB", minimum=0, strict=True)
+"""NaN, Inf, 0 or negative would refuse every case or none."""
+seconds = number(what="a number of seconds", minimum=0)
+"""0 switches the time budget off."""
 
 
 class ExplicitPath(argparse.Action):

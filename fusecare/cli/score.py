@@ -27,21 +27,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fusecare.cli import add_logging_arguments, configure_logging, new_parser
+from fusecare.cli import add_logging_arguments, configure_logging, new_parser, number
 from fusecare.constants import CHANNELS, IOU_MODES, MODELS_ENV
 from fusecare.errors import FuseCareError
 
 log = logging.getLogger("fusecare")
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+_positive = number(minimum=0, strict=True)
 
 
 def _data_range(text: str) -> float | str:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fusecare.cli import configure_logging, new_parser
+from fusecare.cli import configure_logging, new_parser, number
 from fusecare.errors import ConfigError, FuseCareError
 from fusecare.restoration.weights import training_weights_dir
 
@@ -33,14 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fusecare")
 
 
-def _members(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"an ensemble needs at least 1 member, got {value}")
-    return value
+_members = number(int, what="a number of ensemble members", minimum=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
