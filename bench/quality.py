@@ -42,7 +42,7 @@ from fusecare.training.calibration import (  # noqa: E402
 )
 from fusecare.training.pairs import load_split  # noqa: E402
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom  # noqa: E402
-from fusecare.training.simulate import SimulatorConfig, render_pair  # noqa: E402
+from fusecare.training.simulate import TARGETS, SimulatorConfig, render_pair  # noqa: E402
 
 HELD_OUT_SEED = 20_000  # training validation uses 10_000+, training draws from its own rng
 TUNING_SEED = 30_000
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--seen-views", type=int, default=1, help="views per training volume (extra rows)")
     parser.add_argument("--phantoms", type=int, default=2, help="unseen phantoms per channel (extra rows)")
     parser.add_argument("--channels", nargs="+", default=["membrane", "nucleus"])
-    parser.add_argument("--target", choices=("clean", "fused"), default="clean",
+    parser.add_argument("--target", choices=TARGETS, default="clean",
                         help="what each case's target is (SimulatorConfig.target): the clean volume, or "
                         "the simulated fusion of its view with the opposite view, which keeps the "
                         "detection blur and part of the view's noise, as real fused volumes do")

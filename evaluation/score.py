@@ -15,7 +15,7 @@ from pathlib import Path
 # run as a script from a checkout (``python evaluation/score.py``), the package may not be installed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusecare.cli.score import build_parser as _build_parser  # noqa: E402
+from fusecare.cli.score import build_parser as _build_parser
 from fusecare.cli.score import run
 
 

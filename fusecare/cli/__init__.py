@@ -20,19 +20,20 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 log = logging.getLogger("fusecare")
+Number = TypeVar("Number", int, float)
 
 
-def number(kind: type[int] | type[float] = float, *, what: str = "a number", minimum: float | None = None,
-           strict: bool = False) -> Callable[[str], float]:
+def number(kind: Callable[[str], Number] = float, *, what: str = "a number",  # type: ignore[assignment]
+           minimum: float | None = None, strict: bool = False) -> Callable[[str], Number]:
     """An argparse ``type`` for a finite number of ``kind`` at or above ``minimum`` (above it when
     ``strict``): NaN, infinities and out-of-range values are one-line usage errors that name what
     the option counts, instead of a traceback or a run that refuses every case."""
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> Number:
         try:
             value = kind(text)
         except ValueError:

@@ -33,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -358,14 +357,3 @@ def _quiet_bioimageio(debug: bool) -> None:
         return
     logger.remove()
     logger.add(sys.stderr, level="DEBUG" if debug else "ERROR")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusecare.export``: the same command as ``fusecare export`` (``fusecare/cli/export.py``)."""
-    from fusecare.cli.export import build_parser, run
-
-    return run(build_parser("python -m fusecare.export").parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

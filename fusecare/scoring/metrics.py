@@ -11,7 +11,8 @@ volume's size.
 
 The defaults reproduce ``structural_similarity(reference, x, data_range=1)``: K1=0.01, K2=0.03,
 7-voxel uniform window, sample covariance, ``(win_size - 1) // 2`` voxels cropped from every
-border before the mean. See ``docs/fmc_contract.md``, section "Metric".
+border before the mean. See the challenge contract, ``../shared/docs/fmc_contract.md`` beside
+the repository, section "Metric".
 """
 
 from __future__ import annotations

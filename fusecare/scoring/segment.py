@@ -3,7 +3,8 @@
 The organisers segment the target, the input and the prediction with Cellpose 3 (``nuclei`` for
 nucleus volumes, ``cyto3`` for membrane), after making each volume isotropic by linear
 interpolation, with the cell diameter estimated on the target, and compare the segmentations by
-IoU. What they did not publish is chosen here and documented (``docs/fmc_contract.md``):
+IoU. What they did not publish is chosen here and documented (the challenge contract,
+``../shared/docs/fmc_contract.md`` beside the repository):
 
 * **Grid.** Voxel ``i`` of an axis with voxel size ``s`` has its centre at ``i * s`` (origin at
   the centre of voxel 0, SimpleITK's convention with origin 0). The isotropic grid of spacing

@@ -12,6 +12,11 @@ single view loses compared with the fusion of opposite views:
 * the detection PSF is elongated along Z (extra axial Gaussian blur);
 * the camera adds Poisson shot noise, Gaussian read noise and an offset, and quantises to uint16.
 
+The pair's target (``SimulatorConfig.target``) is either the clean volume itself or, closer to a
+real fused volume, the gain-weighted fusion of this view with the view lit and watched from the
+opposite sides (``simulate_pair``, ``fuse_views``): it keeps the detection blur and, where the
+input view is the better one, the input's own noise.
+
 All lengths are in micrometres and converted with the voxel size, so one config suits volumes
 of any sampling. ``SimulatorConfig`` holds ranges; ``SimulatorConfig.sample`` draws one concrete
 ``SimulationParams`` (JSON-serialisable, so a pair can be reproduced); ``apply`` renders it.
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 VoxelSizeZYX = tuple[float, float, float]
 
 _AXES = {"y": 1, "x": 2}
+TARGETS = ("clean", "fused")
+"""What a simulated pair's target can be (``SimulatorConfig.target``)."""
 _UINT16_MAX = 65535
 
 
@@ -158,7 +165,7 @@ class SimulatorConfig(Config):
     )
 
     target: str = param(
-        "clean", choices=("clean", "fused"),
+        "clean", choices=TARGETS,
         doc="What a simulated pair's target is. 'clean': the clean volume itself (noise-free, "
         "unattenuated, sharp). 'fused': the fusion of the input view with the view lit and "
         "watched from the opposite sides (``fuse_views``), as a dual-view microscope's fused "
@@ -218,7 +225,9 @@ class SimulatorConfig(Config):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SimulationParams:
-    """One concrete draw of the degradation; with the noise seed it reproduces a pair exactly.
+    """One concrete draw of the degradation; with the noise generator it reproduces a view exactly
+    (a fused target also needs ``SimulatorConfig.target`` and the same generator, which draws the
+    second view after the first).
 
     ``*_from_start`` says whether light enters (illumination) or leaves towards the objective
     (detection) at index 0 of its axis. Stripe geometry is drawn from ``stripe_seed``.
@@ -544,9 +553,11 @@ def _render(
         rng=np.random.default_rng(params.stripe_seed),
     )
     depth = path_length_um(density, 0, params.detection_from_start, vs[0])  # also the scattering depth
-    gain = excitation
-    gain *= detection_transmission(depth, params.mu_detection)
-    emitted = signal * gain
+    transmission = detection_transmission(depth, params.mu_detection)
+    emitted = signal * excitation
+    emitted *= transmission  # this order keeps the views of earlier versions bit-identical
+    gain = excitation  # excitation is not read again
+    gain *= transmission
     axial_um = math.hypot(params.axial_sigma_um, params.axial_sigma_voxels * vs[0])
     emitted = axial_blur(emitted, vs, axial_um)
     if params.lateral_sigma_voxels > 0:
@@ -593,13 +604,16 @@ def opposite_sides(params: SimulationParams, rng: np.random.Generator) -> Simula
 
 
 def fuse_views(counts: list[np.ndarray], gains: list[np.ndarray], offset: float) -> np.ndarray:
-    """Maximum-likelihood fusion of Poisson views of one signal seen with known gains.
+    """Gain-weighted fusion of views of one signal: ``sum(counts_i - offset) / sum(g_i)``.
 
-    View ``i`` counts ``Poisson(g_i s) + offset``; the likelihood of ``s`` peaks at
-    ``sum(counts_i - offset) / sum(g_i)``: each view weighted by its gain, which is what
-    multi-view fusion's quality weights approximate. Where one view is much brighter the fusion
-    is that view (with its own noise); where both see alike, the noise drops by sqrt(2).
-    Returned in units of the clean signal (float32).
+    Were view ``i`` to count ``Poisson(g_i s) + offset`` with no blur, this would be the
+    maximum-likelihood estimate of ``s``: each view weighted by its gain, which is what multi-view
+    fusion's quality weights approximate. Where one view is much brighter the fusion is that view
+    (with its own noise); where both see alike, the noise drops by sqrt(2). The views are blurred
+    after their gain, so at stripe edges and attenuation fronts it is a gain-weighted average of
+    blurred images rather than the exact estimate; read noise, rounding and clipping make it
+    approximate too. Returned in units of ``clean_signal`` (float32); read noise can make dark
+    voxels slightly negative.
     """
     total = np.zeros(counts[0].shape, dtype=np.float32)
     for view in counts:
@@ -639,8 +653,8 @@ def render_pair(
     view, counts, gain = _apply_with_gain(clean, voxel_size_zyx, params, rng)
     if target == "clean":
         return view, clean
-    if target != "fused":
-        raise ConfigError(f"target must be 'clean' or 'fused', got {target!r}")
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
     _, counts_b, gain_b = _apply_with_gain(clean, voxel_size_zyx, opposite_sides(params, rng), rng)
     return view, fuse_views([counts, counts_b], [gain, gain_b], params.camera_offset)
 

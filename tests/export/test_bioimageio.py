@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_tiny_ensemble
 
+from fusecare.cli.export import build_parser, run
 from fusecare.export import bioimageio as export
 from fusecare.export import zoo_arch
 from fusecare.normalize import PercentileNorm
@@ -130,9 +131,14 @@ def _errors(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def export_command(argv: list[str]) -> int:
+    """``python -m fusecare.export ARGV`` in this process (its exit status)."""
+    return run(build_parser("python -m fusecare.export").parse_args(argv))
+
+
 def test_channel_without_weights_is_one_line(tmp_path, caplog):
     make_tiny_ensemble(tmp_path / "w", "membrane")
-    code = export.main(["bioimageio", "--channel", "nucleus", "-o", str(tmp_path / "out"),
+    code = export_command(["bioimageio", "--channel", "nucleus", "-o", str(tmp_path / "out"),
                         "--weights", str(tmp_path / "w")])
     assert code == 2
     [message] = _errors(caplog)
@@ -144,7 +150,7 @@ def test_member_config_not_expressible_is_one_line(tmp_path, caplog, monkeypatch
     make_tiny_ensemble(tmp_path / "w", "membrane")
     monkeypatch.setattr(export, "EXPRESSIBLE_FIELDS", tuple(f for f in export.EXPRESSIBLE_FIELDS if f != "residual"))
     (tmp_path / "out").mkdir()
-    code = export.main(["bioimageio", "--channel", "membrane", "-o", str(tmp_path / "out"),
+    code = export_command(["bioimageio", "--channel", "membrane", "-o", str(tmp_path / "out"),
                         "--weights", str(tmp_path / "w")])
     assert code == 2
     [message] = _errors(caplog)
@@ -158,11 +164,11 @@ def test_non_empty_output_folder_needs_overwrite(tmp_path, caplog):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["bioimageio", "--channel", "membrane", "-o", str(out), "--weights", str(tmp_path / "w"), "--no-test"]
-    assert export.main(args) == 2
+    assert export_command(args) == 2
     [message] = _errors(caplog)
     assert "exists and is not empty (use --overwrite" in message
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert export.main([*args, "--overwrite"]) == 0
+    assert export_command([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["fusecare-membrane.zip", "keep.txt"]
 
 

@@ -18,6 +18,7 @@ from fusecare.training.simulate import (
     apply,
     axial_blur,
     camera_noise,
+    clean_signal,
     depth_scatter_blur,
     expected_photons,
     fuse_views,
@@ -510,6 +511,19 @@ def test_fused_target_undoes_the_attenuation_the_view_suffers() -> None:
     noise_v, noise_t = (a - a.mean(axis=(0, 1), keepdims=True) for a in (view, target))
     corr = [np.corrcoef(noise_v[:, :, s].ravel(), noise_t[:, :, s].ravel())[0, 1] for s in (near, far)]
     assert corr[0] > corr[1] + 0.2
+
+
+def test_fused_target_is_the_clean_signal_where_nothing_blurs(nuclei: np.ndarray) -> None:
+    """With attenuation along both axes and stripes but no blur, the fusion divides every effect
+    out again: the target is the clean signal within the noise (a gain that missed the detection
+    transmission or the photon scale would be off by that factor)."""
+    params = quiet_params(mu_illumination=0.06, mu_detection=0.05, stripe_count=6, stripe_strength=0.5,
+                          foreground_photons=20000.0)
+    _, target = render_pair(nuclei, VS, params, np.random.default_rng(0), target="fused")
+    signal = clean_signal(nuclei, params.signal_percentiles)
+    bright = signal > 0.3
+    ratio = target[bright] / signal[bright]
+    assert abs(np.median(ratio) - 1) < 0.01 and np.percentile(np.abs(ratio - 1), 99) < 0.05
 
 
 def test_unknown_target_is_refused_by_field() -> None:
