@@ -27,6 +27,7 @@ import torch
 from fusecare.device import resolve_device
 from fusecare.errors import ConfigError, WeightsError
 from fusecare.gate import GateConfig
+from fusecare.profiling import phase
 from fusecare.model import CareUNet, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -185,19 +186,23 @@ class Ensemble:
         total = torch.zeros_like(x[0, 0])
         total_sq = torch.zeros_like(x[0, 0])
         chosen = self.members if members is None else self.members[:members]
-        for member in chosen:
-            out = self._forward(member, x)
-            if shift is None:
-                shift = out[0].clone()
-            difference = out[0] - shift
-            total += difference
-            total_sq += difference * difference
-            if out.shape[0] > 1:
-                total_sq += 2.0 * out[1] * out[1]
-        n = len(chosen)
-        mean_difference = total / n
-        spread = torch.sqrt(torch.clamp(total_sq / n - mean_difference * mean_difference, min=0.0))
-        return torch.stack([shift + mean_difference, spread])
+        voxels = x[0, 0].numel()
+        for k, member in enumerate(chosen):
+            with phase(f"network member {k}", voxels):
+                out = self._forward(member, x)
+            with phase("members' mean and spread", voxels):
+                if shift is None:
+                    shift = out[0].clone()
+                difference = out[0] - shift
+                total += difference
+                total_sq += difference * difference
+                if out.shape[0] > 1:
+                    total_sq += 2.0 * out[1] * out[1]
+        with phase("members' mean and spread"):
+            n = len(chosen)
+            mean_difference = total / n
+            spread = torch.sqrt(torch.clamp(total_sq / n - mean_difference * mean_difference, min=0.0))
+            return torch.stack([shift + mean_difference, spread])
 
     def _forward(self, member: CareUNet, x: torch.Tensor) -> torch.Tensor:
         """One member's float32 output for a (1, 1, Z, Y, X) block (float16 autocast on CUDA when

@@ -32,6 +32,7 @@ from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fiel
 from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, inspect_case, list_cases, read_case,
                          stale_partials, write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
+from fusecare.profiling import phase
 from fusecare.tiling import Region, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
@@ -348,6 +349,19 @@ def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: i
     return tile
 
 
+def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
+                 gate: GateConfig | None) -> tuple[tuple[int, int, int], int]:
+    """The tile the network sees and its context margin, once the gate's reach is added.
+
+    The gate's smoothing reaches further than the network: the context widens so that tiles stay
+    exact, and the tiles with it so that their cores keep their size.
+    """
+    if gate is None:
+        return tile, margin
+    extra = math.ceil(gate.context / align) * align
+    return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
+
+
 FULL_MODE = "all members"
 INPUT_MODE = "the input itself"
 
@@ -384,7 +398,8 @@ def restore_volume(
     uint16 core (and the uncertainty's) comes back to the host.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
-    minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
+    with phase("percentiles", volume.size):
+        minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
     norm = PercentileNorm(low=p_low, high=p_high)
     if norm.is_degenerate:
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
@@ -394,6 +409,10 @@ def restore_volume(
     clipped = 0
 
     def sink(region: Region, prediction: np.ndarray) -> None:
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            _sink(region, prediction)
+
+    def _sink(region: Region, prediction: np.ndarray) -> None:
         nonlocal clipped
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
@@ -409,6 +428,10 @@ def restore_volume(
 
     def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            _sink_tensor(region, prediction)
+
+    def _sink_tensor(region: Region, prediction: torch.Tensor) -> None:
         nonlocal clipped
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
@@ -427,14 +450,18 @@ def restore_volume(
             def on_device(block: np.ndarray) -> torch.Tensor:
                 x = torch.from_numpy(block).to(device)
                 prediction = predict(x)
-                return prediction if gate is None else gate_fields_torch(gate, x, prediction[0], prediction[1])
+                if gate is None:
+                    return prediction
+                with phase("gate smoothing", x.numel()):
+                    return gate_fields_torch(gate, x, prediction[0], prediction[1])
             return on_device
         if gate is None:
             return predict
 
         def gate_predictor(block: np.ndarray) -> np.ndarray:
             mean, spread = predict(block)
-            return gate_fields(gate, block, mean, spread)
+            with phase("gate smoothing", block.size):
+                return gate_fields(gate, block, mean, spread)
         return gate_predictor
 
     def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
@@ -446,12 +473,7 @@ def restore_volume(
         zero = np.zeros_like(block)
         return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
 
-    if gate is not None:
-        # the gate's smoothing reaches further than the network: widen the context so that tiles
-        # stay exact, and the tiles with it so that their cores keep their size
-        extra = math.ceil(gate.context / align) * align
-        margin += extra
-        tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
+    tile, margin = gated_tiling(tile, margin, align, gate)
     modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
@@ -589,18 +611,19 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         return CaseResult(name, "failed", reason, time.perf_counter() - start)
 
     try:
-        info = inspect_case(path)
-        limit = options.memory_limit if options.memory_limit is not None else available_memory()
-        need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
-        if need > limit:
-            raise InputError(
-                f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
-                f"{limit / 1e9:.1f} GB available; refusing before reading it"
-            )
-        case = read_case(path, info=info)
-        for note in case.meta.notes:
-            log.warning("%s: %s", name, note)
-        volume = rescale_float(replace_non_finite(case.volume, name), name)
+        with phase("read"):
+            info = inspect_case(path)
+            limit = options.memory_limit if options.memory_limit is not None else available_memory()
+            need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
+            if need > limit:
+                raise InputError(
+                    f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
+                    f"{limit / 1e9:.1f} GB available; refusing before reading it"
+                )
+            case = read_case(path, info=info)
+            for note in case.meta.notes:
+                log.warning("%s: %s", name, note)
+            volume = rescale_float(replace_non_finite(case.volume, name), name)
     except FuseCareError as exc:
         return failed(_reason(exc, name))
     except Exception as exc:  # noqa: BLE001 - one rule: a case that cannot be read fails alone
@@ -610,7 +633,8 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         restored = _predict_case(volume, case.meta, ensembles, options, name, deadline)
         if restored.output.size and restored.output.min() == restored.output.max():
             raise ConstantOutputError("the output came out constant although the input is not")
-        _write_outputs(output_dir / name, restored, case.meta, options)
+        with phase("write"):
+            _write_outputs(output_dir / name, restored, case.meta, options)
         status, message = "restored", f"restored with tile {restored.tile}"
         if len(restored.modes) > 1 or FULL_MODE not in restored.modes:
             message += " (over its time budget, tiles per mode: " + ", ".join(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusecare.profiling import phase
+
 Shape3 = tuple[int, int, int]
 Region = tuple[slice, slice, slice]
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -128,7 +130,9 @@ def iter_tiles(
     progress: str | None,
 ) -> Iterator[tuple[Tile, np.ndarray]]:
     for t in tqdm(tiles, desc=progress, unit="tile", disable=progress is None, leave=False):
-        yield t, read_block(volume, t.read, transform, pad_mode)
+        with phase("read and normalise tiles", math.prod(s.stop - s.start for s in t.read)):
+            block = read_block(volume, t.read, transform, pad_mode)
+        yield t, block
 
 
 def _to_float32(block: np.ndarray) -> np.ndarray:
