@@ -33,7 +33,7 @@ from fusecare.io import (CHANNELS, MEMBRANE, CaseInfo, CaseMeta, VoxelSize, insp
                          stale_partials, write_case)
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.profiling import phase
-from fusecare.tiling import Region, predict_tiled, tile_grid
+from fusecare.tiling import Region, axis_tiles, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,54 @@ def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
     return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
 
 
+TARGET_BYTES_PER_VOXEL = 6
+"""Peak host memory per case is kept within this many bytes per voxel plus ``MODEL_OVERHEAD_BYTES``
+(issue 13): the input and output hold 4 of them for uint16; the rest is the CPU tile's."""
+
+TILE_BYTES_PER_FILTER = 20
+"""Peak host bytes per voxel of a CPU network tile and per first-level filter (float32): the
+full-resolution decoder holds the skip, the up-sampled map and their concatenation (4 x filters
+x 4 B) and oneDNN's buffers; measured 296-314 B/voxel for 16 filters (bench/profile_inference.py)."""
+
+TILE_BYTES_PIPELINE = 40
+"""Peak host bytes per tile voxel beside the network: the block, the members' sums, the gate's fields."""
+
+PROCESS_BYTES = 400_000_000
+"""torch, its libraries and the members: the process before its first tile."""
+
+CPU_TILE_CHOICES = tuple((z, yx, yx) for z in (64, 96, 128, 160) for yx in (128, 160, 192, 240, 256, 320, 384))
+"""Tiles ``cpu_tile`` chooses from (before the gate widens them)."""
+
+
+def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
+             held_bytes_per_voxel: float) -> tuple[int, int, int]:
+    """The CPU tile that computes the fewest voxels for ``shape`` within the memory rule.
+
+    Every tile recomputes its context margins (24 voxels for the network and 20 for the shipped
+    membrane gate, per side), so on CPU, where the network is nearly all of a case's time, the
+    tile decides the speed: the former fixed (64, 128, 128) computed 3.1x a 64x384x384 volume and
+    19x a 309x1920x1920 one (its z core was 16 voxels). The memory rule is peak RSS <=
+    ``TARGET_BYTES_PER_VOXEL`` per voxel + ``MODEL_OVERHEAD_BYTES``: what the volume and its
+    outputs hold (``held_bytes_per_voxel``) and the process itself leave the rest to one tile.
+    ``DEFAULT_TILE['cpu']`` when nothing larger fits; it also wins ties (small volumes).
+    """
+    voxels = math.prod(shape)
+    budget = (TARGET_BYTES_PER_VOXEL - held_bytes_per_voxel) * voxels + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
+    per_voxel = TILE_BYTES_PER_FILTER * filters + TILE_BYTES_PIPELINE
+    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
+    for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
+        network_tile, widened = gated_tiling(tile, margin, align, gate)
+        try:
+            per_axis = [axis_tiles(n, t, widened, align) for n, t in zip(shape, network_tile)]
+        except ValueError:
+            continue
+        block = math.prod(a[0].stop - a[0].start for a in per_axis)
+        computed = math.prod(len(a) * (a[0].stop - a[0].start) for a in per_axis)
+        if block * per_voxel <= budget and (best is None or (computed, block) < best[0]):
+            best = ((computed, block), tile)
+    return best[1] if best is not None else DEFAULT_TILE["cpu"]
+
+
 FULL_MODE = "all members"
 INPUT_MODE = "the input itself"
 
@@ -669,8 +717,13 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
                   options: RestoreOptions, name: str, deadline: Deadline | None = None,
                   *, with_uncertainty: bool | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
-    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
+    uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
+    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
+    if options.tile is None and ensemble.device.type == "cpu":
+        tile = cpu_tile(volume.shape, filters=max(m.config.first_filters for m in ensemble.members),
+                        margin=ensemble.margin, align=ensemble.alignment, gate=gate,
+                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
     if gate is not None and gate.keeps_input:
         raise InputOnlyGateError(
             f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
@@ -683,8 +736,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     return restore_volume(
         volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
         gate=gate,
-        with_uncertainty=options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty,
-        progress=name if options.progress else None,
+        with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )
 
