@@ -233,6 +233,8 @@ class Pacer:
     def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
         self.modes, self.deadline, self.name = modes, deadline, name
         self.level, self.total, self.done = 0, 0, 0
+        self.last: _Mode | None = None
+        """The mode that predicted the latest tile (the sink treats the input mode apart)."""
 
     def start(self, tiles: int) -> None:
         """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
@@ -243,7 +245,7 @@ class Pacer:
             self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
 
     def __call__(self, block: np.ndarray) -> object:
-        mode = self.modes[self.level]
+        mode = self.last = self.modes[self.level]
         clock = self.deadline.clock if self.deadline is not None else time.monotonic
         begin = clock()
         out = mode.predict(block)
@@ -410,6 +412,9 @@ def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, g
     return best[1] if best is not None else DEFAULT_TILE["cpu"]
 
 
+WHOLE: Region = (slice(None),) * 3  # type: ignore[assignment]
+"""A sink's core when it gets the core itself (no gate, so no widening)."""
+
 FULL_MODE = "all members"
 INPUT_MODE = "the input itself"
 
@@ -456,76 +461,77 @@ def restore_volume(
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
 
-    def sink(region: Region, prediction: np.ndarray) -> None:
-        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
-            _sink(region, prediction)
+    # The sink gets the members' mean and spread (and, gated, the normalised block) over each core
+    # widened by the gate's reach, not the whole tile: the gate smooths that much once per core
+    # instead of the whole widened tile (a 64x200x200 tile of a 64x384x384 case: 64x168x168).
+    network_margin = margin
+    tile, margin = gated_tiling(tile, margin, align, gate)
+    gate_reach = margin - network_margin
 
-    def _sink(region: Region, prediction: np.ndarray) -> None:
+    def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:  # the gate's fields ride along (see below)
-            mean = gated_fields(prediction, gate)
-        output[region], n = to_uint16.apply(norm.inverse(mean))
-        clipped += n
-        if uncertainty is not None:
-            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+        if gate is not None and pacer.last is not input_mode:
+            with phase("gate smoothing", mean.size):
+                fields = gate_fields(gate, prediction[2], mean, spread)
+            with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+                mean = gated_fields(fields[(slice(None), *core)], gate)
+        else:
+            mean = mean[core]
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            output[region], n = to_uint16.apply(norm.inverse(mean))
+            clipped += n
+            if uncertainty is not None:
+                uncertainty[region] = np.clip(np.rint(spread[core] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
 
-    def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
+    def sink_tensor(region: Region, prediction: torch.Tensor, core: Region = WHOLE) -> None:
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
-        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
-            _sink_tensor(region, prediction)
-
-    def _sink_tensor(region: Region, prediction: torch.Tensor) -> None:
         nonlocal clipped
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        mean = gated_fields_torch(prediction, gate) if gate is not None else prediction[0]
-        output[region], n = to_uint16.apply_tensor(mean * scale + low)
-        clipped += n
-        if uncertainty is not None:
-            units = torch.round(prediction[1] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
-            uncertainty[region] = units.to(torch.uint16).cpu().numpy()
+        if gate is not None and pacer.last is not input_mode:
+            with phase("gate smoothing", prediction[0].numel()):
+                fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
+            mean = gated_fields_torch(fields[(slice(None), *core)], gate)
+        else:
+            mean = prediction[0][core]
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            output[region], n = to_uint16.apply_tensor(mean * scale + low)
+            clipped += n
+            if uncertainty is not None:
+                units = torch.round(prediction[1][core] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+                uncertainty[region] = units.to(torch.uint16).cpu().numpy()
 
     def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-        """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
-        fields (``fusecare.gate.FIELDS``: the members' own spread is the second, so the
-        uncertainty written stays theirs); on ``device``, as a tensor there."""
+        """What the sink gets for a whole tile from ``predict``: mean and spread, and, gated, the
+        normalised block the gate falls back to; on ``device``, as a tensor there."""
         if device is not None:
             def on_device(block: np.ndarray) -> torch.Tensor:
                 x = torch.from_numpy(block).to(device)
                 prediction = predict(x)
-                if gate is None:
-                    return prediction
-                with phase("gate smoothing", x.numel()):
-                    return gate_fields_torch(gate, x, prediction[0], prediction[1])
+                return prediction if gate is None else torch.cat([prediction, x[None]])
             return on_device
         if gate is None:
             return predict
 
-        def gate_predictor(block: np.ndarray) -> np.ndarray:
-            mean, spread = predict(block)
-            with phase("gate smoothing", block.size):
-                return gate_fields(gate, block, mean, spread)
-        return gate_predictor
+        def with_block(block: np.ndarray) -> np.ndarray:
+            return np.concatenate([predict(block), block[None]])
+        return with_block
 
     def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
-        """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
-        if device is not None:
-            x = torch.from_numpy(block).to(device)
-            zero_t = torch.zeros_like(x)
-            return torch.stack([x, zero_t] if gate is None else [x, zero_t, zero_t, x, zero_t])
-        zero = np.zeros_like(block)
-        return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
+        """The block itself as the mean, spread 0 (the sink skips the gate for this mode)."""
+        layers = [block, np.zeros_like(block)] + ([block] if gate is not None else [])
+        return np.stack(layers) if device is None else torch.from_numpy(np.stack(layers)).to(device)
 
-    tile, margin = gated_tiling(tile, margin, align, gate)
     modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
-    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+    input_mode = _Mode(INPUT_MODE, input_fields, 0.0)
+    modes.append(input_mode)
     pacer = Pacer(modes, deadline, name)
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
@@ -539,7 +545,8 @@ def restore_volume(
         try:
             pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
             predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
-                          sink=sink if device is None else sink_tensor, progress=progress)
+                          sink=sink if device is None else sink_tensor, sink_context=gate_reach,
+                          progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():

@@ -29,8 +29,9 @@ Shape3 = tuple[int, int, int]
 Region = tuple[slice, slice, slice]
 Predictor = Callable[[np.ndarray], np.ndarray]
 """float32 (Z, Y, X) block -> float32 (Z, Y, X) or (C, Z, Y, X) block."""
-Sink = Callable[[Region, np.ndarray], None]
-"""Receives each core region of the volume and the prediction for it."""
+Sink = Callable[..., None]
+"""Receives each core region of the volume and the prediction for it (with ``sink_context``, the
+prediction over the core widened by that much, and the core's slices within it)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def predict_tiled(
     sink: Sink | None = None,
     pad_mode: str = "reflect",
     progress: str | None = None,
+    sink_context: int = 0,
 ) -> np.ndarray | None:
     """Apply ``predictor`` to ``volume`` tile by tile and stitch the cores.
 
@@ -166,7 +168,12 @@ def predict_tiled(
             float32 result is returned (for tests and small volumes).
         pad_mode: ``np.pad`` mode past the volume's end, as a whole-volume pass would pad.
         progress: a description to show a tqdm bar over tiles, or ``None`` for none.
+        sink_context: when > 0, ``sink`` gets the prediction over the core widened by this many
+            voxels per side (within the block) and, third, the core's slices within that: what
+            a post-processing that smooths (the gate) needs, without the block's whole margins.
     """
+    if sink_context and sink is None:
+        raise ValueError("sink_context needs a sink")
     if volume.ndim != 3:
         raise ValueError(f"predict_tiled needs a 3-D volume, got shape {volume.shape}")
     tiles = tile_grid(volume.shape, _as3(tile), _as3(margin), align)  # type: ignore[arg-type]
@@ -178,6 +185,12 @@ def predict_tiled(
             prediction = np.asarray(prediction)
         if tuple(prediction.shape[-3:]) != block.shape:
             raise ValueError(f"predictor returned shape {prediction.shape} for a block {block.shape}")
+        if sink_context:
+            widened = tuple(slice(max(c.start - sink_context, 0), min(c.stop + sink_context, n))
+                            for c, n in zip(t.core_in_block, block.shape))
+            sink(t.core, prediction[(Ellipsis, *widened)],
+                 tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(t.core_in_block, widened)))
+            continue
         core = prediction[(Ellipsis, *t.core_in_block)]
         if sink is not None:
             sink(t.core, core)
