@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
-from fusecare.device import inference_device
+from fusecare.device import inference_device, to_device
 from fusecare.ensemble import Ensemble, load_ensemble
 from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
@@ -233,8 +233,6 @@ class Pacer:
     def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
         self.modes, self.deadline, self.name = modes, deadline, name
         self.level, self.total, self.done = 0, 0, 0
-        self.last: _Mode | None = None
-        """The mode that predicted the latest tile (the sink treats the input mode apart)."""
 
     def start(self, tiles: int) -> None:
         """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
@@ -245,7 +243,7 @@ class Pacer:
             self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
 
     def __call__(self, block: np.ndarray) -> object:
-        mode = self.last = self.modes[self.level]
+        mode = self.modes[self.level]
         clock = self.deadline.clock if self.deadline is not None else time.monotonic
         begin = clock()
         out = mode.predict(block)
@@ -473,7 +471,7 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None and pacer.last is not input_mode:
+        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", mean.size):
                 fields = gate_fields(gate, prediction[2], mean, spread)
             with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -493,7 +491,7 @@ def restore_volume(
         nonlocal clipped
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None and pacer.last is not input_mode:
+        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
             mean = gated_fields_torch(fields[(slice(None), *core)], gate)
@@ -511,7 +509,7 @@ def restore_volume(
         normalised block the gate falls back to; on ``device``, as a tensor there."""
         if device is not None:
             def on_device(block: np.ndarray) -> torch.Tensor:
-                x = torch.from_numpy(block).to(device)
+                x = to_device(block, device)
                 prediction = predict(x)
                 return prediction if gate is None else torch.cat([prediction, x[None]])
             return on_device
@@ -523,15 +521,14 @@ def restore_volume(
         return with_block
 
     def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
-        """The block itself as the mean, spread 0 (the sink skips the gate for this mode)."""
-        layers = [block, np.zeros_like(block)] + ([block] if gate is not None else [])
-        return np.stack(layers) if device is None else torch.from_numpy(np.stack(layers)).to(device)
+        """The block itself as the mean, spread 0, and no block to gate with: the sink writes it as it is."""
+        layers = np.stack([block, np.zeros_like(block)])
+        return layers if device is None else to_device(layers, device)
 
     modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
-    input_mode = _Mode(INPUT_MODE, input_fields, 0.0)
-    modes.append(input_mode)
+    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
     pacer = Pacer(modes, deadline, name)
     minimum = 2 * margin + align
     aligned = [math.ceil(t / align) * align for t in tile]
@@ -546,7 +543,7 @@ def restore_volume(
             pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
             predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
                           sink=sink if device is None else sink_tensor, sink_context=gate_reach,
-                          progress=progress)
+                          overlap=device is not None, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
