@@ -35,10 +35,11 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fusecare.constants import DEFAULT_TILE, MEMBRANE  # noqa: E402
+from fusecare.constants import MEMBRANE  # noqa: E402
 from fusecare.ensemble import Ensemble  # noqa: E402
 from fusecare.io import CaseMeta, VoxelSize, write_case  # noqa: E402
-from fusecare.pipeline import EnsembleCache, RestoreOptions, available_memory, gated_tiling, restore_case  # noqa: E402
+from fusecare.pipeline import (EnsembleCache, RestoreOptions, available_memory, default_tile, gated_tiling,  # noqa: E402
+                               restore_case)
 from fusecare.profiling import PhaseTimer  # noqa: E402
 from fusecare.tiling import pad_to_multiple, tile_grid  # noqa: E402
 
@@ -140,11 +141,15 @@ def profile(args: argparse.Namespace) -> dict:
     begin = time.perf_counter()
     ensemble = cache.get(args.weights.name)
     load_seconds = time.perf_counter() - begin
-    tile = args.tile or DEFAULT_TILE[device.type]
-    network_tile, margin = gated_tiling(tile, ensemble.margin, ensemble.alignment, ensemble.gate)
+    def tile_for(shape: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+        """The tile production uses for ``shape`` (uint16, no uncertainty), widened by the gate."""
+        tile = args.tile or default_tile(ensemble, shape, gate=ensemble.gate, held_bytes_per_voxel=4)
+        return (tile, *gated_tiling(tile, ensemble.margin, ensemble.alignment, ensemble.gate))
+
+    tile, network_tile, margin = tile_for(args.shape)
     with tempfile.TemporaryDirectory() as tmp:
         case = synthetic_case(Path(tmp) / "in", args.shape, args.weights.name)
-        options = RestoreOptions(tile=tile, device=args.device, fp16=args.fp16, progress=False, time_budget=None)
+        options = RestoreOptions(tile=args.tile, device=args.device, fp16=args.fp16, progress=False, time_budget=None)
         with PhaseTimer(sync=(lambda: _sync(device)) if args.sync else None) as timer:
             begin = time.perf_counter()
             (Path(tmp) / "out").mkdir()
@@ -174,7 +179,8 @@ def profile(args: argparse.Namespace) -> dict:
     whole_need = voxels * WHOLE_BYTES_PER_VOXEL
     if args.whole and (device.type != "cpu" or whole_need < 0.8 * available_memory()):
         row["whole_seconds"] = whole_volume_seconds(ensemble, args.shape)
-    target_computed = computed_voxels(args.target, network_tile, margin, ensemble.alignment)
+    target_tile, target_network_tile, target_margin = tile_for(args.target)
+    target_computed = computed_voxels(args.target, target_network_tile, target_margin, ensemble.alignment)
     target_voxels = math.prod(args.target)
     host = 0.0
     for name, seconds in timer.seconds.items():
@@ -183,7 +189,7 @@ def profile(args: argparse.Namespace) -> dict:
         per = voxels if name in PER_VOLUME_VOXEL else computed
         scale = target_voxels if name in PER_VOLUME_VOXEL else target_computed
         host += seconds / per * scale
-    row["target"] = {"shape": list(args.target), "computed_voxels": target_computed,
+    row["target"] = {"shape": list(args.target), "computed_voxels": target_computed, "tile": list(target_tile),
                      "host_seconds": host,
                      "network_seconds": row["network_seconds"] / computed * target_computed}
     return row
@@ -215,8 +221,8 @@ def report(row: dict) -> None:
     print(f"peak RSS {row['peak_rss'] / 1e9:.2f} GB = {row['peak_rss'] / row['volume_voxels']:.0f} B/voxel; target "
           f"6 B/voxel + 1.5 GB = {row['rss_target'] / 1e9:.2f} GB: {ok}")
     target = row["target"]
-    print(f"extrapolated to {'x'.join(map(str, target['shape']))} ({target['computed_voxels'] / 1e9:.2f} G voxels "
-          f"computed): host side (all but the network) {target['host_seconds']:.0f} s, network "
+    print(f"extrapolated to {'x'.join(map(str, target['shape']))} (tile {target['tile']}, "
+          f"{target['computed_voxels'] / 1e9:.2f} G voxels computed): host side (all but the network) {target['host_seconds']:.0f} s, network "
           f"{target['network_seconds']:.0f} s, case {target['host_seconds'] + target['network_seconds']:.0f} s")
 
 

@@ -9,6 +9,8 @@ softplus + 1e-3. This module knows nothing of files; depth and width are config.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,6 +19,11 @@ from fusecare.config import Config, param
 from fusecare.errors import ConfigError
 
 LAPLACE_SCALE_FLOOR = 1e-3
+
+TOP_LEVEL_CHUNKS = 4
+"""Without gradients, the full-resolution decoder and the head run in this many z-slabs (see
+``CareUNet._top_level_in_slabs``), each at least ``TOP_LEVEL_MIN_SLAB`` planes."""
+TOP_LEVEL_MIN_SLAB = 8
 
 
 class ModelConfig(Config):
@@ -101,9 +108,10 @@ class CareUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Peak memory is at full resolution in the last decoder: every reference is dropped as
-        # soon as it is used (the skip and the up-sampled map once concatenated), so a tile holds
-        # the concatenation and one conv output (48 channels at 16 filters) instead of 80, and
-        # tiles can be larger in the same memory (fewer margins recomputed).
+        # soon as it is used (the skip and the up-sampled map once concatenated), and without
+        # gradients that decoder runs in z-slabs, so a tile holds little more than the encoder's
+        # two full-resolution maps, and tiles can be larger in the same memory (fewer margins
+        # recomputed).
         skips = []
         y = x
         for encoder in self.encoders:
@@ -111,15 +119,38 @@ class CareUNet(nn.Module):
             skips.append(y)
             y = F.max_pool3d(y, 2)
         y = self.bottom(y)
-        for level in reversed(range(self.config.depth)):
+        for level in reversed(range(1, self.config.depth)):
             y = torch.cat([F.interpolate(y, scale_factor=2, mode="nearest"), skips.pop()], dim=1)
             y = self.decoders[level](y)
-        y = self._head(y)
+        if torch.is_grad_enabled():
+            y = self._head(self.decoders[0](torch.cat([F.interpolate(y, scale_factor=2, mode="nearest"),
+                                                       skips.pop()], dim=1)))
+        else:
+            y = self._top_level_in_slabs(y, skips.pop())
         location = y[:, :1] + x if self.config.residual else y[:, :1]
         if not self.config.probabilistic:
             return location
         scale = F.softplus(y[:, 1:]) + LAPLACE_SCALE_FLOOR
         return torch.cat([location, scale], dim=1)
+
+    def _top_level_in_slabs(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The full-resolution decoder and the head, z-slab by z-slab: the up-sampled map, the
+        concatenation and the decoder's outputs (64 channels at 16 filters) exist for one slab at
+        a time instead of the whole tile. Each slab is computed with a halo of as many planes as
+        the decoder's convolutions reach and cropped, so the result is the whole pass's."""
+        depth = skip.shape[2]
+        halo = self.config.convs_per_level * (self.config.kernel_size // 2)
+        step = max(TOP_LEVEL_MIN_SLAB, math.ceil(depth / TOP_LEVEL_CHUNKS))
+        parts = []
+        for z0 in range(0, depth, step):
+            z1 = min(z0 + step, depth)
+            first, last = max(z0 - halo, 0), min(z1 + halo, depth)
+            low_first = first // 2  # nearest up-sampling: plane z comes from low plane z // 2
+            up = F.interpolate(low[:, :, low_first:(last + 1) // 2], scale_factor=2, mode="nearest")
+            up = up[:, :, first - 2 * low_first:last - 2 * low_first]
+            part = self._head(self.decoders[0](torch.cat([up, skip[:, :, first:last]], dim=1)))
+            parts.append(part[:, :, z0 - first:z1 - first])
+        return torch.cat(parts, dim=2)
 
     def _head(self, y: torch.Tensor) -> torch.Tensor:
         """The 1x1x1 head as a matrix product over channels: on CPU, ``Conv3d`` with a 1x1x1

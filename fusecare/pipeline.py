@@ -366,13 +366,16 @@ TARGET_BYTES_PER_VOXEL = 6
 """Peak host memory per case is kept within this many bytes per voxel plus ``MODEL_OVERHEAD_BYTES``
 (issue 13): the input and output hold 4 of them for uint16; the rest is the CPU tile's."""
 
-TILE_BYTES_PER_FILTER = 20
+TILE_BYTES_PER_FILTER = 15
 """Peak host bytes per voxel of a CPU network tile and per first-level filter (float32): the
-full-resolution decoder holds the skip, the up-sampled map and their concatenation (4 x filters
-x 4 B) and oneDNN's buffers; measured 296-314 B/voxel for 16 filters (bench/profile_inference.py)."""
+encoder's two full-resolution maps, the skip held for the decoder, one z-slab of the decoder
+(``CareUNet._top_level_in_slabs``) and oneDNN's buffers; measured 209-250 B/voxel for 16 filters
+on 64x280x280 and 64x168x168 tiles (311-283 before the decoder ran in slabs, 464 before the skips
+were freed early)."""
 
-TILE_BYTES_PIPELINE = 40
-"""Peak host bytes per tile voxel beside the network: the block, the members' sums, the gate's fields."""
+TILE_BYTES_PIPELINE = 20
+"""Peak host bytes per tile voxel beside the network while it runs: the block, the members' sums
+(the gate's fields come later, on the smaller core plus its reach, after the network's are freed)."""
 
 PROCESS_BYTES = 400_000_000
 """torch, its libraries and the members: the process before its first tile."""
@@ -412,6 +415,15 @@ def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, g
 
 WHOLE: Region = (slice(None),) * 3  # type: ignore[assignment]
 """A sink's core when it gets the core itself (no gate, so no widening)."""
+
+def default_tile(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig | None,
+                 held_bytes_per_voxel: float) -> tuple[int, int, int]:
+    """The tile a case gets without ``--tile``: ``cpu_tile`` on CPU, ``DEFAULT_TILE`` elsewhere."""
+    if ensemble.device.type != "cpu":
+        return DEFAULT_TILE[ensemble.device.type]
+    return cpu_tile(shape, filters=max(m.config.first_filters for m in ensemble.members), margin=ensemble.margin,
+                    align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel)
+
 
 FULL_MODE = "all members"
 INPUT_MODE = "the input itself"
@@ -723,11 +735,8 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     ensemble = ensembles.get(meta.channel)
     gate = ensemble.gate if options.gate else None
     uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
-    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
-    if options.tile is None and ensemble.device.type == "cpu":
-        tile = cpu_tile(volume.shape, filters=max(m.config.first_filters for m in ensemble.members),
-                        margin=ensemble.margin, align=ensemble.alignment, gate=gate,
-                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
+    tile = options.tile or default_tile(ensemble, volume.shape, gate=gate,
+                                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
     if gate is not None and gate.keeps_input:
         raise InputOnlyGateError(
             f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
