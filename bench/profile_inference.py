@@ -83,14 +83,15 @@ def synthetic_case(folder: Path, shape: tuple[int, int, int], channel: str) -> P
 
 
 def flops_per_voxel(ensemble: Ensemble) -> list[float]:
-    """Each member's forward FLOPs per voxel of its input block (counted on a small block)."""
+    """Each member's forward FLOPs per voxel of its input block (counted on a small block, with
+    gradients on: the nominal network, without the halos its z-slabs recompute at inference)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     side = 4 * ensemble.alignment
     block = torch.zeros((1, 1, side, side, side), device=ensemble.device)
     result = []
     for member in ensemble.members:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
             member(block)
         result.append(counter.get_total_flops() / side**3)
     return result
