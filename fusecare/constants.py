@@ -11,8 +11,9 @@ NUCLEUS, MEMBRANE = "nucleus", "membrane"
 CHANNELS = (NUCLEUS, MEMBRANE)
 
 DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
-"""Tile (Z, Y, X) per device type. Measured on 2 CPU cores: (64, 128, 128) keeps peak RSS within
-6 B/voxel + 1.5 GB and is faster than (64, 160, 160) (bench/inference_speed.py, README)."""
+"""Tile (Z, Y, X) per device type. On CPU, cases choose a larger one where memory allows
+(``pipeline.cpu_tile``: 6 B/voxel + 1.5 GB), this one being the smallest; training's validation
+and calibration predict with it. The CUDA one awaits a GPU run (scripts/gpu_check.py, README)."""
 
 DEFAULT_TIME_BUDGET = 480.0
 """Seconds per case from its start (reading, percentiles, prediction) to the last tile. The

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fusecare.config import Config, param
+from fusecare.constants import DEFAULT_TILE
 from fusecare.data import PairPatches, PatchConfigView, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.device import resolve_device
 from fusecare.calibration import GateCandidate, calibrate_gate, cross_validate, predict_validation
@@ -396,7 +397,7 @@ def predict_normalised(volume: np.ndarray, predict_block: Callable[[np.ndarray],
                        margin: int, align: int) -> np.ndarray:
     """A whole volume predicted on the challenge's normalised scale (tiled, exact stitching)."""
     norm = PercentileNorm.fit(volume)
-    return predict_tiled(volume, predict_block, tile=(64, 128, 128), margin=margin, align=align,
+    return predict_tiled(volume, predict_block, tile=DEFAULT_TILE["cpu"], margin=margin, align=align,
                          transform=norm.forward)  # type: ignore[return-value]
 
 
