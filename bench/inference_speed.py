@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,20 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TARGET_BYTES_PER_VOXEL = 6.0
-TARGET_OVERHEAD = 1.5e9
+from profile_inference import (  # noqa: E402
+    TARGET_BYTES_PER_VOXEL,
+    TARGET_OVERHEAD,
+    parse_shape,
+    peak_rss,
+)
+
 WHOLE_BYTES_PER_VOXEL = 1100  # measured order of magnitude for the default net on CPU
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError("shape is Z,Y,X")
-    return values  # type: ignore[return-value]
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _ensemble(args: argparse.Namespace, tmp: Path):
@@ -72,16 +65,16 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process; returns a JSON-able row."""
     import numpy as np
     import torch
+    from profile_inference import whole_volume_seconds
 
     from fusecare.pipeline import DEFAULT_TILE, restore_volume
-    from profile_inference import whole_volume_seconds
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = _ensemble(args, Path(tmp))
         volume = rng.integers(100, 4000, size=args.shape, dtype=np.uint16)
         voxels = volume.size
-        baseline = _peak_rss()
+        baseline = peak_rss()
         start = time.perf_counter()
         if args.worker == "whole":
             whole_volume_seconds(ensemble, args.shape)
@@ -94,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         members = len(ensemble.members)
-    peak = _peak_rss()
+    peak = peak_rss()
     return {
         "mode": args.worker, "shape": "x".join(map(str, args.shape)), "tile": str(tile),
         "members": members, "seconds": round(seconds, 2),
@@ -107,8 +100,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=_shape, default=(128, 512, 512))
-    parser.add_argument("--tile", type=_shape)
+    parser.add_argument("--shape", type=parse_shape, default=(128, 512, 512))
+    parser.add_argument("--tile", type=parse_shape)
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--modes", default="tiled,whole")
     parser.add_argument("--device", default="cpu")

@@ -38,8 +38,14 @@ import torch  # noqa: E402
 from fusecare.constants import MEMBRANE  # noqa: E402
 from fusecare.ensemble import Ensemble  # noqa: E402
 from fusecare.io import CaseMeta, VoxelSize, write_case  # noqa: E402
-from fusecare.pipeline import (EnsembleCache, RestoreOptions, available_memory, default_tile, gated_tiling,  # noqa: E402
-                               restore_case)
+from fusecare.pipeline import (  # noqa: E402
+    EnsembleCache,
+    RestoreOptions,
+    available_memory,
+    default_tile,
+    gated_tiling,
+    restore_case,
+)
 from fusecare.profiling import PhaseTimer  # noqa: E402
 from fusecare.tiling import pad_to_multiple, tile_grid  # noqa: E402
 
@@ -55,14 +61,14 @@ PER_VOLUME_VOXEL = ("read", "percentiles", "gate blend, uint16 map", "write")
 compute (the volume plus every tile's margins)."""
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int]:
     values = tuple(int(v) for v in text.replace("x", ",").split(","))
     if len(values) != 3:
         raise argparse.ArgumentTypeError("shape is Z,Y,X")
     return values  # type: ignore[return-value]
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -156,7 +162,7 @@ def profile(args: argparse.Namespace) -> dict:
             (Path(tmp) / "out").mkdir()
             result = restore_case(case, Path(tmp) / "out", cache, options)
             case_seconds = time.perf_counter() - begin
-        peak = _peak_rss()
+        peak = peak_rss()
     if result.status != "restored":
         raise SystemExit(f"the case was not restored ({result.status}: {result.message})")
     voxels = math.prod(args.shape)
@@ -229,9 +235,9 @@ def report(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=_shape, default=(64, 384, 384))
-    parser.add_argument("--target", type=_shape, default=(309, 1920, 1920), help="shape to extrapolate to")
-    parser.add_argument("--tile", type=_shape, help="core tile before the gate widens it (default: the device's)")
+    parser.add_argument("--shape", type=parse_shape, default=(64, 384, 384))
+    parser.add_argument("--target", type=parse_shape, default=(309, 1920, 1920), help="shape to extrapolate to")
+    parser.add_argument("--tile", type=parse_shape, help="core tile before the gate widens it (default: the device's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--weights", type=Path, default=REPO / "model_weights" / MEMBRANE)

@@ -27,8 +27,8 @@ import torch
 from fusecare.device import resolve_device
 from fusecare.errors import ConfigError, WeightsError
 from fusecare.gate import GateConfig
-from fusecare.profiling import phase
 from fusecare.model import CareUNet, ModelConfig
+from fusecare.profiling import phase
 
 log = logging.getLogger(__name__)
 

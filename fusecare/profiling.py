@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Self
 
 _lock = threading.Lock()
 _active: PhaseTimer | None = None
@@ -29,7 +30,7 @@ class PhaseTimer:
         self.voxels: dict[str, int] = defaultdict(int)
         self.sync = sync
 
-    def __enter__(self) -> PhaseTimer:
+    def __enter__(self) -> Self:
         global _active
         with _lock:
             if _active is not None:

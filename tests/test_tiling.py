@@ -85,7 +85,7 @@ def test_overlapped_reading_and_writing_give_the_same_output(rng, sink_context):
     for overlap in (False, True):
         out = np.full(volume.shape, np.nan, np.float32)
 
-        def sink(region, block, core=(slice(None),) * 3):
+        def sink(region, block, core=(slice(None),) * 3, out=out):
             assert np.all(np.isnan(out[region]))
             out[region] = block[core]
             if sink_context:
