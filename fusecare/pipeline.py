@@ -368,10 +368,9 @@ TARGET_BYTES_PER_VOXEL = 6
 
 TILE_BYTES_PER_FILTER = 15
 """Peak host bytes per voxel of a CPU network tile and per first-level filter (float32): the
-encoder's two full-resolution maps, the skip held for the decoder, one z-slab of the decoder
-(``CareUNet._top_level_in_slabs``) and oneDNN's buffers; measured 209-250 B/voxel for 16 filters
-on 64x280x280 and 64x168x168 tiles (311-283 before the decoder ran in slabs, 464 before the skips
-were freed early)."""
+full-resolution skip held for the decoder, one z-slab of the first encoder and of the last decoder
+(``CareUNet._in_slabs``) and oneDNN's buffers; measured 193-228 B/voxel for 16 filters on 64x280x280
+and 64x168x168 tiles (283-311 before the slabs, 464 before the skips were freed early)."""
 
 TILE_BYTES_PIPELINE = 20
 """Peak host bytes per tile voxel beside the network while it runs: the block, the members' sums
