@@ -7,10 +7,11 @@ Target while tiling: peak RSS <= 6 bytes/voxel + 1.5 GB.
 
     python bench/inference_speed.py                      # 128x512x512, 1 default-size member
     python bench/inference_speed.py --shape 64,256,256 --modes tiled,whole --members 2
-    python bench/inference_speed.py --end-to-end --shape 309,1920,1920 --members 4 --device cuda
+    python bench/inference_speed.py --end-to-end --shape 309,1920,1920 --device cuda
 
 Weights are random (speed does not depend on their values) unless ``--weights`` names an
-ensemble folder.
+ensemble folder. ``--end-to-end`` is ``bench/profile_inference.py``: a written uint16 case through
+``restore_case`` with the shipped membrane ensemble and its gate (or ``--weights``), phase by phase.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,20 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TARGET_BYTES_PER_VOXEL = 6.0
-TARGET_OVERHEAD = 1.5e9
+from profile_inference import (  # noqa: E402
+    TARGET_BYTES_PER_VOXEL,
+    TARGET_OVERHEAD,
+    parse_shape,
+    peak_rss,
+)
+
 WHOLE_BYTES_PER_VOXEL = 1100  # measured order of magnitude for the default net on CPU
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError("shape is Z,Y,X")
-    return values  # type: ignore[return-value]
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _ensemble(args: argparse.Namespace, tmp: Path):
@@ -71,23 +65,20 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process; returns a JSON-able row."""
     import numpy as np
     import torch
+    from profile_inference import whole_volume_seconds
 
     from fusecare.constants import DEFAULT_TILE
     from fusecare.restoration.pipeline import restore_volume
-    from fusecare.restoration.tiling import pad_to_multiple
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = _ensemble(args, Path(tmp))
         volume = rng.integers(100, 4000, size=args.shape, dtype=np.uint16)
         voxels = volume.size
-        baseline = _peak_rss()
+        baseline = peak_rss()
         start = time.perf_counter()
         if args.worker == "whole":
-            block = pad_to_multiple(volume.astype(np.float32) / 4000, ensemble.alignment)
-            for member in ensemble.members:
-                with torch.inference_mode():
-                    member(torch.from_numpy(block)[None, None].to(ensemble.device))
+            whole_volume_seconds(ensemble, args.shape)
             tile = "whole"
         else:
             tile = args.tile or DEFAULT_TILE[ensemble.device.type]
@@ -97,7 +88,7 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         members = len(ensemble.members)
-    peak = _peak_rss()
+    peak = peak_rss()
     return {
         "mode": args.worker, "shape": "x".join(map(str, args.shape)), "tile": str(tile),
         "members": members, "seconds": round(seconds, 2),
@@ -108,40 +99,10 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def end_to_end(args: argparse.Namespace) -> dict:
-    """Write a synthetic uint16 case, then time inference.py on it (read, predict, write)."""
-    import numpy as np
-
-    from fusecare.io import CaseMeta, VoxelSize, write_case
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        (tmp_path / "in").mkdir()
-        rng = np.random.default_rng(0)
-        volume = np.empty(args.shape, np.uint16)
-        for z in range(args.shape[0]):
-            volume[z] = rng.integers(100, 4000, size=args.shape[1:], dtype=np.uint16)
-        meta = CaseMeta(voxel_size=VoxelSize(1.01, 0.388, 0.388), channel="nucleus", raw={"channel": "nucleus"})
-        write_case(tmp_path / "in" / "case.tif", volume, meta)
-        del volume
-        weights = args.weights.parent if args.weights else _random_weights(tmp_path / "w", args.members)
-        command = [sys.executable, str(REPO / "inference.py"), "--input", str(tmp_path / "in"),
-                   "--output", str(tmp_path / "out"), "--weights", str(weights), "--device", args.device,
-                   "--quiet"] + (["--fp16"] if args.fp16 else []) + (
-                   ["--tile", ",".join(map(str, args.tile))] if args.tile else [])
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        seconds = time.perf_counter() - start
-    return {"mode": "end-to-end", "shape": "x".join(map(str, args.shape)), "tile": str(args.tile or "default"),
-            "members": args.members, "seconds": round(seconds, 1),
-            "voxels_per_s_per_member": math.prod(args.shape) * args.members / seconds,
-            "peak_rss_gb": float("nan"), "bytes_per_voxel": float("nan"), "target_ok": None}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=_shape, default=(128, 512, 512))
-    parser.add_argument("--tile", type=_shape)
+    parser.add_argument("--shape", type=parse_shape, default=(128, 512, 512))
+    parser.add_argument("--tile", type=parse_shape)
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--modes", default="tiled,whole")
     parser.add_argument("--device", default="cpu")
@@ -154,7 +115,13 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     if args.end_to_end:
-        rows = [end_to_end(args)]
+        import profile_inference
+
+        forwarded = ["--shape", ",".join(map(str, args.shape)), "--device", args.device, "--no-whole"]
+        forwarded += ["--tile", ",".join(map(str, args.tile))] if args.tile else []
+        forwarded += ["--weights", str(args.weights)] if args.weights else []
+        forwarded += ["--fp16"] if args.fp16 else []
+        sys.exit(profile_inference.main(forwarded))
     else:
         rows = []
         voxels = math.prod(args.shape)

@@ -11,10 +11,10 @@ NUCLEUS, MEMBRANE = "nucleus", "membrane"
 CHANNELS = (NUCLEUS, MEMBRANE)
 
 DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
-"""Tile (Z, Y, X) per device type, the one default: ``fusecare predict``, the restoration pipeline
-and training's whole-volume validation all read it from here. Measured on 2 CPU cores:
-(64, 128, 128) keeps peak RSS within 6 B/voxel + 1.5 GB and is faster than (64, 160, 160)
-(bench/inference_speed.py, README)."""
+"""Tile (Z, Y, X) per device type, the one default (``fusecare predict``, the restoration pipeline
+and training's validation and calibration read it from here). On CPU, cases choose a larger one
+where memory allows (``restoration.pipeline.cpu_tile``: 6 B/voxel + 1.5 GB), this one being the
+smallest. The CUDA one awaits a GPU run (scripts/gpu_check.py, README)."""
 
 DEFAULT_TIME_BUDGET = 480.0
 """Seconds per case from its start (reading, percentiles, prediction) to the last tile. The

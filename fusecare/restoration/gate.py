@@ -104,12 +104,27 @@ uncertainty output), the gate's smoothed spread, the fallback and the consistenc
 def gate_fields(gate: GateConfig, block: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
     """Everything ``gated`` needs for one whole tile (normalised input ``block``, the members'
     mean and spread), stacked as ``FIELDS``; smoothing needs the tile's context, so this runs
-    before the tile's margins are cropped."""
-    mean_s = smooth(mean, gate.prediction_sigma)
-    fallback = smooth(block, gate.fallback_sigma)
-    consistency = (consistency_map(mean_s, fallback, gate.consistency_sigma) if gate.consistency_scale > 0
-                   else np.zeros_like(mean_s))
-    return np.stack([mean_s, spread, smooth(spread, gate.spread_sigma), fallback, consistency])
+    before the tile's margins are cropped. Each field is written straight into the stack (no
+    per-field arrays stacked afterwards, no zero map computed when the consistency term is off)."""
+    fields = np.empty((len(FIELDS), *mean.shape), dtype=np.float32)
+    _smooth_into(fields[0], mean, gate.prediction_sigma)
+    fields[1] = spread
+    _smooth_into(fields[2], spread, gate.spread_sigma)
+    _smooth_into(fields[3], block, gate.fallback_sigma)
+    if gate.consistency_scale > 0:
+        np.subtract(fields[0], fields[3], out=fields[4])
+        np.abs(smooth(fields[4], gate.consistency_sigma), out=fields[4])
+    else:
+        fields[4] = 0.0
+    return fields
+
+
+def _smooth_into(out: np.ndarray, volume: np.ndarray, sigma: float) -> None:
+    """``smooth`` written into ``out``."""
+    if sigma <= 0:
+        out[...] = volume
+    else:
+        ndimage.gaussian_filter(volume, sigma, mode="reflect", truncate=SMOOTHING_TRUNCATE, output=out)
 
 
 def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,

@@ -26,7 +26,7 @@ import torch
 
 from fusecare.config import Config
 from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
-from fusecare.device import inference_device
+from fusecare.device import inference_device, to_device
 from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.io import (
     CHANNELS,
@@ -41,9 +41,10 @@ from fusecare.io import (
     write_case,
 )
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
+from fusecare.profiling import phase
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
-from fusecare.restoration.tiling import Region, predict_tiled, tile_grid
+from fusecare.restoration.tiling import Region, axis_tiles, predict_tiled, tile_grid
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +359,81 @@ def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: i
     return tile
 
 
+def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
+                 gate: GateConfig | None) -> tuple[tuple[int, int, int], int]:
+    """The tile the network sees and its context margin, once the gate's reach is added.
+
+    The gate's smoothing reaches further than the network: the context widens so that tiles stay
+    exact, and the tiles with it so that their cores keep their size.
+    """
+    if gate is None:
+        return tile, margin
+    extra = math.ceil(gate.context / align) * align
+    return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
+
+
+TARGET_BYTES_PER_VOXEL = 6
+"""Peak host memory per case is kept within this many bytes per voxel plus ``MODEL_OVERHEAD_BYTES``
+(issue 13): the input and output hold 4 of them for uint16; the rest is the CPU tile's."""
+
+TILE_BYTES_PER_FILTER = 15
+"""Peak host bytes per voxel of a CPU network tile and per first-level filter (float32): the
+full-resolution skip held for the decoder, one z-slab of the first encoder and of the last decoder
+(``CareUNet._in_slabs``) and oneDNN's buffers; measured 193-228 B/voxel for 16 filters on 64x280x280
+and 64x168x168 tiles (283-311 before the slabs, 464 before the skips were freed early)."""
+
+TILE_BYTES_PIPELINE = 20
+"""Peak host bytes per tile voxel beside the network while it runs: the block, the members' sums
+(the gate's fields come later, on the smaller core plus its reach, after the network's are freed)."""
+
+PROCESS_BYTES = 400_000_000
+"""torch, its libraries and the members: the process before its first tile."""
+
+CPU_TILE_CHOICES = tuple((z, yx, yx) for z in (64, 96, 128, 160) for yx in (128, 160, 192, 240, 256, 320, 384))
+"""Tiles ``cpu_tile`` chooses from (before the gate widens them)."""
+
+
+def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
+             held_bytes_per_voxel: float) -> tuple[int, int, int]:
+    """The CPU tile that computes the fewest voxels for ``shape`` within the memory rule.
+
+    Every tile recomputes its context margins (24 voxels for the network and 20 for the shipped
+    membrane gate, per side), so on CPU, where the network is nearly all of a case's time, the
+    tile decides the speed: the former fixed (64, 128, 128) computed 3.1x a 64x384x384 volume and
+    19x a 309x1920x1920 one (its z core was 16 voxels). The memory rule is peak RSS <=
+    ``TARGET_BYTES_PER_VOXEL`` per voxel + ``MODEL_OVERHEAD_BYTES``: what the volume and its
+    outputs hold (``held_bytes_per_voxel``) and the process itself leave the rest to one tile.
+    ``DEFAULT_TILE['cpu']`` when nothing larger fits; it also wins ties (small volumes).
+    """
+    voxels = math.prod(shape)
+    budget = (TARGET_BYTES_PER_VOXEL - held_bytes_per_voxel) * voxels + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
+    per_voxel = TILE_BYTES_PER_FILTER * filters + TILE_BYTES_PIPELINE
+    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
+    for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
+        network_tile, widened = gated_tiling(tile, margin, align, gate)
+        try:
+            per_axis = [axis_tiles(n, t, widened, align) for n, t in zip(shape, network_tile)]
+        except ValueError:
+            continue
+        block = math.prod(a[0].stop - a[0].start for a in per_axis)
+        computed = math.prod(len(a) * (a[0].stop - a[0].start) for a in per_axis)
+        if block * per_voxel <= budget and (best is None or (computed, block) < best[0]):
+            best = ((computed, block), tile)
+    return best[1] if best is not None else DEFAULT_TILE["cpu"]
+
+
+WHOLE: Region = (slice(None),) * 3  # type: ignore[assignment]
+"""A sink's core when it gets the core itself (no gate, so no widening)."""
+
+def default_tile(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig | None,
+                 held_bytes_per_voxel: float) -> tuple[int, int, int]:
+    """The tile a case gets without ``--tile``: ``cpu_tile`` on CPU, ``DEFAULT_TILE`` elsewhere."""
+    if ensemble.device.type != "cpu":
+        return DEFAULT_TILE[ensemble.device.type]
+    return cpu_tile(shape, filters=max(m.config.first_filters for m in ensemble.members), margin=ensemble.margin,
+                    align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel)
+
+
 FULL_MODE = "all members"
 INPUT_MODE = "the input itself"
 
@@ -394,7 +470,8 @@ def restore_volume(
     uint16 core (and the uncertainty's) comes back to the host.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
-    minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
+    with phase("percentiles", volume.size):
+        minimum_value, p_low, p_high, maximum_value = percentiles(volume, (0.0, *FMC_PERCENTILES, 100.0))
     norm = PercentileNorm(low=p_low, high=p_high)
     if norm.is_degenerate:
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
@@ -403,65 +480,72 @@ def restore_volume(
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
 
-    def sink(region: Region, prediction: np.ndarray) -> None:
+    # The sink gets the members' mean and spread (and, gated, the normalised block) over each core
+    # widened by the gate's reach, not the whole tile: the gate smooths that much once per core
+    # instead of the whole widened tile (a 64x200x200 tile of a 64x384x384 case: 64x168x168).
+    network_margin = margin
+    tile, margin = gated_tiling(tile, margin, align, gate)
+    gate_reach = margin - network_margin
+
+    def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if gate is not None:  # the gate's fields ride along (see below)
-            mean = gated_fields(prediction, gate)
-        output[region], n = to_uint16.apply(norm.inverse(mean))
-        clipped += n
-        if uncertainty is not None:
-            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
+            with phase("gate smoothing", mean.size):
+                fields = gate_fields(gate, prediction[2], mean, spread)
+            with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+                mean = gated_fields(fields[(slice(None), *core)], gate)
+        else:
+            mean = mean[core]
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            output[region], n = to_uint16.apply(norm.inverse(mean))
+            clipped += n
+            if uncertainty is not None:
+                uncertainty[region] = np.clip(np.rint(spread[core] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
 
-    def sink_tensor(region: Region, prediction: torch.Tensor) -> None:
+    def sink_tensor(region: Region, prediction: torch.Tensor, core: Region = WHOLE) -> None:
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
         nonlocal clipped
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        mean = gated_fields_torch(prediction, gate) if gate is not None else prediction[0]
-        output[region], n = to_uint16.apply_tensor(mean * scale + low)
-        clipped += n
-        if uncertainty is not None:
-            units = torch.round(prediction[1] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
-            uncertainty[region] = units.to(torch.uint16).cpu().numpy()
+        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
+            with phase("gate smoothing", prediction[0].numel()):
+                fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
+            mean = gated_fields_torch(fields[(slice(None), *core)], gate)
+        else:
+            mean = prediction[0][core]
+        with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
+            output[region], n = to_uint16.apply_tensor(mean * scale + low)
+            clipped += n
+            if uncertainty is not None:
+                units = torch.round(prediction[1][core] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+                uncertainty[region] = units.to(torch.uint16).cpu().numpy()
 
     def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-        """What the sink gets for a whole tile from ``predict``: mean and spread, or the gate's
-        fields (``fusecare.restoration.gate.FIELDS``: the members' own spread is the second, so the
-        uncertainty written stays theirs); on ``device``, as a tensor there."""
+        """What the sink gets for a whole tile from ``predict``: mean and spread, and, gated, the
+        normalised block the gate falls back to; on ``device``, as a tensor there."""
         if device is not None:
             def on_device(block: np.ndarray) -> torch.Tensor:
-                x = torch.from_numpy(block).to(device)
+                x = to_device(block, device)
                 prediction = predict(x)
-                return prediction if gate is None else gate_fields_torch(gate, x, prediction[0], prediction[1])
+                return prediction if gate is None else torch.cat([prediction, x[None]])
             return on_device
         if gate is None:
             return predict
 
-        def gate_predictor(block: np.ndarray) -> np.ndarray:
-            mean, spread = predict(block)
-            return gate_fields(gate, block, mean, spread)
-        return gate_predictor
+        def with_block(block: np.ndarray) -> np.ndarray:
+            return np.concatenate([predict(block), block[None]])
+        return with_block
 
     def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
-        """Fields that the sink turns into the block itself, spread 0 (gated: fallback = block)."""
-        if device is not None:
-            x = torch.from_numpy(block).to(device)
-            zero_t = torch.zeros_like(x)
-            return torch.stack([x, zero_t] if gate is None else [x, zero_t, zero_t, x, zero_t])
-        zero = np.zeros_like(block)
-        return np.stack([block, zero] if gate is None else [block, zero, zero, block, zero])
+        """The block itself as the mean, spread 0, and no block to gate with: the sink writes it as it is."""
+        layers = np.stack([block, np.zeros_like(block)])
+        return layers if device is None else to_device(layers, device)
 
-    if gate is not None:
-        # the gate's smoothing reaches further than the network: widen the context so that tiles
-        # stay exact, and the tiles with it so that their cores keep their size
-        extra = math.ceil(gate.context / align) * align
-        margin += extra
-        tile = tuple(t + 2 * extra for t in tile)  # type: ignore[assignment]
     modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
@@ -479,7 +563,8 @@ def restore_volume(
         try:
             pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
             predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
-                          sink=sink if device is None else sink_tensor, progress=progress)
+                          sink=sink if device is None else sink_tensor, sink_context=gate_reach,
+                          overlap=device is not None, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -599,18 +684,19 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         return CaseOutcome(name, "failed", reason, time.perf_counter() - start)
 
     try:
-        info = inspect_case(path)
-        limit = options.memory_limit if options.memory_limit is not None else available_memory()
-        need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
-        if need > limit:
-            raise InputError(
-                f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
-                f"{limit / 1e9:.1f} GB available; refusing before reading it"
-            )
-        case = read_case(path, info=info)
-        for note in case.meta.notes:
-            log.warning("%s: %s", name, note)
-        volume = rescale_float(replace_non_finite(case.volume, name), name)
+        with phase("read"):
+            info = inspect_case(path)
+            limit = options.memory_limit if options.memory_limit is not None else available_memory()
+            need = required_memory(info, with_uncertainty=options.uncertainty_dir is not None)
+            if need > limit:
+                raise InputError(
+                    f"{name}: volume {info.shape} {info.dtype} needs about {need / 1e9:.1f} GB of memory, "
+                    f"{limit / 1e9:.1f} GB available; refusing before reading it"
+                )
+            case = read_case(path, info=info)
+            for note in case.meta.notes:
+                log.warning("%s: %s", name, note)
+            volume = rescale_float(replace_non_finite(case.volume, name), name)
     except FuseCareError as exc:
         return failed(_reason(exc, name))
     except Exception as exc:  # noqa: BLE001 - one rule: a case that cannot be read fails alone
@@ -620,7 +706,8 @@ def restore_case(path: Path, output_dir: Path, ensembles: EnsembleCache,
         restored = _predict_case(volume, case.meta, ensembles, options, name, deadline)
         if restored.output.size and restored.output.min() == restored.output.max():
             raise ConstantOutputError("the output came out constant although the input is not")
-        _write_outputs(output_dir / name, restored, case.meta, options)
+        with phase("write"):
+            _write_outputs(output_dir / name, restored, case.meta, options)
         status, message = "restored", f"restored with tile {restored.tile}"
         if len(restored.modes) > 1 or FULL_MODE not in restored.modes:
             message += " (over its time budget, tiles per mode: " + ", ".join(
@@ -655,8 +742,10 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
                   options: RestoreOptions, name: str, deadline: Deadline | None = None,
                   *, with_uncertainty: bool | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
-    tile = options.tile or DEFAULT_TILE[ensemble.device.type]
     gate = ensemble.gate if options.gate else None
+    uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
+    tile = options.tile or default_tile(ensemble, volume.shape, gate=gate,
+                                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
     if gate is not None and gate.keeps_input:
         raise InputOnlyGateError(
             f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
@@ -669,8 +758,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     return restore_volume(
         volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
         gate=gate,
-        with_uncertainty=options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty,
-        progress=name if options.progress else None,
+        with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )
 

@@ -18,17 +18,22 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from fusecare.profiling import phase
 
 Shape3 = tuple[int, int, int]
 Region = tuple[slice, slice, slice]
 Predictor = Callable[[np.ndarray], np.ndarray]
 """float32 (Z, Y, X) block -> float32 (Z, Y, X) or (C, Z, Y, X) block."""
-Sink = Callable[[Region, np.ndarray], None]
-"""Receives each core region of the volume and the prediction for it."""
+Sink = Callable[..., None]
+"""Receives each core region of the volume and the prediction for it (with ``sink_context``, the
+prediction over the core widened by that much, and the core's slices within it)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,23 @@ def iter_tiles(
     progress: str | None,
 ) -> Iterator[tuple[Tile, np.ndarray]]:
     for t in tqdm(tiles, desc=progress, unit="tile", disable=progress is None, leave=False):
-        yield t, read_block(volume, t.read, transform, pad_mode)
+        with phase("read and normalise tiles", math.prod(s.stop - s.start for s in t.read)):
+            block = read_block(volume, t.read, transform, pad_mode)
+        yield t, block
+
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """``items``, the next one produced in a background thread while the caller works on the
+    current one (reading and normalising the next tile while the device predicts this one)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="fusecare-read") as pool:
+        future = pool.submit(next, items, _DONE)
+        while (item := future.result()) is not _DONE:
+            future = pool.submit(next, items, _DONE)
+            yield item  # type: ignore[misc]
 
 
 def _to_float32(block: np.ndarray) -> np.ndarray:
@@ -146,6 +167,8 @@ def predict_tiled(
     sink: Sink | None = None,
     pad_mode: str = "reflect",
     progress: str | None = None,
+    sink_context: int = 0,
+    overlap: bool = False,
 ) -> np.ndarray | None:
     """Apply ``predictor`` to ``volume`` tile by tile and stitch the cores.
 
@@ -162,23 +185,45 @@ def predict_tiled(
             float32 result is returned (for tests and small volumes).
         pad_mode: ``np.pad`` mode past the volume's end, as a whole-volume pass would pad.
         progress: a description to show a tqdm bar over tiles, or ``None`` for none.
+        sink_context: when > 0, ``sink`` gets the prediction over the core widened by this many
+            voxels per side (within the block) and, third, the core's slices within that: what
+            a post-processing that smooths (the gate) needs, without the block's whole margins.
+        overlap: read the next tile in a background thread and run ``sink`` in a writer thread
+            (one tile at a time, in order), so that a device computing asynchronously never
+            waits on the host; a sink's error is raised here at the next tile or at the end.
     """
+    if (sink_context or overlap) and sink is None:
+        raise ValueError("sink_context and overlap need a sink")
     if volume.ndim != 3:
         raise ValueError(f"predict_tiled needs a 3-D volume, got shape {volume.shape}")
     tiles = tile_grid(volume.shape, _as3(tile), _as3(margin), align)  # type: ignore[arg-type]
     output: np.ndarray | None = None
-    for t, block in iter_tiles(volume, tiles, transform=transform, pad_mode=pad_mode,
-                               progress=progress):
-        prediction = predictor(block)
-        if not hasattr(prediction, "shape"):  # arrays and tensors (kept on their device) as they are
-            prediction = np.asarray(prediction)
-        if tuple(prediction.shape[-3:]) != block.shape:
-            raise ValueError(f"predictor returned shape {prediction.shape} for a block {block.shape}")
-        core = prediction[(Ellipsis, *t.core_in_block)]
-        if sink is not None:
-            sink(t.core, core)
-            continue
-        if output is None:
-            output = np.empty(prediction.shape[:-3] + volume.shape, dtype=np.float32)
-        output[(Ellipsis, *t.core)] = core
+    blocks = iter_tiles(volume, tiles, transform=transform, pad_mode=pad_mode, progress=progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="fusecare-write") as writer:
+        pending: Future | None = None
+        for t, block in prefetched(blocks) if overlap else blocks:
+            prediction = predictor(block)
+            if not hasattr(prediction, "shape"):  # arrays and tensors (kept on their device) as they are
+                prediction = np.asarray(prediction)
+            if tuple(prediction.shape[-3:]) != block.shape:
+                raise ValueError(f"predictor returned shape {prediction.shape} for a block {block.shape}")
+            if sink_context:
+                widened = tuple(slice(max(c.start - sink_context, 0), min(c.stop + sink_context, n))
+                                for c, n in zip(t.core_in_block, block.shape))
+                args = (t.core, prediction[(Ellipsis, *widened)],
+                        tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(t.core_in_block, widened)))
+            else:
+                args = (t.core, prediction[(Ellipsis, *t.core_in_block)])
+            if sink is None:
+                if output is None:
+                    output = np.empty(prediction.shape[:-3] + volume.shape, dtype=np.float32)
+                output[(Ellipsis, *t.core)] = args[1]
+            elif overlap:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(sink, *args)
+            else:
+                sink(*args)
+        if pending is not None:
+            pending.result()
     return output

@@ -67,3 +67,21 @@ def test_residual_net_with_zero_weights_is_identity_and_scale_is_positive():
 def test_even_kernel_is_rejected():
     with pytest.raises(ConfigError, match="kernel_size"):
         ModelConfig(kernel_size=4)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(first_filters=4),
+                                    ModelConfig(first_filters=4, depth=3, probabilistic=True),
+                                    ModelConfig(first_filters=4, depth=1, convs_per_level=3)])
+@pytest.mark.parametrize("depth", [8, 40])
+def test_inference_in_slabs_equals_the_whole_pass(config, depth):
+    """Without gradients the full-resolution decoder runs in z-slabs with a halo: the same output
+    as the pass training uses, where the slabs' edges fall inside the volume too."""
+    torch.manual_seed(0)
+    model = CareUNet(config).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(1, 1, depth, 24, 16)
+    whole = model(x).detach()
+    with torch.inference_mode():
+        slabs = model(x)
+    torch.testing.assert_close(slabs, whole, atol=1e-5, rtol=1e-5)

@@ -487,3 +487,30 @@ def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request
     assert host.status == device.status == "restored" and calls
     a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
     assert np.abs(a - b).max() <= 1
+
+
+def test_cpu_tile_computes_fewer_voxels_within_the_memory_rule():
+    """A large case gets a larger CPU tile (the margins are recomputed less often) whose block fits
+    the memory left by the 6 B/voxel + 1.5 GB rule; a small case keeps the default tile."""
+    from fusecare.constants import DEFAULT_TILE
+    from fusecare.restoration.pipeline import (
+        MODEL_OVERHEAD_BYTES,
+        PROCESS_BYTES,
+        TILE_BYTES_PER_FILTER,
+        TILE_BYTES_PIPELINE,
+        cpu_tile,
+        gated_tiling,
+    )
+
+    gate = GateConfig(spread_sigma=2.0, prediction_sigma=0.5, consistency_scale=0.02)
+    kwargs = dict(filters=16, margin=24, align=4, gate=gate, held_bytes_per_voxel=4)
+    assert cpu_tile((8, 32, 32), **kwargs) == DEFAULT_TILE["cpu"]
+    shape = (309, 1920, 1920)
+    tile = cpu_tile(shape, **kwargs)
+    network_tile, margin = gated_tiling(tile, 24, 4, gate)
+    default_tile, _ = gated_tiling(DEFAULT_TILE["cpu"], 24, 4, gate)
+
+    assert np.prod(network_tile) > np.prod(default_tile)
+    budget = 2 * np.prod(shape) + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
+    assert np.prod(network_tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
+    assert len(tile_grid(shape, network_tile, (margin,) * 3, 4)) < len(tile_grid(shape, default_tile, (margin,) * 3, 4))

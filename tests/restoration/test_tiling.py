@@ -74,6 +74,45 @@ def test_sink_receives_each_voxel_once(rng):
     assert len(tile_grid(volume.shape, (12, 24, 16), (2, 2, 2), 4)) > 10
 
 
+@pytest.mark.parametrize("sink_context", [0, 3])
+def test_overlapped_reading_and_writing_give_the_same_output(rng, sink_context):
+    """With ``overlap`` (the next tile read in a thread, the sink in a writer thread) every core is
+    written once with the same values as without; with ``sink_context`` the sink sees the core
+    widened within the block and finds the core where it says."""
+    volume = rng.random((23, 50, 41)).astype(np.float32)
+    expected = predict_tiled(volume, lambda x: np.sin(x), tile=(12, 24, 16), margin=4, align=4)
+    outputs = {}
+    for overlap in (False, True):
+        out = np.full(volume.shape, np.nan, np.float32)
+
+        def sink(region, block, core=(slice(None),) * 3, out=out):
+            assert np.all(np.isnan(out[region]))
+            out[region] = block[core]
+            if sink_context:
+                assert all(c.start <= sink_context and b - c.stop <= sink_context
+                           for c, b in zip(core, block.shape))
+
+        predict_tiled(volume, lambda x: np.sin(x), tile=(12, 24, 16), margin=4, align=4, sink=sink,
+                      sink_context=sink_context, overlap=overlap)
+        outputs[overlap] = out
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+    np.testing.assert_allclose(outputs[True], expected, atol=1e-6)
+
+
+def test_an_error_in_the_writer_thread_is_raised_to_the_caller(rng):
+    volume = rng.random((23, 50, 41)).astype(np.float32)
+    calls = []
+
+    def failing_sink(region, block):
+        calls.append(region)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        predict_tiled(volume, lambda x: x, tile=(12, 24, 16), margin=2, align=4, sink=failing_sink, overlap=True)
+    assert len(calls) <= 3  # the writer stops the run at the next tile, not at the end
+
+
 def _net_predictor(model: CareUNet):
     def predict(block: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
