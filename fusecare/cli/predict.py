@@ -81,7 +81,10 @@ def add_model_and_hardware_arguments(parser: argparse.ArgumentParser) -> None:
                           help="tile Z,Y,X in voxels (default: {} on CUDA; on CPU chosen per case, the fewest "
                                "voxels computed within 6 B/voxel + 1.5 GB of memory, at least {})".format(
                               *(",".join(map(str, DEFAULT_TILE[d])) for d in ("cuda", "cpu"))))
-    hardware.add_argument("--fp16", action="store_true", help="float16 autocast on CUDA (ignored on CPU)")
+    hardware.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
+                          help="float16 autocast on CUDA, on by default (within 1e-3 of float32 on the shipped "
+                          "members; blocks that overflow are redone in float32); --no-fp16 for float32 "
+                          "throughout; ignored on CPU")
     hardware.add_argument("--max-memory-gb", type=memory_gb,
                           help="refuse cases needing more host memory than this (a number > 0)")
     hardware.add_argument("--time-budget", type=seconds, default=DEFAULT_TIME_BUDGET, metavar="SECONDS",

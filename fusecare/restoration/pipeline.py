@@ -306,7 +306,9 @@ class RestoreOptions(Config):
 
     tile: tuple[int, int, int] | None = None
     device: str = "auto"
-    fp16: bool = False
+    fp16: bool = True
+    """float16 autocast on CUDA (ignored on CPU): half the memory and tensor cores; measured within
+    1e-3 of float32 on the shipped members, and a block that overflows is redone in float32."""
     gate: bool = True
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None

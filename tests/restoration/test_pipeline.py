@@ -514,3 +514,28 @@ def test_cpu_tile_computes_fewer_voxels_within_the_memory_rule():
     budget = 2 * np.prod(shape) + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
     assert np.prod(network_tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
     assert len(tile_grid(shape, network_tile, (margin,) * 3, 4)) < len(tile_grid(shape, default_tile, (margin,) * 3, 4))
+
+
+def test_fp16_is_the_default_and_no_fp16_turns_it_off(tmp_path, rng, monkeypatch):
+    """The container passes no flags, so float16 on CUDA must be the default of the options and of
+    the command (its agreement with float32 is measured in the README); ``--no-fp16`` restores float32.
+    The ensemble is loaded with what the options say (on CPU the ensemble itself ignores it)."""
+    from conftest import make_tiny_ensemble, write_fmc_tif
+
+    from fusecare.cli.predict import build_parser
+    from fusecare.restoration import pipeline
+    from fusecare.restoration.pipeline import RestoreOptions, restore_paths
+
+    assert RestoreOptions().fp16 is True
+    assert build_parser("fusecare predict").parse_args(["x.tif", "-o", "out"]).fp16 is True
+    assert build_parser("fusecare predict").parse_args(["x.tif", "-o", "out", "--no-fp16"]).fp16 is False
+    weights = tmp_path / "weights"
+    make_tiny_ensemble(weights, "nucleus")
+    write_fmc_tif(tmp_path / "in" / "a.tif", rng.integers(100, 4000, size=(8, 32, 32)).astype(np.uint16))
+    seen = []
+    real = pipeline.load_ensemble
+    monkeypatch.setattr(pipeline, "load_ensemble", lambda *a, **k: seen.append(k["fp16"]) or real(*a, **k))
+    for options in (RestoreOptions(progress=False, device="cpu"), RestoreOptions(progress=False, device="cpu",
+                                                                                   fp16=False)):
+        restore_paths([tmp_path / "in"], tmp_path / f"out{len(seen)}", weights, options)
+    assert seen == [True, False]
