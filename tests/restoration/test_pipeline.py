@@ -11,6 +11,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
+from fusecare.constants import UNCERTAINTY_UNIT
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
@@ -19,7 +20,6 @@ from fusecare.restoration.pipeline import (
     FULL_MODE,
     HEADROOM,
     INPUT_MODE,
-    UNCERTAINTY_UNIT,
     Cheaper,
     ConstantVolumeError,
     Deadline,
@@ -514,3 +514,19 @@ def test_cpu_tile_computes_fewer_voxels_within_the_memory_rule():
     budget = 2 * np.prod(shape) + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
     assert np.prod(network_tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
     assert len(tile_grid(shape, network_tile, (margin,) * 3, 4)) < len(tile_grid(shape, default_tile, (margin,) * 3, 4))
+
+
+def test_restore_volume_predicts_through_the_shared_whole_volume_path(volume, monkeypatch):
+    """The pipeline tiles and stitches with ``tiling.predict_normalised``, as training, calibration
+    and export do: its uint16 output is that function's stitched mean, mapped back."""
+    from fusecare.restoration import pipeline
+
+    real, calls = pipeline.predict_normalised, []
+    monkeypatch.setattr(pipeline, "predict_normalised", lambda *a, **k: calls.append(k) or real(*a, **k))
+    predict = _with_spread(lambda x: 2 * x - 0.25)
+    restored = restore_volume(volume, predict, **TILING)
+    assert len(calls) == 1 and calls[0]["tile"] == TILING["tile"] and calls[0]["sink"] is not None
+    norm = PercentileNorm.fit(volume)
+    stitched = real(volume, predict, margin=TILING["margin"], align=TILING["align"], tile=TILING["tile"], norm=norm)
+    expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(stitched[0]))
+    np.testing.assert_array_equal(restored.output, expected)
