@@ -22,5 +22,9 @@ challenge kills a container after 10 minutes per case including its start and mo
 a killed case scores below its own input; 480 s leaves 120 s for those and for writing the output
 (about 10 s for the largest case, 2.3 GB of uint16)."""
 
+UNCERTAINTY_UNIT = 1e-4
+"""Uncertainty maps are uint16 in steps of 1e-4 normalised intensity (p2 -> 0, p99.8 -> 1): what
+restoration writes and what the figures read back."""
+
 IOU_MODES: tuple[str, ...] = ("foreground", "instance")
 MODELS_ENV = "CELLPOSE_LOCAL_MODELS_PATH"

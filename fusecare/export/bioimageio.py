@@ -43,6 +43,7 @@ from fusecare.errors import ExportError
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.model import ModelConfig
+from fusecare.restoration.tiling import WHOLE_VOLUME, predict_normalised
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,11 @@ def test_input(channel: str, ensemble: Ensemble, sample: Path | None = None) -> 
 
 
 def test_output(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
-    """fusecare's own ungated prediction of ``volume``: challenge normalisation, member mean."""
-    normalised = PercentileNorm.fit(volume, FMC_PERCENTILES).forward(volume)
-    return ensemble.predict_block(normalised)[0].astype(np.float32)
+    """fusecare's own ungated prediction of ``volume``: challenge normalisation, member mean, in
+    one block as the model zoo's runner predicts it (``volume`` is ``test_input``, already aligned)."""
+    mean_spread = predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin,
+                                     align=ensemble.alignment, tile=WHOLE_VOLUME)
+    return mean_spread[0]  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- documents

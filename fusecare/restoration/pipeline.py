@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fusecare.config import Config
-from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, UNCERTAINTY_UNIT
 from fusecare.device import inference_device, to_device
 from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.io import (
@@ -44,16 +44,13 @@ from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_s
 from fusecare.profiling import phase
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
-from fusecare.restoration.tiling import Region, axis_tiles, predict_tiled, tile_grid
+from fusecare.restoration.tiling import Region, Splitter, axis_tiles, predict_normalised
 
 log = logging.getLogger(__name__)
 
 UINT16_MAX = 65535
 HEADROOM = 0.25
 """Fraction of the input's intensity span kept free above and below it in the uint16 output."""
-
-UNCERTAINTY_UNIT = 1e-4
-"""Uncertainty maps are uint16 in steps of 1e-4 normalised intensity (p2 -> 0, p99.8 -> 1)."""
 
 MODEL_OVERHEAD_BYTES = 1_500_000_000
 """Host memory budgeted for torch, the members and one tile, on top of the per-voxel cost."""
@@ -563,10 +560,10 @@ def restore_volume(
         tile = feasible  # type: ignore[assignment]
     for attempt in range(max_oom_retries + 1):
         try:
-            pacer.start(len(tile_grid(volume.shape, tile, (margin,) * 3, align)))
-            predict_tiled(volume, pacer, tile=tile, margin=margin, align=align, transform=norm.forward,
-                          sink=sink if device is None else sink_tensor, sink_context=gate_reach,
-                          overlap=device is not None, progress=progress)
+            pacer.start(len(Splitter(tile, margin, align).tiles(volume.shape)))
+            predict_normalised(volume, pacer, tile=tile, margin=margin, align=align, norm=norm,
+                               sink=sink if device is None else sink_tensor, sink_context=gate_reach,
+                               overlap=device is not None, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -758,8 +755,8 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
     cheaper = cheaper_members(ensemble, on_device=on_device)
     return restore_volume(
-        volume, ensemble.predict_tensor if on_device else ensemble.predict_block, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
-        gate=gate,
+        volume, ensemble.predict_tensor if on_device else ensemble.predict_block,
+        tile=tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
     )

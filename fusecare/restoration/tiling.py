@@ -11,6 +11,12 @@ one tile plus the caller's outputs.
 
 ``predict_tiled`` takes any callable mapping a float32 block to a float32 block of the same
 spatial shape, so it is tested with ``lambda x: x + 1`` and with the real network alike.
+
+The two jobs are named objects, as MONAI's ``PatchInferer`` splits them: a ``Splitter`` says
+where tiles are and reads them (the geometry: tile, margin, alignment, end padding), and a
+``CoreMerger`` keeps each prediction's core and nothing else (the stitching). ``predict_tiled``
+is the loop between them; ``predict_normalised`` is the one whole-volume prediction that
+training, calibration, export and the pipeline share, so tile defaults live there.
 """
 
 from __future__ import annotations
@@ -20,17 +26,21 @@ import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusecare.constants import DEFAULT_TILE
+from fusecare.normalize import PercentileNorm
 from fusecare.profiling import phase
 
 Shape3 = tuple[int, int, int]
 Region = tuple[slice, slice, slice]
 Predictor = Callable[[np.ndarray], np.ndarray]
 """float32 (Z, Y, X) block -> float32 (Z, Y, X) or (C, Z, Y, X) block."""
+Prediction = Any
+"""A predictor's output for one block: a numpy array, or a tensor kept on its device."""
 Sink = Callable[..., None]
 """Receives each core region of the volume and the prediction for it (with ``sink_context``, the
 prediction over the core widened by that much, and the core's slices within it)."""
@@ -124,18 +134,89 @@ def pad_to_multiple(block: np.ndarray, align: int, pad_mode: str = "reflect") ->
     return np.pad(block, pad, mode=pad_mode) if any(p for _, p in pad) else block
 
 
-def iter_tiles(
-    volume: np.ndarray,
-    tiles: list[Tile],
-    *,
-    transform: Callable[[np.ndarray], np.ndarray],
-    pad_mode: str,
-    progress: str | None,
-) -> Iterator[tuple[Tile, np.ndarray]]:
-    for t in tqdm(tiles, desc=progress, unit="tile", disable=progress is None, leave=False):
-        with phase("read and normalise tiles", math.prod(s.stop - s.start for s in t.read)):
-            block = read_block(volume, t.read, transform, pad_mode)
-        yield t, block
+def _to_float32(block: np.ndarray) -> np.ndarray:
+    return block.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True, init=False)
+class Splitter:
+    """Where a volume's tiles are, and their blocks read one at a time.
+
+    Holds the geometry only, so the pipeline can count a case's tiles (its time budget) and
+    ``cpu_tile`` can price a tile before anything is read. ``tile`` is clipped to the aligned
+    volume per axis, so a tile larger than the volume gives one block: the whole-volume pass.
+    """
+
+    tile: Shape3
+    margin: Shape3
+    align: int
+    pad_mode: str
+
+    def __init__(self, tile: int | tuple[int, ...], margin: int | tuple[int, ...], align: int = 1,
+                 pad_mode: str = "reflect") -> None:
+        object.__setattr__(self, "tile", _as3(tile))
+        object.__setattr__(self, "margin", _as3(margin))
+        object.__setattr__(self, "align", align)
+        object.__setattr__(self, "pad_mode", pad_mode)
+
+    def tiles(self, shape: tuple[int, ...]) -> list[Tile]:
+        """The tiles of a volume of ``shape``: cores partition it, each read with its context."""
+        if len(shape) != 3:
+            raise ValueError(f"tiling needs a 3-D volume, got shape {shape}")
+        return tile_grid(shape, self.tile, self.margin, self.align)  # type: ignore[arg-type]
+
+    def __call__(self, volume: np.ndarray, *,
+                 transform: Callable[[np.ndarray], np.ndarray] = _to_float32,
+                 progress: str | None = None) -> Iterator[tuple[Tile, np.ndarray]]:
+        """Each tile with its block: ``transform`` applied to what lies in the volume, then padded
+        past the volume's end with ``pad_mode`` (only one block is in memory at a time)."""
+        tiles = self.tiles(volume.shape)
+        for t in tqdm(tiles, desc=progress, unit="tile", disable=progress is None, leave=False):
+            with phase("read and normalise tiles", math.prod(s.stop - s.start for s in t.read)):
+                block = read_block(volume, t.read, transform, self.pad_mode)
+            yield t, block
+
+
+class CoreMerger:
+    """Stitches predictions by keeping each tile's core: every output voxel is written once.
+
+    No weights and no accumulator, unlike MONAI's ``AvgMerger``: cores partition the volume and
+    each saw its full context, so a crop is exact. Without a ``sink`` the cores go into a float32
+    array (with the prediction's leading channel axes) that ``finalize`` returns; with one, the
+    sink gets ``(core region, core prediction)`` or, with ``sink_context`` > 0, the prediction
+    over the core widened by that much within the block, and the core's slices within it (what
+    a post-processing that smooths, the gate, needs, without the block's whole margins).
+    """
+
+    def __init__(self, shape: tuple[int, ...], sink: Sink | None = None, *, sink_context: int = 0) -> None:
+        if sink_context and sink is None:
+            raise ValueError("sink_context needs a sink")
+        self.shape, self.sink, self.sink_context = tuple(shape), sink, sink_context
+        self.output: np.ndarray | None = None
+
+    def crop(self, tile: Tile, prediction: Prediction) -> tuple[Region, Prediction] | tuple[Region, Prediction, Region]:
+        """What is kept of ``prediction`` (the whole block's) for ``tile``, as the sink receives it."""
+        if not self.sink_context:
+            return tile.core, prediction[(Ellipsis, *tile.core_in_block)]
+        block = tuple(prediction.shape[-3:])
+        widened = tuple(slice(max(c.start - self.sink_context, 0), min(c.stop + self.sink_context, n))
+                        for c, n in zip(tile.core_in_block, block))
+        core = tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(tile.core_in_block, widened))
+        return tile.core, prediction[(Ellipsis, *widened)], core  # type: ignore[return-value]
+
+    def aggregate(self, tile: Tile, prediction: Prediction) -> None:
+        """Keep ``tile``'s core of ``prediction``, the block read for it predicted."""
+        kept = self.crop(tile, prediction)
+        if self.sink is not None:
+            self.sink(*kept)
+            return
+        if self.output is None:
+            self.output = np.empty(tuple(prediction.shape[:-3]) + self.shape, dtype=np.float32)
+        self.output[(Ellipsis, *tile.core)] = kept[1]
+
+    def finalize(self) -> np.ndarray | None:
+        """The stitched volume, or ``None`` when a sink took the cores."""
+        return self.output
 
 
 T = TypeVar("T")
@@ -150,10 +231,6 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
         while (item := future.result()) is not _DONE:
             future = pool.submit(next, items, _DONE)
             yield item  # type: ignore[misc]
-
-
-def _to_float32(block: np.ndarray) -> np.ndarray:
-    return block.astype(np.float32, copy=False)
 
 
 def predict_tiled(
@@ -171,6 +248,8 @@ def predict_tiled(
     overlap: bool = False,
 ) -> np.ndarray | None:
     """Apply ``predictor`` to ``volume`` tile by tile and stitch the cores.
+
+    A ``Splitter`` reads the blocks, the predictor runs on each, a ``CoreMerger`` keeps the cores.
 
     Args:
         volume: a 3-D (Z, Y, X) array of any dtype; only one tile of it is converted at a time
@@ -196,9 +275,9 @@ def predict_tiled(
         raise ValueError("sink_context and overlap need a sink")
     if volume.ndim != 3:
         raise ValueError(f"predict_tiled needs a 3-D volume, got shape {volume.shape}")
-    tiles = tile_grid(volume.shape, _as3(tile), _as3(margin), align)  # type: ignore[arg-type]
-    output: np.ndarray | None = None
-    blocks = iter_tiles(volume, tiles, transform=transform, pad_mode=pad_mode, progress=progress)
+    splitter = Splitter(tile, margin, align, pad_mode)
+    merger = CoreMerger(volume.shape, sink, sink_context=sink_context)
+    blocks = splitter(volume, transform=transform, progress=progress)
     with ThreadPoolExecutor(1, thread_name_prefix="fusecare-write") as writer:
         pending: Future | None = None
         for t, block in prefetched(blocks) if overlap else blocks:
@@ -207,23 +286,50 @@ def predict_tiled(
                 prediction = np.asarray(prediction)
             if tuple(prediction.shape[-3:]) != block.shape:
                 raise ValueError(f"predictor returned shape {prediction.shape} for a block {block.shape}")
-            if sink_context:
-                widened = tuple(slice(max(c.start - sink_context, 0), min(c.stop + sink_context, n))
-                                for c, n in zip(t.core_in_block, block.shape))
-                args = (t.core, prediction[(Ellipsis, *widened)],
-                        tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(t.core_in_block, widened)))
-            else:
-                args = (t.core, prediction[(Ellipsis, *t.core_in_block)])
-            if sink is None:
-                if output is None:
-                    output = np.empty(prediction.shape[:-3] + volume.shape, dtype=np.float32)
-                output[(Ellipsis, *t.core)] = args[1]
-            elif overlap:
+            if overlap:
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(sink, *args)
+                pending = writer.submit(merger.aggregate, t, prediction)
             else:
-                sink(*args)
+                merger.aggregate(t, prediction)
         if pending is not None:
             pending.result()
-    return output
+    return merger.finalize()
+
+
+WHOLE_VOLUME: Literal["whole"] = "whole"
+"""``predict_normalised``'s tile for one block over the whole (aligned) volume, no tiling."""
+
+
+def predict_normalised(
+    volume: np.ndarray,
+    predictor: Predictor,
+    *,
+    margin: int,
+    align: int,
+    tile: tuple[int, int, int] | Literal["whole"] | None = None,
+    device_type: str = "cpu",
+    norm: PercentileNorm | None = None,
+    sink: Sink | None = None,
+    sink_context: int = 0,
+    overlap: bool = False,
+    progress: str | None = None,
+) -> np.ndarray | None:
+    """A whole volume predicted on the challenge's normalised scale: the one prediction path.
+
+    Training's validation, gate calibration, the bioimage.io export's test output and the
+    restoration pipeline all come here, so they tile, pad and stitch alike. ``tile`` defaults to
+    ``constants.DEFAULT_TILE[device_type]``; ``WHOLE_VOLUME`` predicts one block (what a
+    model-zoo runner does, the volume padded to ``align`` at its end). ``norm`` defaults to the
+    volume's own challenge percentiles. ``sink``, ``sink_context``, ``overlap`` and ``progress``
+    are ``predict_tiled``'s; without a sink the stitched float32 prediction is returned.
+    """
+    if tile is None:
+        tile = DEFAULT_TILE[device_type]
+    elif tile == WHOLE_VOLUME:
+        tile = tuple(math.ceil(n / align) * align for n in volume.shape)  # type: ignore[assignment]
+    if norm is None:
+        norm = PercentileNorm.fit(volume)
+    return predict_tiled(volume, predictor, tile=tile, margin=margin, align=align,  # type: ignore[arg-type]
+                         transform=norm.forward, sink=sink, sink_context=sink_context, overlap=overlap,
+                         progress=progress)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fusecare.constants import UNCERTAINTY_UNIT
 from fusecare.io import Volume
 from fusecare.normalize import PercentileNorm, z_slabs
 
@@ -26,8 +27,6 @@ PANEL_ROLES = ("input", "pred", "target")
 
 STORED_MAX = 512
 """Longest side, in pixels, of the projections kept per case until the run's PNGs are drawn."""
-UNCERTAINTY_UNIT = 1e-4
-"""Integer uncertainty maps count steps of this many normalised units (``restoration.pipeline.UNCERTAINTY_UNIT``)."""
 DIFFERENCE_PERCENTILE = 99.0
 """The run-wide top of the difference colour scale: this percentile over all cases' projections."""
 DPI, COLUMN_IN, FONT_PT = 100, 2.6, 12

@@ -29,8 +29,9 @@ from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
+from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import fmc_ssim, n_ssim
-from fusecare.training.loop import predict_normalised, strict_json
+from fusecare.training.loop import strict_json
 from fusecare.training.sources import ValidationCase
 
 log = logging.getLogger(__name__)
@@ -243,8 +244,8 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
 
 def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
     """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume."""
-    return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin, align=ensemble.alignment,
-                              device=ensemble.device)
+    return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin,  # type: ignore[return-value]
+                              align=ensemble.alignment, device_type=ensemble.device.type)
 
 
 def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu",

@@ -11,7 +11,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusecare.constants import DEFAULT_TILE
 from fusecare.device import resolve_device
 from fusecare.errors import ConfigError, InputError
-from fusecare.normalize import PercentileNorm
 from fusecare.restoration.model import CareUNet, ModelConfig
-from fusecare.restoration.tiling import predict_tiled
+from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import score_ssim
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, mean_over_ranks, setup_distributed
@@ -60,15 +58,6 @@ def _rank_rng(config: TrainConfig, rank: int, saved: Sequence[Any] | None, step:
     return np.random.default_rng([config.seed, rank] + ([step] if step else []))
 
 
-def predict_normalised(volume: np.ndarray, predict_block: Callable[[np.ndarray], np.ndarray], *,
-                       margin: int, align: int, device: torch.device) -> np.ndarray:
-    """A whole volume predicted on the challenge's normalised scale (tiled, exact stitching), in
-    the tiles inference uses on ``device``'s type (``constants.DEFAULT_TILE``)."""
-    norm = PercentileNorm.fit(volume)
-    return predict_tiled(volume, predict_block, tile=DEFAULT_TILE[device.type], margin=margin, align=align,
-                         transform=norm.forward)  # type: ignore[return-value]
-
-
 def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
     """One member's normalised prediction of a validation volume."""
     config = model.config
@@ -78,7 +67,7 @@ def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -
         return model(torch.from_numpy(block)[None, None].to(device))[0, 0].float().cpu().numpy()
 
     return predict_normalised(volume, predict, margin=config.tiling_margin, align=config.alignment,
-                              device=device)
+                              device_type=device.type)  # type: ignore[return-value]
 
 
 def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],

@@ -11,6 +11,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
+from fusecare.constants import UNCERTAINTY_UNIT
 from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
@@ -19,7 +20,6 @@ from fusecare.restoration.pipeline import (
     FULL_MODE,
     HEADROOM,
     INPUT_MODE,
-    UNCERTAINTY_UNIT,
     Cheaper,
     ConstantVolumeError,
     Deadline,
@@ -539,3 +539,19 @@ def test_fp16_is_the_default_and_no_fp16_turns_it_off(tmp_path, rng, monkeypatch
                                                                                    fp16=False)):
         restore_paths([tmp_path / "in"], tmp_path / f"out{len(seen)}", weights, options)
     assert seen == [True, False]
+
+
+def test_restore_volume_predicts_through_the_shared_whole_volume_path(volume, monkeypatch):
+    """The pipeline tiles and stitches with ``tiling.predict_normalised``, as training, calibration
+    and export do: its uint16 output is that function's stitched mean, mapped back."""
+    from fusecare.restoration import pipeline
+
+    real, calls = pipeline.predict_normalised, []
+    monkeypatch.setattr(pipeline, "predict_normalised", lambda *a, **k: calls.append(k) or real(*a, **k))
+    predict = _with_spread(lambda x: 2 * x - 0.25)
+    restored = restore_volume(volume, predict, **TILING)
+    assert len(calls) == 1 and calls[0]["tile"] == TILING["tile"] and calls[0]["sink"] is not None
+    norm = PercentileNorm.fit(volume)
+    stitched = real(volume, predict, margin=TILING["margin"], align=TILING["align"], tile=TILING["tile"], norm=norm)
+    expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(stitched[0]))
+    np.testing.assert_array_equal(restored.output, expected)

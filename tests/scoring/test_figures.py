@@ -90,7 +90,7 @@ def test_difference_shares_one_scale_over_the_run(rng, tmp_path):
 
 
 def test_uncertainty_in_normalised_units(rng):
-    from fusecare.restoration.pipeline import UNCERTAINTY_UNIT
+    from fusecare.constants import UNCERTAINTY_UNIT
 
     assert figures.UNCERTAINTY_UNIT == UNCERTAINTY_UNIT  # the unit inference.py writes
     volume = rng.integers(100, 4000, (8, 16, 16)).astype(np.uint16)
