@@ -42,6 +42,10 @@ PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5)
 SPREAD_SCALES: tuple[float, ...] = (0.05, 0.2, 10.0)
 """10 normalised units: members never disagree that much, so the spread term is off."""
 CONSISTENCY_SCALES: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1)
+BLENDS: tuple[float, ...] = (0.5, 1.0)
+"""0.5 applies half the gated correction everywhere: a prediction whose mean gain on validation
+is positive but whose worst case is not may be safe half-way (the best public entry weighted its
+output toward the input for the same reason)."""
 SPREAD_SIGMA = 2.0
 SAFETY_TOLERANCE = 1e-6
 """A worst-case N-SSIM above -1e-6 counts as not below 0 (float rounding of the metric)."""
@@ -100,12 +104,12 @@ def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: floa
 
 def default_candidates() -> list[GateConfig]:
     """The input itself, the Gaussian-smoothed inputs, then the (fallback, prediction smoothing,
-    spread scale, consistency scale) grid: 100 in all."""
+    spread scale, consistency scale, blend) grid: 196 in all."""
     return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
             + [GateConfig(spread_scale=s, spread_sigma=SPREAD_SIGMA, fallback_sigma=f, prediction_sigma=p,
-                          consistency_scale=c)
-               for f, p, s, c in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
-                                                   CONSISTENCY_SCALES)])
+                          consistency_scale=c, blend=b)
+               for f, p, s, c, b in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
+                                                      CONSISTENCY_SCALES, BLENDS)])
 
 
 def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,

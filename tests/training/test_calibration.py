@@ -48,7 +48,7 @@ def test_choice_prefers_best_mean_among_safe_candidates():
 
 def test_candidates_include_the_input_itself_smoothed_fallbacks_and_the_consistency_term():
     candidates = default_candidates()
-    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 100
+    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 196
     assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8, 1.2}
     assert {c.consistency_scale for c in candidates} == {0.0, 0.02, 0.05, 0.1}
     assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
