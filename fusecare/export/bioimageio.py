@@ -163,7 +163,8 @@ def validation_section(channel: str, model_card: Path | None) -> str:
         f"Quoted from fusecare's {model_card.name} (`python bench/quality.py`, CPU): mean N-SSIM (worst case "
         "in brackets), the challenge's normalised SSIM gain over the input (0 = as good as the input), on "
         "single views simulated from volumes never used in training (held-out), from training volumes "
-        "(seen) and from phantoms. `ensemble` is what this package computes (ungated); `gated` is "
+        "(seen) and from phantoms, against a simulated dual-view fused target (`fused`) or the clean "
+        "volume (`clean`). `ensemble` is what this package computes (ungated); `gated` is "
         "fusecare's own inference with its safety net, which the package does not contain.\n\n"
         + "\n".join(lines) + "\n"
     )
