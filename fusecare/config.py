@@ -214,3 +214,12 @@ class Config:
                 f"{f.name} (default {f.default!r}{'; ' + bounds if bounds else ''}): {m.get('doc', '')}"
             )
         return "\n".join(lines)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with non-finite floats as None, so that it can be written as strict JSON."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fusecare.config import strict_json
 from fusecare.io import CHANNELS
 from fusecare.scoring.evaluate import ScoredCase
 
@@ -36,10 +37,6 @@ _METRICS = (("n_ssim", "N_SSIM"), ("n_iou", "N_IOU"))
 
 
 # --------------------------------------------------------------------------- tables
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def result_row(result: ScoredCase) -> dict[str, Any]:
@@ -72,8 +69,8 @@ def write_csv(results: Iterable[ScoredCase], path: str | Path) -> Path:
 def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
     if not values:
         return {"mean": None, "median": None, "min": None, "count": 0}
-    return {"mean": _finite_or_none(float(np.mean(values))), "median": _finite_or_none(float(median(values))),
-            "min": _finite_or_none(float(min(values))), "count": len(values)}
+    return {"mean": strict_json(float(np.mean(values))), "median": strict_json(float(median(values))),
+            "min": strict_json(float(min(values))), "count": len(values)}
 
 
 def summarize(results: Sequence[ScoredCase], settings: Mapping[str, Any] | None = None) -> dict[str, Any]:

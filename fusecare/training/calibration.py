@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusecare.config import strict_json
 from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import fmc_ssim, n_ssim
-from fusecare.training.loop import strict_json
 from fusecare.training.sources import ValidationCase
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -218,12 +217,3 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def strict_json(value: Any) -> Any:
-    """``value`` with non-finite floats as None, so that it can be written as strict JSON."""
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value

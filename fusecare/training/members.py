@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from fusecare.config import strict_json
 from fusecare.errors import ConfigError, TrainingError
 from fusecare.restoration.ensemble import save_member, write_manifest
 from fusecare.restoration.model import CareUNet
 from fusecare.training.calibration import recalibrate_gate
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, shutdown_distributed
-from fusecare.training.loop import CHECKPOINT_BEST, MemberResult, strict_json, train_member
+from fusecare.training.loop import CHECKPOINT_BEST, MemberResult, train_member
 from fusecare.training.sources import build_data
 
 log = logging.getLogger(__name__)

@@ -525,14 +525,25 @@ def expected_photons(
     return _render(clean, voxel_size_zyx, params)[0]
 
 
+Specimen = tuple[np.ndarray, np.ndarray]
+"""(signal, density) of a clean volume: what every view of it shares (``_specimen``)."""
+
+
+def _specimen(clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams) -> Specimen:
+    """The clean signal and the specimen density the light is absorbed by; the same for every view
+    of one volume under one draw (they depend on ``signal_percentiles`` and ``density_sigma_um`` only)."""
+    signal = clean_signal(clean, params.signal_percentiles)
+    return signal, specimen_density(signal, _check_volume(clean, voxel_size_zyx), params.density_sigma_um)
+
+
 def _render(
-    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams
+    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, specimen: Specimen | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Expected photons of the view and its gain: photons per unit of clean signal at each voxel
-    (illumination and detection transmission times the photon scale, before any blur)."""
+    (illumination and detection transmission times the photon scale, before any blur).
+    ``specimen`` skips recomputing ``_specimen`` for a second view of the same volume."""
     vs = _check_volume(clean, voxel_size_zyx)
-    signal = clean_signal(clean, params.signal_percentiles)
-    density = specimen_density(signal, vs, params.density_sigma_um)
+    signal, density = specimen or _specimen(clean, vs, params)
     axis = _AXES[params.illumination_axis]
     excitation = illumination_transmission(
         density,
@@ -585,10 +596,11 @@ def apply(
 
 
 def _apply_with_gain(
-    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, rng: np.random.Generator
+    clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, params: SimulationParams, rng: np.random.Generator,
+    specimen: Specimen | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stored view, its camera counts before any quantisation, and its gain."""
-    photons, gain = _render(clean, voxel_size_zyx, params)
+    photons, gain = _render(clean, voxel_size_zyx, params, specimen)
     counts = camera_noise(photons, rng, read_noise=params.read_noise, offset=params.camera_offset)
     view = quantize(counts, params.quantize_levels) if params.quantize_levels else counts
     return view, counts, gain
@@ -650,12 +662,13 @@ def render_pair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``apply`` for the view, then the target (``SimulatorConfig.target``): ``clean`` itself, or
     the fusion with the opposite view, whose stripes and noise ``rng`` draws after the view's."""
-    view, counts, gain = _apply_with_gain(clean, voxel_size_zyx, params, rng)
-    if target == "clean":
-        return view, clean
     if target not in TARGETS:
         raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
-    _, counts_b, gain_b = _apply_with_gain(clean, voxel_size_zyx, opposite_sides(params, rng), rng)
+    specimen = _specimen(clean, voxel_size_zyx, params)
+    view, counts, gain = _apply_with_gain(clean, voxel_size_zyx, params, rng, specimen)
+    if target == "clean":
+        return view, clean
+    _, counts_b, gain_b = _apply_with_gain(clean, voxel_size_zyx, opposite_sides(params, rng), rng, specimen)
     return view, fuse_views([counts, counts_b], [gain, gain_b], params.camera_offset)
 
 
