@@ -6,7 +6,8 @@
 # One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
 # RECIPE names the configs (train/configs/RECIPE_{membrane,nucleus}.json) and the default run
 # folder (train/checkpoints/RECIPE): generalise (clean targets) or fused (dual-view fused targets).
-# usage: [RECIPE=fused] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
+# CHANNELS (default "membrane nucleus") picks the channels: two runs, one per channel, use two cores.
+# usage: [RECIPE=fused] [CHANNELS=membrane] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 final="${1:-3000}"
@@ -14,9 +15,10 @@ phase="${2:-200}"
 python="${PYTHON:-.venv/bin/python}"
 recipe="${RECIPE:-generalise}"
 runs="${RUNS:-train/checkpoints/$recipe}"
+channels="${CHANNELS:-membrane nucleus}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 for (( steps = phase; steps <= final; steps += phase )); do
-    for channel in membrane nucleus; do
+    for channel in $channels; do
         "$python" -m train --config "train/configs/${recipe}_${channel}.json" --members 2 \
             --runs "$runs" --weights "$runs/weights" --resume --steps "$steps" --no-calibrate --overwrite --quiet
     done
@@ -24,7 +26,7 @@ done
 # Calibrate each final ensemble's safety net on the validation volumes (checkpoints were chosen
 # there too); ship with: cp -r "$runs/weights/<channel>" model_weights/ (after comparing, on the
 # validation numbers the manifest records, with what model_weights/ holds now).
-for channel in membrane nucleus; do
+for channel in $channels; do
     "$python" -m train --config "train/configs/${recipe}_${channel}.json" --weights "$runs/weights" \
         --calibrate-only --quiet
 done

@@ -43,6 +43,11 @@ class TrainConfig(Config):
                               "member_<k> starts member k ('' = random). Not read when resuming.")
     phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
                           ge=0, le=10_000)
+    phantom_share: float | None = param(
+        None, doc="Share of training patches drawn from the phantoms, the rest spread evenly over the real "
+        "content (null = every source alike, so 8 phantoms beside 2 real volumes give the phantoms 80%: "
+        "nets then learn the phantoms' look and gain little on real content they never saw).",
+        ge=0.0, le=1.0)
     phantom_shape: tuple[int, int, int] = param((48, 128, 128), doc="Shape of each phantom (Z, Y, X).",
                                                 ge=8, le=1024)
     validation_phantoms: int = param(2, doc="Extra phantoms (unseen seeds) used only for validation.",

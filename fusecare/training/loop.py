@@ -28,7 +28,7 @@ from fusecare.scoring.metrics import score_ssim
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, mean_over_ranks, setup_distributed
 from fusecare.training.losses import training_loss
-from fusecare.training.sources import PatchSource, ValidationCase, build_data, draw_batch
+from fusecare.training.sources import PatchSource, ValidationCase, build_data, draw_batch, source_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=config.lr_patience)
-    val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]))
+    probabilities = source_probabilities(sources, config.phantom_share)
+    val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
+                             probabilities)
     start_step, best_score, best = 0, -np.inf, {}
     last_path = run_dir / CHECKPOINT_LAST
     state = _resume_state(last_path, rank, world) if resume else None
@@ -179,7 +181,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         checkpoint(0, float("nan"))  # the untrained baseline: step 0 of the log
     model.train()
     for step in bar:
-        x, y = draw_batch(sources, config.batch_size, rng)
+        x, y = draw_batch(sources, config.batch_size, rng, probabilities)
         loss = training_loss(net(x.to(device)), y.to(device), loss=config.loss, ssim_weight=config.ssim_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

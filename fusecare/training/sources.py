@@ -32,6 +32,8 @@ VALIDATION_CROP = (64, 256, 256)
 
 class PatchSource(Protocol):
     name: str
+    synthetic: bool
+    """A phantom (``TrainConfig.phantom_share`` sets how often such sources are drawn)."""
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -42,6 +44,7 @@ class RealPairs:
 
     name: str
     patches: PairPatches
+    synthetic: bool = False
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self.patches.sample(rng)
@@ -51,8 +54,9 @@ class SimulatedPairs:
     """Patches of single views simulated from one clean volume, re-simulated every N draws."""
 
     def __init__(self, name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
-                 config: TrainConfig) -> None:
+                 config: TrainConfig, *, synthetic: bool = False) -> None:
         self.name, self.clean, self.voxel_size, self.config = name, clean, voxel_size, config
+        self.synthetic = synthetic
         self._patches: PairPatches | None = None
         self._draws = 0
 
@@ -166,7 +170,7 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
                                         randomised_seed=50_000 + 100 * (i + 1))
     for i in range(0 if validation_only else config.phantoms):
         clean = _phantom(config.channel, config.phantom_shape, config.seed * 100_003 + i)
-        sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config))
+        sources.append(SimulatedPairs(f"phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config, synthetic=True))
     for i in range(config.validation_phantoms if (config.phantoms or clean_paths) else 0):
         seed = 1_000_000_007 + i  # never a training phantom's seed
         clean = _phantom(config.channel, config.phantom_shape, seed)
@@ -182,10 +186,31 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
     return sources, validation
 
 
-def draw_batch(sources: Sequence[PatchSource], batch_size: int, rng: np.random.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of (input, target) patches, each from a source drawn uniformly."""
-    pairs = [sources[int(rng.integers(len(sources)))].sample(rng) for _ in range(batch_size)]
+def source_probabilities(sources: Sequence[PatchSource], phantom_share: float | None) -> np.ndarray | None:
+    """How often each source is drawn: ``phantom_share`` spread evenly over the phantoms and the rest
+    evenly over the real content (``None`` = every source alike). When one group is empty the other
+    gets every draw."""
+    if phantom_share is None:
+        return None
+    synthetic = np.array([s.synthetic for s in sources], dtype=bool)
+    n_synthetic, n_real = int(synthetic.sum()), int((~synthetic).sum())
+    if n_synthetic == 0 or n_real == 0:
+        log.info("phantom_share %.2f has no %s to weigh against: every source drawn alike", phantom_share,
+                 "phantom" if n_synthetic == 0 else "real content")
+        return None
+    return np.where(synthetic, phantom_share / n_synthetic, (1.0 - phantom_share) / n_real)
+
+
+def draw_batch(sources: Sequence[PatchSource], batch_size: int, rng: np.random.Generator,
+               probabilities: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (input, target) patches, each from a source drawn uniformly or with
+    ``probabilities`` (``source_probabilities``)."""
+    def pick() -> int:  # the uniform draw keeps its random stream (resumed runs, old seeds)
+        if probabilities is None:
+            return int(rng.integers(len(sources)))
+        return int(rng.choice(len(sources), p=probabilities))
+
+    pairs = [sources[pick()].sample(rng) for _ in range(batch_size)]
     x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
     y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
     return x, y

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -283,8 +284,8 @@ def test_randomised_content_changes_the_target_with_the_view(rng):
 def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
     """The held-out protocol holds only if the shipped recipe never touches a test volume."""
     split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
-    for channel in ("membrane", "nucleus"):
-        config = TrainConfig.load(REPO / "train" / "configs" / f"generalise_{channel}.json")
+    for recipe, channel in itertools.product(("generalise", "fused", "fused_real"), ("membrane", "nucleus")):
+        config = TrainConfig.load(REPO / "train" / "configs" / f"{recipe}_{channel}.json")
         assert config.channel == channel and not config.validate_on_training_volumes
         assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
         assert [Path(f).name for f in config.validation_files] == [p.name for p in split[channel]["validation"]]
