@@ -9,10 +9,13 @@ from scipy import ndimage
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, smooth
 from fusecare.training.calibration import (
+    MEAN,
+    SAFE,
     GateCandidate,
     ValidationPrediction,
     calibrate_gate,
     choose_gate,
+    choose_rule,
     cross_validate,
     default_candidates,
     evaluate_candidates,
@@ -48,9 +51,10 @@ def test_choice_prefers_best_mean_among_safe_candidates():
 
 def test_candidates_include_the_input_itself_smoothed_fallbacks_and_the_consistency_term():
     candidates = default_candidates()
-    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 196
-    assert {c.fallback_sigma for c in candidates} == {0.0, 0.5, 0.8, 1.2}
-    assert {c.consistency_scale for c in candidates} == {0.0, 0.02, 0.05, 0.1}
+    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 34
+    assert {c.fallback_sigma for c in candidates} == {0.0, 0.5}
+    assert {c.consistency_scale for c in candidates} == {0.0, 0.05}
+    assert {c.blend for c in candidates} == {0.0, 0.5, 1.0}
     assert GateConfig(blend=0.0, fallback_sigma=0.5) in candidates
 
 
@@ -68,7 +72,9 @@ def _case(rng, *, good: bool) -> ValidationPrediction:
 
 def test_calibration_keeps_every_case_at_or_above_zero(rng):
     cases = [_case(rng, good=True), _case(rng, good=False)]
-    gate, table = calibrate_gate(cases)
+    calibration = calibrate_gate(cases)
+    gate, table = calibration.gate, calibration.table
+    assert calibration.rule == SAFE and calibration.cross_validation == {"safe": None, "mean": None}
     ungated = table[0]
     assert ungated.gate is None and ungated.worst < 0  # ungated, the bad case hurts
     chosen = next(c for c in table if c.gate == gate)
@@ -82,7 +88,8 @@ def test_calibration_falls_back_to_the_input_when_nothing_is_safe(rng):
     source = (target + 0.02 * rng.standard_normal(target.shape)).astype(np.float32)
     wrong = rng.random(target.shape).astype(np.float32)
     bad = ValidationPrediction("bad", source, target, wrong, np.zeros_like(wrong))  # confidently wrong
-    gate, table = calibrate_gate([bad])
+    calibration = calibrate_gate([bad])
+    gate, table = calibration.gate, calibration.table
     assert gate == INPUT_ONLY
     assert next(c for c in table if c.gate == gate).worst == 0.0
 
@@ -102,7 +109,7 @@ def test_calibration_scores_the_smoothed_mean(rng):
 
     assert smoothed == pytest.approx(score_ssim(target, smooth(noisy_mean, 0.5), source).n_ssim, abs=1e-6)
     assert smoothed > unsmoothed
-    chosen, _ = calibrate_gate([case])
+    chosen = calibrate_gate([case]).gate
     assert chosen.prediction_sigma > 0 and chosen.blend > 0
 
 
@@ -130,3 +137,29 @@ def test_cross_validation_chooses_without_the_held_out_volume():
     assert folds["a.tif"] == (cautious, (0.2, 0.2))  # b's -0.4 rules bold out
     assert cv.worst == -0.4 and len(cv.n_ssim) == 4
     assert cross_validate(names[:2], table) is None  # one volume: nothing to hold out
+
+
+def _three_volumes(catastrophe: float) -> tuple[list[str], list[GateCandidate], GateConfig, GateConfig]:
+    """Volumes a, b, c; a cautious gate gains 0.1 on each, a bold one 0.5 on a and b, ``catastrophe`` on c."""
+    cautious, bold = GateConfig(spread_scale=0.05), GateConfig(spread_scale=0.5)
+    table = [GateCandidate(None, (0.5, 0.5, catastrophe)), GateCandidate(cautious, (0.1, 0.1, 0.1)),
+             GateCandidate(bold, (0.5, 0.5, catastrophe))]
+    return ["a.tif", "b.tif", "c.tif"], table, cautious, bold
+
+
+def test_rule_is_chosen_by_cross_validation_not_fixed():
+    """One volume's small loss vetoes the bold gate under SAFE; held out, MEAN does better and is used."""
+    names, table, cautious, bold = _three_volumes(-0.05)
+    rule, estimates = choose_rule(names, table)
+    assert estimates["safe"].mean == pytest.approx((0.1 + 0.1 - 0.05) / 3)  # c held out: bold, chosen on a, b
+    assert estimates["mean"].mean == pytest.approx((0.5 + 0.5 - 0.05) / 3)
+    assert rule == MEAN and MEAN.choose(table).gate == bold and SAFE.choose(table).gate == cautious
+
+
+def test_safe_rule_wins_ties_and_single_volumes():
+    names, table, cautious, _ = _three_volumes(-0.9)  # held out, both rules pick alike: a tie
+    rule, estimates = choose_rule(names, table)
+    assert estimates["safe"].mean == estimates["mean"].mean and rule == SAFE
+    assert SAFE.choose(table).gate == cautious
+    assert choose_rule(["a.tif", "a.tif"], table[:1] + [GateCandidate(cautious, (0.1, 0.1))]) == (
+        SAFE, {"safe": None, "mean": None})
