@@ -35,7 +35,7 @@ from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, rea
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import fmc_ssim, n_ssim
-from fusecare.training.sources import ValidationCase
+from fusecare.training.sources import ValidationCase, volume_of
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,6 @@ def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
     """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` for calibration."""
     mean, spread = predict_volume(source)
     return ValidationPrediction(name, source, target, mean, spread)
-
-
-def volume_of(case_name: str) -> str:
-    """The volume a validation case was simulated from: its name before `` (`` (training names
-    simulated views ``<file> (simulated, seed N)``; each phantom is a volume of its own)."""
-    return case_name.split(" (", 1)[0]
 
 
 @dataclass(frozen=True)

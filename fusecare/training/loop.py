@@ -28,7 +28,14 @@ from fusecare.scoring.metrics import score_ssim
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, mean_over_ranks, setup_distributed
 from fusecare.training.losses import training_loss
-from fusecare.training.sources import PatchSource, ValidationCase, build_data, draw_batch, source_probabilities
+from fusecare.training.sources import (
+    PatchSource,
+    ValidationCase,
+    build_data,
+    draw_batch,
+    source_probabilities,
+    validation_score,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,8 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
     scores = [score_ssim(c.target, _predict_volume(model, c.source, device), c.source).n_ssim for c in cases]
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
+        if config.phantom_share is not None:
+            result["val_nssim_weighted"] = validation_score(cases, scores, config.phantom_share)
     model.train()
     return result
 
@@ -97,8 +106,9 @@ class MemberResult:
 
 
 def _score(metrics: dict[str, float]) -> float:
-    """Higher is better: mean validation N-SSIM where there is any, else minus the loss."""
-    return metrics.get("val_nssim_mean", -metrics["val_loss"])
+    """Higher is better: validation N-SSIM (weighed by content, ``validation_score``, when the
+    config sets ``phantom_share``) where there is any, else minus the loss."""
+    return metrics.get("val_nssim_weighted", metrics.get("val_nssim_mean", -metrics["val_loss"]))
 
 
 def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
@@ -213,7 +223,11 @@ def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
     new = not path.is_file()
-    fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min"]
+    fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min",
+              *(["val_nssim_weighted"] if "val_nssim_weighted" in row else [])]
+    if not new:  # a resumed log keeps the columns it was started with
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), fields)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

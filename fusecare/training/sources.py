@@ -78,6 +78,8 @@ class ValidationCase:
     name: str
     source: np.ndarray
     target: np.ndarray
+    synthetic: bool = False
+    """Simulated from a phantom, not from a real volume (``validation_score`` weighs the two)."""
 
 
 def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -96,26 +98,29 @@ def _phantom(channel: str, shape: tuple[int, int, int], seed: int) -> np.ndarray
 
 
 def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float],
-                          simulator: SimulatorConfig, seed: int | np.random.Generator) -> ValidationCase:
+                          simulator: SimulatorConfig, seed: int | np.random.Generator, *,
+                          synthetic: bool = False) -> ValidationCase:
     """A validation case named ``name``: one (single view, target) pair simulated from a whole
     clean volume (``simulate_pair``), both centre-cropped to ``VALIDATION_CROP``."""
     view, target, _ = simulate_pair(clean, voxel_size, config=simulator, seed=seed)
-    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP))
+    return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP),
+                          synthetic)
 
 
 def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,
-                      *, plain: int, plain_seed: int, randomised: int, randomised_seed: int) -> list[ValidationCase]:
+                      *, plain: int, plain_seed: int, randomised: int, randomised_seed: int,
+                      synthetic: bool = False) -> list[ValidationCase]:
     """``plain`` physical views of a validation volume, then ``randomised`` views of it whose
     content is randomised first (``TrainConfig.validation_randomised_views``); the names group
     every view with its volume (``calibration.volume_of``)."""
     simulator = config.validation_simulator or config.simulator
     cases = [_simulated_validation(f"{name} (simulated, seed {plain_seed + k})", clean, voxel_size, simulator,
-                                   plain_seed + k) for k in range(plain)]
+                                   plain_seed + k, synthetic=synthetic) for k in range(plain)]
     for k in range(randomised):
         rng = np.random.default_rng(randomised_seed + k)
         target = randomise_content(clean, voxel_size, config.simulator, rng)
         cases.append(_simulated_validation(f"{name} (randomised content, seed {randomised_seed + k})", target,
-                                           voxel_size, simulator, rng))
+                                           voxel_size, simulator, rng, synthetic=synthetic))
     return cases
 
 
@@ -175,10 +180,10 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         seed = 1_000_000_007 + i  # never a training phantom's seed
         clean = _phantom(config.channel, config.phantom_shape, seed)
         validation.append(_simulated_validation(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX,
-                                                validation_simulator, seed))
+                                                validation_simulator, seed, synthetic=True))
         validation += _validation_views(f"validation phantom {i}", clean, PHANTOM_VOXEL_SIZE_ZYX, config, plain=0,
                                         plain_seed=0, randomised=config.validation_randomised_views,
-                                        randomised_seed=60_000 + 100 * i)
+                                        randomised_seed=60_000 + 100 * i, synthetic=True)
     if validation_only and not validation:
         raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
     if not sources and not validation_only:
@@ -215,3 +220,28 @@ def draw_batch(sources: Sequence[PatchSource], batch_size: int, rng: np.random.G
     y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
     return x, y
 
+
+
+def volume_of(case_name: str) -> str:
+    """The volume a validation case was simulated from: its name before `` (`` (views are named
+    ``<file> (simulated, seed N)`` or ``<file> (randomised content, seed N)``; each phantom is a
+    volume of its own)."""
+    return case_name.split(" (", 1)[0]
+
+
+def validation_score(cases: Sequence[ValidationCase], n_ssim: Sequence[float], phantom_share: float | None
+                     ) -> float:
+    """The number training's checkpoint choice maximises: the mean N-SSIM of the validation cases,
+    or, with ``phantom_share``, the phantoms' and the real volumes' per-volume means weighed as
+    training draws them (``source_probabilities``), so several views of the phantoms do not
+    outvote the one real volume. When one group is empty the other decides alone."""
+    if phantom_share is None:
+        return float(np.mean(n_ssim))
+    groups: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    for case, score in zip(cases, n_ssim):
+        groups[case.synthetic].setdefault(volume_of(case.name), []).append(score)
+    means = {synthetic: float(np.mean([np.mean(v) for v in volumes.values()]))
+             for synthetic, volumes in groups.items() if volumes}
+    if len(means) < 2:
+        return next(iter(means.values()))
+    return phantom_share * means[True] + (1.0 - phantom_share) * means[False]

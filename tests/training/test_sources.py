@@ -1,4 +1,5 @@
-"""Training sources: how often each source is drawn (``phantom_share``) and the batch it makes."""
+"""Training sources: how often each source is drawn (``phantom_share``), the batch it makes, and how
+validation weighs phantoms against real volumes."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import write_fmc_tif
 
 from fusecare.errors import ConfigError
 from fusecare.training.config import TrainConfig
-from fusecare.training.sources import build_data, draw_batch, source_probabilities
+from fusecare.training.sources import (
+    ValidationCase,
+    build_data,
+    draw_batch,
+    source_probabilities,
+    validation_score,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -75,3 +83,33 @@ def test_phantom_share_marks_only_phantoms_synthetic(tmp_path):
 def test_phantom_share_outside_zero_to_one_is_refused_by_name():
     with pytest.raises(ConfigError, match="phantom_share"):
         TrainConfig.from_dict({"phantoms": 1, "phantom_share": 1.5})
+
+
+def _case(name: str, synthetic: bool) -> ValidationCase:
+    empty = np.zeros((1, 1, 1), np.float32)
+    return ValidationCase(name, empty, empty, synthetic)
+
+
+def test_validation_weighs_volumes_as_training_draws_them():
+    """Three phantom views must not outvote one real volume's two: per-volume means, then the share."""
+    cases = [_case("a.tif (simulated, seed 1)", False), _case("a.tif (simulated, seed 2)", False),
+             _case("validation phantom 0", True), _case("validation phantom 0 (randomised content, seed 6)", True),
+             _case("validation phantom 1", True)]
+    scores = [0.2, 0.4, 0.0, -0.8, 0.4]
+    assert validation_score(cases, scores, None) == pytest.approx(np.mean(scores))
+    # real: 0.3; phantoms: mean of (-0.4, 0.4) = 0.0
+    assert validation_score(cases, scores, 0.25) == pytest.approx(0.75 * 0.3)
+    assert validation_score(cases, scores, 1.0) == pytest.approx(0.0)
+    assert validation_score(cases[2:], scores[2:], 0.25) == pytest.approx(0.0)  # phantoms only decide alone
+    assert validation_score(cases[:2], scores[:2], 0.25) == pytest.approx(0.3)
+
+
+def test_validation_cases_say_whether_they_come_from_a_phantom(tmp_path, rng):
+    real = write_fmc_tif(tmp_path / "v.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    config = TrainConfig.from_dict({"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16],
+                                    "phantoms": 1, "phantom_shape": [12, 32, 32], "validation_phantoms": 1,
+                                    "validation_files": [str(real)], "validation_views": 2,
+                                    "validation_randomised_views": 1, "simulator": {"bright_objects": [1, 1]}})
+    _, cases = build_data(config, validation_only=True)
+    assert [(c.name.split(" (")[0], c.synthetic) for c in cases] == [
+        ("v.tif", False)] * 3 + [("validation phantom 0", True)] * 2

@@ -19,13 +19,12 @@ from fusecare.errors import ConfigError, InputError, TrainingError
 from fusecare.restoration.ensemble import load_ensemble
 from fusecare.restoration.model import ModelConfig
 from fusecare.scoring.metrics import ssim
-from fusecare.training.calibration import volume_of
 from fusecare.training.config import TrainConfig
-from fusecare.training.loop import _rank_rng, train_member
+from fusecare.training.loop import _rank_rng, _score, train_member
 from fusecare.training.losses import ssim_torch, training_loss
 from fusecare.training.members import train_ensemble
 from fusecare.training.pairs import PairPatches, PatchSettings, load_split
-from fusecare.training.sources import RealPairs, SimulatedPairs, build_data
+from fusecare.training.sources import RealPairs, SimulatedPairs, build_data, volume_of
 
 TINY = {"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16], "batch_size": 2,
         "phantoms": 1, "phantom_shape": [12, 32, 32], "validation_phantoms": 1, "validation_patches": 2,
@@ -89,6 +88,16 @@ def test_a_tiny_member_learns_and_keeps_checkpoints(tmp_path, rng):
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"config.json", "best.pt", "last.pt", "log.csv"}
     assert TrainConfig.load(tmp_path / "run" / "config.json") == config
     assert result.best["step"] in (20, 40, 60)
+
+
+def test_checkpoints_are_chosen_on_the_content_weighted_score_when_phantoms_have_a_share(tmp_path):
+    assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1, "val_nssim_weighted": 0.3}) == 0.3
+    assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1}) == 0.1
+    assert _score({"val_loss": 1.0}) == -1.0
+    train_member(tiny(steps=2, validate_every=2, phantom_share=0.5), tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    # one validation phantom and no real volume: the phantom decides alone
+    assert float(rows[-1]["val_nssim_weighted"]) == pytest.approx(float(rows[-1]["val_nssim_mean"]))
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, rng):
