@@ -184,8 +184,9 @@ class CoreMerger:
     each saw its full context, so a crop is exact. Without a ``sink`` the cores go into a float32
     array (with the prediction's leading channel axes) that ``finalize`` returns; with one, the
     sink gets ``(core region, core prediction)`` or, with ``sink_context`` > 0, the prediction
-    over the core widened by that much within the block, and the core's slices within it (what
-    a post-processing that smooths, the gate, needs, without the block's whole margins).
+    over the core widened by that much within the block (never into the padding past the
+    volume's end), and the core's slices within it (what a post-processing that smooths, the
+    gate, needs, without the block's whole margins).
     """
 
     def __init__(self, shape: tuple[int, ...], sink: Sink | None = None, *, sink_context: int = 0) -> None:
@@ -198,9 +199,12 @@ class CoreMerger:
         """What is kept of ``prediction`` (the whole block's) for ``tile``, as the sink receives it."""
         if not self.sink_context:
             return tile.core, prediction[(Ellipsis, *tile.core_in_block)]
-        block = tuple(prediction.shape[-3:])
+        # Widened within what the block holds of the volume: past the volume's end the block is
+        # padding, and a smoothing sink then reflects at the volume's own border, as it would on
+        # the whole volume (the gate was calibrated so), instead of smoothing the padding in.
+        inside = tuple(min(b, n - r.start) for b, n, r in zip(prediction.shape[-3:], self.shape, tile.read))
         widened = tuple(slice(max(c.start - self.sink_context, 0), min(c.stop + self.sink_context, n))
-                        for c, n in zip(tile.core_in_block, block))
+                        for c, n in zip(tile.core_in_block, inside))
         core = tuple(slice(c.start - w.start, c.stop - w.start) for c, w in zip(tile.core_in_block, widened))
         return tile.core, prediction[(Ellipsis, *widened)], core  # type: ignore[return-value]
 
