@@ -71,10 +71,29 @@ class GateConfig(Config):
             reach = max(reach, self.consistency_sigma + max(self.fallback_sigma, self.prediction_sigma))
         return SMOOTHING_TRUNCATE * reach
 
+    @property
+    def radius(self) -> int:
+        """Voxels the gate's smoothing reaches, rounded as its filters round each kernel
+        (``kernel_radius``): ``context`` can fall short of it by a voxel, since each kernel's
+        radius rounds up to half a voxel. A gate run over a slab of planes is exact at the slab's
+        own planes when the slab is read this much wider on both sides."""
+        reach = max(kernel_radius(self.spread_sigma), kernel_radius(self.fallback_sigma),
+                    kernel_radius(self.prediction_sigma))
+        if self.consistency_scale > 0:
+            reach = max(reach, kernel_radius(self.consistency_sigma)
+                        + max(kernel_radius(self.fallback_sigma), kernel_radius(self.prediction_sigma)))
+        return reach
+
 
 INPUT_ONLY = GateConfig(blend=0.0)
 SMOOTHING_TRUNCATE = 4.0
 """Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
+
+
+def kernel_radius(sigma: float) -> int:
+    """Voxels one Gaussian of ``sigma`` reaches as ``smooth`` truncates it (scipy's
+    ``int(truncate * sigma + 0.5)``); 0 for no smoothing."""
+    return int(SMOOTHING_TRUNCATE * float(sigma) + 0.5) if sigma > 0 else 0
 
 
 def gate_weight(spread: np.ndarray, spread_scale: float) -> np.ndarray:
