@@ -42,8 +42,9 @@ from fusecare.restoration.ensemble import Ensemble  # noqa: E402
 from fusecare.restoration.pipeline import (  # noqa: E402
     EnsembleCache,
     RestoreOptions,
+    TilePlan,
     available_memory,
-    default_tile,
+    default_plan,
     gated_tiling,
     restore_case,
 )
@@ -148,12 +149,16 @@ def profile(args: argparse.Namespace) -> dict:
     begin = time.perf_counter()
     ensemble = cache.get(args.weights.name)
     load_seconds = time.perf_counter() - begin
-    def tile_for(shape: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
-        """The tile production uses for ``shape`` (uint16, no uncertainty), widened by the gate."""
-        tile = args.tile or default_tile(ensemble, shape, gate=ensemble.gate, held_bytes_per_voxel=4)
-        return (tile, *gated_tiling(tile, ensemble.margin, ensemble.alignment, ensemble.gate))
+    def tile_for(shape: tuple[int, int, int]) -> tuple[TilePlan, tuple[int, int, int], int]:
+        """The plan production uses for ``shape`` (uint16, no uncertainty), the network's tile and
+        margin: widened by the gate unless the plan defers it."""
+        plan = default_plan(ensemble, shape, gate=ensemble.gate, held_bytes_per_voxel=4, tile=args.tile)
+        if plan.defers_gate:
+            return plan, plan.tile, ensemble.margin
+        return (plan, *gated_tiling(plan.tile, ensemble.margin, ensemble.alignment, ensemble.gate))
 
-    tile, network_tile, margin = tile_for(args.shape)
+    plan, network_tile, margin = tile_for(args.shape)
+    tile = plan.tile
     with tempfile.TemporaryDirectory() as tmp:
         case = synthetic_case(Path(tmp) / "in", args.shape, args.weights.name)
         options = RestoreOptions(tile=args.tile, device=args.device, fp16=args.fp16, progress=False, time_budget=None)
@@ -174,7 +179,8 @@ def profile(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "shape": list(args.shape), "tile": list(tile),
-        "network_tile": list(network_tile), "margin": margin, "members": len(ensemble.members),
+        "network_tile": list(network_tile), "margin": margin, "gate_slab": plan.gate_slab,
+        "members": len(ensemble.members),
         "gate": ensemble.gate.to_dict() if ensemble.gate else None, "load_seconds": load_seconds,
         "case_seconds": case_seconds, "phases": dict(timer.seconds), "calls": dict(timer.calls),
         "computed_voxels": computed, "volume_voxels": voxels, "flops_per_voxel": flops,
@@ -187,7 +193,8 @@ def profile(args: argparse.Namespace) -> dict:
     whole_need = voxels * WHOLE_BYTES_PER_VOXEL
     if args.whole and (device.type != "cpu" or whole_need < 0.8 * available_memory()):
         row["whole_seconds"] = whole_volume_seconds(ensemble, args.shape)
-    target_tile, target_network_tile, target_margin = tile_for(args.target)
+    target_plan, target_network_tile, target_margin = tile_for(args.target)
+    target_tile = target_plan.tile
     target_computed = computed_voxels(args.target, target_network_tile, target_margin, ensemble.alignment)
     target_voxels = math.prod(args.target)
     host = 0.0
@@ -198,6 +205,7 @@ def profile(args: argparse.Namespace) -> dict:
         scale = target_voxels if name in PER_VOLUME_VOXEL else target_computed
         host += seconds / per * scale
     row["target"] = {"shape": list(args.target), "computed_voxels": target_computed, "tile": list(target_tile),
+                     "gate_slab": target_plan.gate_slab,
                      "host_seconds": host,
                      "network_seconds": row["network_seconds"] / computed * target_computed}
     return row
@@ -208,7 +216,8 @@ def report(row: dict) -> None:
     case = row["case_seconds"]
     print(f"\n{row['device']}; torch {row['torch']}; case {'x'.join(map(str, row['shape']))} uint16, "
           f"{row['members']} member(s), tile {row['tile']} -> network tile {row['network_tile']} "
-          f"(margin {row['margin']}), {row['computed_voxels'] / row['volume_voxels']:.2f}x the volume computed")
+          f"(margin {row['margin']}), {row['computed_voxels'] / row['volume_voxels']:.2f}x the volume computed, "
+          + (f"gate deferred (z-slabs of {row['gate_slab']} planes)" if row["gate_slab"] else "gate per core"))
     print(f"{'phase':<28}{'seconds':>9}{'share':>8}{'calls':>7}")
     accounted = 0.0
     for name, seconds in row["phases"].items():
@@ -229,7 +238,8 @@ def report(row: dict) -> None:
     print(f"peak RSS {row['peak_rss'] / 1e9:.2f} GB = {row['peak_rss'] / row['volume_voxels']:.0f} B/voxel; target "
           f"6 B/voxel + 1.5 GB = {row['rss_target'] / 1e9:.2f} GB: {ok}")
     target = row["target"]
-    print(f"extrapolated to {'x'.join(map(str, target['shape']))} (tile {target['tile']}, "
+    where = f"gate in z-slabs of {target['gate_slab']}" if target["gate_slab"] else "gate per core"
+    print(f"extrapolated to {'x'.join(map(str, target['shape']))} (tile {target['tile']}, {where}, "
           f"{target['computed_voxels'] / 1e9:.2f} G voxels computed): host side (all but the network) "
           f"{target['host_seconds']:.0f} s, network {target['network_seconds']:.0f} s, "
           f"case {target['host_seconds'] + target['network_seconds']:.0f} s")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,7 +43,14 @@ from fusecare.io import (
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.profiling import phase
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
-from fusecare.restoration.gate import GateConfig, gate_fields, gate_fields_torch, gated_fields, gated_fields_torch
+from fusecare.restoration.gate import (
+    FIELDS,
+    GateConfig,
+    gate_fields,
+    gate_fields_torch,
+    gated_fields,
+    gated_fields_torch,
+)
 from fusecare.restoration.tiling import Region, Splitter, axis_tiles, predict_normalised
 
 log = logging.getLogger(__name__)
@@ -241,6 +248,8 @@ class Pacer:
     def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
         self.modes, self.deadline, self.name = modes, deadline, name
         self.level, self.total, self.done = 0, 0, 0
+        self.last: _Mode | None = None
+        """The mode that predicted the latest tile (the level may have stepped down since)."""
 
     def start(self, tiles: int) -> None:
         """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
@@ -255,6 +264,7 @@ class Pacer:
         clock = self.deadline.clock if self.deadline is not None else time.monotonic
         begin = clock()
         out = mode.predict(block)
+        self.last = mode
         mode.seconds.append(clock() - begin)
         mode.tiles += 1
         self.done += 1
@@ -392,45 +402,198 @@ CPU_TILE_CHOICES = tuple((z, yx, yx) for z in (64, 96, 128, 160) for yx in (128,
 """Tiles ``cpu_tile`` chooses from (before the gate widens them)."""
 
 
+DEFERRED_GATE_HELD_BYTES = 8
+"""Host bytes per voxel the deferred gate holds while the tiles run: the members' mean and spread
+of the whole volume, float32 (``restore_volume`` with ``gate_slab``)."""
+
+GATE_SLAB_BYTES_PER_VOXEL = (len(FIELDS) + 5) * 4
+"""Peak host bytes per voxel of a z-slab of the deferred gate, read widened by its reach: the
+``gate_fields`` stack (4 bytes per field), the normalised input, the blend's and the uint16 map's
+temporaries on the slab's own planes; measured (tracemalloc) 29 with a halo as deep as the slab,
+36 for one slab of the whole depth, plus 4 for the allocator's slack."""
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a case is tiled on the host: the core tile and where the gate runs.
+
+    With ``gate_slab`` the network's tiles carry only its own context margin and the gate runs
+    once over the whole volume, in z-slabs of that many planes, after every tile ran: the gate's
+    reach (16 voxels per side for the shipped membrane gate, beside the network's 24) is not
+    recomputed by the network on every tile, at 8 bytes per voxel held for the members' mean and
+    spread. Without it (``None``) each tile is widened by the gate's reach and its core is gated
+    as it comes (``gated_tiling``): what fits when 8 more bytes per voxel do not (large cases),
+    and the device path.
+    """
+
+    tile: tuple[int, int, int]
+    gate_slab: int | None = None
+
+    @property
+    def defers_gate(self) -> bool:
+        return self.gate_slab is not None
+
+
+def feasible_tile(tile: tuple[int, int, int], shape: tuple[int, ...], margin: int,
+                  align: int) -> tuple[int, int, int]:
+    """``tile`` as the tiling can use it: sides rounded up to multiples of ``align`` and, where one
+    tile does not cover the axis, to room for ``margin`` on both sides (a ``--tile`` that cannot be
+    used is rounded up, not failed)."""
+    minimum = 2 * margin + align
+    aligned = [math.ceil(t / align) * align for t in tile]
+    return tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # type: ignore[return-value]
+                 for n, t in zip(shape, aligned))  # one tile: no margin needed
+
+
+def _computed_voxels(shape: tuple[int, ...], tile: tuple[int, int, int], margin: int,
+                     align: int) -> tuple[int, int] | None:
+    """(voxels the network computes for ``shape``, voxels of one block) with this network tile and
+    margin; ``None`` when the tile leaves no core."""
+    try:
+        per_axis = [axis_tiles(n, t, margin, align) for n, t in zip(shape, tile)]
+    except ValueError:
+        return None
+    block = math.prod(a[0].stop - a[0].start for a in per_axis)
+    return math.prod(len(a) * (a[0].stop - a[0].start) for a in per_axis), block
+
+
+def _tile_budget(shape: tuple[int, ...], held_bytes_per_voxel: float) -> float:
+    """Host bytes left to one network tile (or to one slab of the deferred gate, which runs after
+    the tiles) by the memory rule, once the volume's held arrays and the process are counted."""
+    voxels = math.prod(shape)
+    return (TARGET_BYTES_PER_VOXEL - held_bytes_per_voxel) * voxels + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
+
+
+def _fewest_computed(shape: tuple[int, ...], *, per_voxel: float, budget: float, margin: int, align: int,
+                     gate: GateConfig | None) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
+    """((computed, block voxels), tile) of the candidate tile computing the fewest voxels whose block
+    fits ``budget`` (``gate`` widens the tiles; ``None`` for none); ``None`` when none fits."""
+    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
+    for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
+        network_tile, widened = gated_tiling(tile, margin, align, gate)
+        cost = _computed_voxels(shape, network_tile, widened, align)
+        if cost is not None and cost[1] * per_voxel <= budget and (best is None or cost < best[0]):
+            best = (cost, tile)
+    return best
+
+
+def _tile_bytes_per_voxel(filters: int) -> float:
+    return TILE_BYTES_PER_FILTER * filters + TILE_BYTES_PIPELINE
+
+
 def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
              held_bytes_per_voxel: float) -> tuple[int, int, int]:
-    """The CPU tile that computes the fewest voxels for ``shape`` within the memory rule.
+    """The CPU tile that computes the fewest voxels for ``shape`` within the memory rule, the gate
+    run per core (tiles widened by its reach).
 
-    Every tile recomputes its context margins (24 voxels for the network and 20 for the shipped
+    Every tile recomputes its context margins (24 voxels for the network and 16 for the shipped
     membrane gate, per side), so on CPU, where the network is nearly all of a case's time, the
     tile decides the speed: the former fixed (64, 128, 128) computed 3.1x a 64x384x384 volume and
     19x a 309x1920x1920 one (its z core was 16 voxels). The memory rule is peak RSS <=
     ``TARGET_BYTES_PER_VOXEL`` per voxel + ``MODEL_OVERHEAD_BYTES``: what the volume and its
     outputs hold (``held_bytes_per_voxel``) and the process itself leave the rest to one tile.
     ``DEFAULT_TILE['cpu']`` when nothing larger fits; it also wins ties (small volumes).
+    ``cpu_plan`` weighs this against deferring the gate.
     """
-    voxels = math.prod(shape)
-    budget = (TARGET_BYTES_PER_VOXEL - held_bytes_per_voxel) * voxels + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
-    per_voxel = TILE_BYTES_PER_FILTER * filters + TILE_BYTES_PIPELINE
-    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
-    for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
-        network_tile, widened = gated_tiling(tile, margin, align, gate)
-        try:
-            per_axis = [axis_tiles(n, t, widened, align) for n, t in zip(shape, network_tile)]
-        except ValueError:
-            continue
-        block = math.prod(a[0].stop - a[0].start for a in per_axis)
-        computed = math.prod(len(a) * (a[0].stop - a[0].start) for a in per_axis)
-        if block * per_voxel <= budget and (best is None or (computed, block) < best[0]):
-            best = ((computed, block), tile)
+    best = _fewest_computed(shape, per_voxel=_tile_bytes_per_voxel(filters),
+                            budget=_tile_budget(shape, held_bytes_per_voxel), margin=margin, align=align, gate=gate)
     return best[1] if best is not None else DEFAULT_TILE["cpu"]
+
+
+def deferred_gate_slab(shape: tuple[int, ...], gate: GateConfig, budget: float) -> int | None:
+    """Planes per z-slab of the deferred gate whose working memory, the slab read widened by the
+    gate's reach (``GateConfig.radius``) on both sides, fits ``budget`` bytes: the whole depth
+    when it fits at once, else the most planes that fit, provided the reach read around them is
+    at most their number (the gate smooths at most twice the volume); ``None`` otherwise."""
+    depth, plane = shape[0], math.prod(shape[1:]) * GATE_SLAB_BYTES_PER_VOXEL
+    planes = int(budget // plane) if budget > 0 else 0
+    if planes >= depth:
+        return depth
+    slab = planes - 2 * gate.radius
+    return slab if slab >= max(1, 2 * gate.radius) else None
+
+
+def cpu_plan(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
+             held_bytes_per_voxel: float, tile: tuple[int, int, int] | None = None) -> TilePlan:
+    """The CPU plan computing the fewest network voxels within the memory rule: the gate per
+    core in tiles widened by its reach (``cpu_tile``), or deferred (``TilePlan.gate_slab``).
+
+    Deferring holds ``DEFERRED_GATE_HELD_BYTES`` more per voxel, so it fits small and mid-sized
+    cases only (a 64x384x384 uint16 case: 1.56x its volume computed instead of 2.25x) and never a
+    309x1920x1920 one (2 bytes per voxel are left to it, 8 needed): those keep the widened tiles.
+    The one-slab gate and the network tile never coexist (the gate runs after the last tile),
+    so each must fit alone in the memory the held arrays leave. With ``tile`` (``--tile``) only
+    where the gate runs is chosen: deferred when its memory fits that tile. Ties (a gate without
+    smoothing, one tile) keep the gate per core, which holds less.
+    """
+    per_voxel = _tile_bytes_per_voxel(filters)
+    if tile is None:
+        widened = _fewest_computed(shape, per_voxel=per_voxel, budget=_tile_budget(shape, held_bytes_per_voxel),
+                                   margin=margin, align=align, gate=gate)
+        widened_cost, widened_tile = widened if widened is not None else (None, DEFAULT_TILE["cpu"])
+    else:
+        widened_tile = tile
+        network_tile, widened_margin = gated_tiling(tile, margin, align, gate)
+        widened_cost = _computed_voxels(shape, feasible_tile(network_tile, shape, widened_margin, align),
+                                        widened_margin, align)
+    plan = TilePlan(widened_tile)
+    if gate is None:
+        return plan
+    budget = _tile_budget(shape, held_bytes_per_voxel + DEFERRED_GATE_HELD_BYTES)
+    slab = deferred_gate_slab(shape, gate, budget)
+    if slab is None:
+        return plan
+    if tile is None:
+        deferred = _fewest_computed(shape, per_voxel=per_voxel, budget=budget, margin=margin, align=align, gate=None)
+    else:
+        cost = _computed_voxels(shape, feasible_tile(tile, shape, margin, align), margin, align)
+        deferred = (cost, tile) if cost is not None and cost[1] * per_voxel <= budget else None
+    if deferred is not None and (widened_cost is None or deferred[0][0] < widened_cost[0]):
+        return TilePlan(deferred[1], gate_slab=slab)
+    return plan
 
 
 WHOLE: Region = (slice(None),) * 3  # type: ignore[assignment]
 """A sink's core when it gets the core itself (no gate, so no widening)."""
 
-def default_tile(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig | None,
-                 held_bytes_per_voxel: float) -> tuple[int, int, int]:
-    """The tile a case gets without ``--tile``: ``cpu_tile`` on CPU, ``DEFAULT_TILE`` elsewhere."""
+
+def default_plan(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig | None,
+                 held_bytes_per_voxel: float, tile: tuple[int, int, int] | None = None) -> TilePlan:
+    """The plan a case gets: ``cpu_plan`` on CPU (``tile``, from ``--tile``, kept if given); on a
+    device ``tile`` or ``DEFAULT_TILE`` with the gate per core (the deferred gate is host-only)."""
     if ensemble.device.type != "cpu":
-        return DEFAULT_TILE[ensemble.device.type]
-    return cpu_tile(shape, filters=max(m.config.first_filters for m in ensemble.members), margin=ensemble.margin,
-                    align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel)
+        return TilePlan(tile or DEFAULT_TILE[ensemble.device.type])
+    return cpu_plan(shape, filters=max(m.config.first_filters for m in ensemble.members), margin=ensemble.margin,
+                    align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel, tile=tile)
+
+
+def gate_in_z_slabs(volume: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig,
+                    norm: PercentileNorm, *, planes: int, input_cores: Sequence[Region] = (),
+                    ) -> Iterator[tuple[slice, np.ndarray]]:
+    """The gate over a whole volume, ``planes`` z-planes at a time: each z-slab with its gated
+    values (normalised), as ``gated_fields`` of ``gate_fields`` over the whole volume gives them.
+
+    ``mean`` and ``spread`` are the members' of the whole volume. Each slab is read widened by the
+    gate's reach (``GateConfig.radius``) in z, clipped at the volume's ends, with whole planes: the
+    smoothing's reflection at the volume's borders is then the whole volume's own, and every
+    plane of the slab saw all it reaches. ``input_cores`` (written as the input itself, where
+    ``mean`` holds the normalised input) keep their mean: the gate would smooth the input there.
+    """
+    depth, reach = volume.shape[0], gate.radius
+    for z0 in range(0, depth, planes):
+        z1 = min(z0 + planes, depth)
+        w0, w1 = max(z0 - reach, 0), min(z1 + reach, depth)
+        own = (slice(None), slice(z0 - w0, z1 - w0))
+        with phase("gate smoothing", (w1 - w0) * math.prod(volume.shape[1:])):
+            fields = gate_fields(gate, norm.forward(volume[w0:w1]), mean[w0:w1], spread[w0:w1])
+        with phase("gate blend, uint16 map", (z1 - z0) * math.prod(volume.shape[1:])):
+            gated_planes = gated_fields(fields[own], gate)
+            del fields
+            for core in input_cores:
+                if core[0].start < z1 and core[0].stop > z0:
+                    zs = slice(max(core[0].start, z0), min(core[0].stop, z1))
+                    gated_planes[(slice(zs.start - z0, zs.stop - z0), *core[1:])] = mean[(zs, *core[1:])]
+        yield slice(z0, z1), gated_planes
 
 
 FULL_MODE = "all members"
@@ -452,12 +615,17 @@ def restore_volume(
     cheaper: Cheaper | None = None,
     name: str = "volume",
     device: torch.device | None = None,
+    gate_slab: int | None = None,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
     Normalises with the challenge's percentiles, gates toward the input when a ``gate`` is
-    given (its spread smoothing runs on whole tiles, before their margins are cropped), maps
-    back to the input's intensities and to uint16 (see ``Uint16Map``). On CUDA
+    given, maps back to the input's intensities and to uint16 (see ``Uint16Map``). The gate
+    smooths, so it needs context beyond the network's: by default the tiles widen by its reach
+    and each core is gated as it comes (``gated_tiling``); with ``gate_slab`` (host only,
+    ``TilePlan``) the tiles keep the network's margin alone, the members' mean and spread of
+    every core are kept for the whole volume, and the gate runs after the last tile over z-slabs
+    of that many planes (``gate_in_z_slabs``); both equal the gate of the whole volume. On CUDA
     out-of-memory the longest core is halved, margins kept (``shrink_core``), and the whole volume
     retried, up to ``max_oom_retries`` times; below the floor the error propagates (the case falls back).
     With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
@@ -479,12 +647,19 @@ def restore_volume(
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
 
-    # The sink gets the members' mean and spread (and, gated, the normalised block) over each core
-    # widened by the gate's reach, not the whole tile: the gate smooths that much once per core
-    # instead of the whole widened tile (a 64x200x200 tile of a 64x384x384 case: 64x168x168).
+    defer = gate is not None and gate_slab is not None
+    if defer and device is not None:
+        raise ValueError("the deferred gate runs on the host only: no gate_slab with a device")
+    # Gated per core, the sink gets the members' mean and spread (and the normalised block) over
+    # each core widened by the gate's reach, not the whole tile: the gate smooths that much once
+    # per core instead of the whole widened tile (a 64x200x200 tile of a 64x384x384 case: 64x168x168).
     network_margin = margin
-    tile, margin = gated_tiling(tile, margin, align, gate)
+    if not defer:
+        tile, margin = gated_tiling(tile, margin, align, gate)
     gate_reach = margin - network_margin
+    members_mean = np.empty(volume.shape, dtype=np.float32) if defer else None
+    members_spread = np.empty(volume.shape, dtype=np.float32) if defer else None
+    input_cores: list[Region] = []  # written as the input itself by the pacer: kept so by the deferred gate
 
     def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
@@ -503,6 +678,18 @@ def restore_volume(
             clipped += n
             if uncertainty is not None:
                 uncertainty[region] = np.clip(np.rint(spread[core] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+
+    def sink_deferred(region: Region, prediction: np.ndarray) -> None:
+        """The members' mean and spread of a core kept for the gate after the last tile."""
+        mean, spread = prediction[0], prediction[1]
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
+            raise NonFinitePredictionError("the network produced NaN/Inf")
+        members_mean[region] = mean  # type: ignore[index]
+        members_spread[region] = spread  # type: ignore[index]
+        if pacer.last is modes[-1]:  # the host path predicts and sinks each tile in turn
+            input_cores.append(region)
+        if uncertainty is not None:
+            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
 
@@ -533,7 +720,7 @@ def restore_volume(
                 prediction = predict(x)
                 return prediction if gate is None else torch.cat([prediction, x[None]])
             return on_device
-        if gate is None:
+        if gate is None or defer:
             return predict
 
         def with_block(block: np.ndarray) -> np.ndarray:
@@ -550,19 +737,18 @@ def restore_volume(
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
     modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
     pacer = Pacer(modes, deadline, name)
-    minimum = 2 * margin + align
-    aligned = [math.ceil(t / align) * align for t in tile]
-    feasible = tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # one tile: no margin needed
-                     for n, t in zip(volume.shape, aligned))
+    feasible = feasible_tile(tile, volume.shape, margin, align)
     if feasible != tile:
         log.warning("tile %s rounded up to %s: sides must be multiples of %d and leave room for %d "
                     "voxels of context on both sides", tile, feasible, align, margin)
         tile = feasible  # type: ignore[assignment]
+    host_sink = sink_deferred if defer else sink
     for attempt in range(max_oom_retries + 1):
         try:
             pacer.start(len(Splitter(tile, margin, align).tiles(volume.shape)))
+            input_cores.clear()
             predict_normalised(volume, pacer, tile=tile, margin=margin, align=align, norm=norm,
-                               sink=sink if device is None else sink_tensor, sink_context=gate_reach,
+                               sink=host_sink if device is None else sink_tensor, sink_context=gate_reach,
                                overlap=device is not None, progress=progress)
             break
         except torch.cuda.OutOfMemoryError:
@@ -574,6 +760,12 @@ def restore_volume(
             log.warning("CUDA out of memory with tile %s; retrying with tile %s (margins of %d kept, "
                         "cores shrink to at least %d margins)", tile, smaller, margin, OOM_CORE_FLOOR)
             tile = smaller
+    if defer:
+        for planes, gated_planes in gate_in_z_slabs(volume, members_mean, members_spread, gate, norm,  # type: ignore[arg-type]
+                                                    planes=gate_slab, input_cores=input_cores):  # type: ignore[arg-type]
+            with phase("gate blend, uint16 map", gated_planes.size):
+                output[planes], n = to_uint16.apply(norm.inverse(gated_planes))
+                clipped += n
     if clipped:
         log.warning("%d voxel(s) beyond the uint16 headroom were clipped", clipped)
     return Restored(output=output, uncertainty=uncertainty, clipped=clipped, tile=tile, modes=pacer.summary)
@@ -743,22 +935,24 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     ensemble = ensembles.get(meta.channel)
     gate = ensemble.gate if options.gate else None
     uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
-    tile = options.tile or default_tile(ensemble, volume.shape, gate=gate,
-                                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
+    plan = default_plan(ensemble, volume.shape, gate=gate, tile=options.tile,
+                        held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
     if gate is not None and gate.keeps_input:
         raise InputOnlyGateError(
             f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
             "correction that kept every case >= 0); --no-gate runs the ensemble anyway")
-    log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s",
+    log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s%s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
-             tile, gate.to_dict() if gate else "off")
+             plan.tile, gate.to_dict() if gate else "off",
+             f" (after the network, in z-slabs of {plan.gate_slab} planes)" if gate and plan.defers_gate else "")
     on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
     cheaper = cheaper_members(ensemble, on_device=on_device)
     return restore_volume(
         volume, ensemble.predict_tensor if on_device else ensemble.predict_block,
-        tile=tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,
+        tile=plan.tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
+        gate_slab=None if on_device else plan.gate_slab,
     )
 
 

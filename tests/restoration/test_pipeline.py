@@ -555,3 +555,207 @@ def test_restore_volume_predicts_through_the_shared_whole_volume_path(volume, mo
     stitched = real(volume, predict, margin=TILING["margin"], align=TILING["align"], tile=TILING["tile"], norm=norm)
     expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(stitched[0]))
     np.testing.assert_array_equal(restored.output, expected)
+
+
+# --------------------------------------------------------------------------- the gate deferred to z-slabs
+
+
+SMOOTHING_GATE = GateConfig(spread_scale=0.05, blend=0.8, spread_sigma=1.0, fallback_sigma=0.5, prediction_sigma=0.5,
+                            consistency_scale=0.05, consistency_sigma=1.5)
+"""Every smoothing on (radius 8: the consistency term's 6 after the prediction's 2)."""
+
+
+def _shifted_with_spread(x: np.ndarray) -> np.ndarray:
+    """x + 0.1 with a spread that varies voxel to voxel: pointwise, so tiles need no network margin
+    and any seam is the gate's."""
+    return np.stack([x + 0.1, 0.05 * np.abs(np.cos(5 * x))]).astype(np.float32)
+
+
+@pytest.mark.parametrize(("shape", "tile", "gate_slab"), [
+    ((24, 40, 48), (16, 24, 20), 5),  # tiles that do not divide the volume, slabs thinner than the reach
+    ((24, 40, 48), (12, 16, 32), 24),  # one slab of the whole depth
+    ((21, 37, 43), (16, 24, 20), 4),  # no axis a multiple of the alignment: the end padding
+    ((21, 37, 43), (12, 20, 20), 1),  # one plane per slab, its reach read around it
+    ((30, 16, 20), (16, 16, 20), 7),  # one tile in y and x, several in z
+])
+def test_deferred_gate_equals_the_gate_per_core_and_the_whole_volume(rng, shape, tile, gate_slab):
+    """Deferred to z-slabs after the tiles (their margins the network's alone), the gate gives the
+    output of the gate per core in widened tiles and of one whole-volume tile; at the far ends of
+    axes that are not a multiple of the alignment, all three reflect at the volume's own border
+    (not into the network's end padding), as calibration gates whole volumes."""
+    volume = rng.integers(100, 40000, size=shape).astype(np.uint16)  # no headroom: the stretched map
+    kwargs = {"margin": 4, "align": 4, "gate": SMOOTHING_GATE, "with_uncertainty": True}
+    whole_tile = tuple(-(-n // 4) * 4 for n in shape)
+    whole = restore_volume(volume, _shifted_with_spread, tile=whole_tile, **kwargs)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(x: np.ndarray) -> np.ndarray:
+        seen.append(x.shape)
+        return _shifted_with_spread(x)
+
+    deferred = restore_volume(volume, spy, tile=tile, gate_slab=gate_slab, **kwargs)
+    per_core = restore_volume(volume, _shifted_with_spread, tile=tile, **kwargs)
+    assert max(seen) <= tuple(max(t, 12) for t in tile)  # no tile widened by the gate's reach
+    for run in (deferred, per_core):
+        assert np.abs(run.output.astype(int) - whole.output.astype(int)).max() <= 1
+        np.testing.assert_array_equal(run.uncertainty, whole.uncertainty)
+        assert run.clipped == whole.clipped
+    assert not np.array_equal(whole.output, restore_volume(volume, _shifted_with_spread, tile=whole_tile,
+                                                           margin=4, align=4).output)  # the gate did something
+
+
+@pytest.mark.parametrize("planes", [1, 3, 8, 21])
+def test_gate_in_z_slabs_is_the_whole_volume_gate_in_normalised_units(rng, planes):
+    """Each slab read with the gate's reach in z (clipped at the ends) and whole planes equals
+    ``gated_fields(gate_fields(...))`` of the whole volume to 1e-4 (here: exactly, same float32
+    arithmetic per voxel)."""
+    from fusecare.restoration.gate import gate_fields, gated_fields
+    from fusecare.restoration.pipeline import gate_in_z_slabs
+
+    volume = rng.integers(100, 4000, size=(21, 18, 22)).astype(np.uint16)
+    norm = PercentileNorm.fit(volume)
+    mean, spread = _shifted_with_spread(norm.forward(volume))
+    expected = gated_fields(gate_fields(SMOOTHING_GATE, norm.forward(volume), mean, spread), SMOOTHING_GATE)
+    got = np.full(volume.shape, np.nan, np.float32)
+    for z, values in gate_in_z_slabs(volume, mean, spread, SMOOTHING_GATE, norm, planes=planes):
+        assert np.isnan(got[z]).all()
+        got[z] = values
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(got, expected)  # a plane of reach short would differ by ~1e-9 only
+
+
+def test_deferred_gate_keeps_input_mode_cores_the_input_itself(volume):
+    """Cores the time budget wrote as the input stay exactly the input after the deferred gate
+    (which would otherwise smooth them toward its fallback); the core that was predicted is gated."""
+    clock = FakeClock()
+    deadline = Deadline.after(25.0, clock)  # one tile of 10 s, then the input itself
+    gate = GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.8, consistency_scale=0.05,
+                      consistency_sigma=1.0)
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=gate, gate_slab=3, deadline=deadline,
+                              with_uncertainty=True)
+    n = _tiles(volume)
+    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: n - 1}
+    first = tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"])[0].core
+    predicted = np.zeros(volume.shape, bool)
+    predicted[first] = True
+    np.testing.assert_array_equal(restored.output[~predicted], volume[~predicted])
+    assert (restored.output[predicted] != volume[predicted]).mean() > 0.9
+    assert not restored.uncertainty.any()
+
+
+def test_deferred_gate_refuses_non_finite_predictions(volume):
+    with pytest.raises(NonFinitePredictionError, match="NaN/Inf"):
+        restore_volume(volume, _with_spread(lambda x: x * np.nan), **TILING, gate=SMOOTHING_GATE, gate_slab=4)
+
+
+def test_deferred_gate_is_host_only(volume):
+    with pytest.raises(ValueError, match="host only"):
+        restore_volume(volume, _members_torch, **TILING, gate=SMOOTHING_GATE, gate_slab=4, device=torch.device("cpu"))
+
+
+def test_cpu_plan_defers_the_gate_where_its_memory_fits():
+    """A 64x384x384 uint16 case holds 8 more bytes per voxel and computes 1.56x its volume instead
+    of 2.25x (the shipped gate reaches 16 voxels); a 309x1920x1920 case has 2 bytes per voxel
+    left, not 8, and keeps the widened tiles (the tile ``cpu_tile`` gives); so does a gate that
+    does not smooth (nothing to save)."""
+    from fusecare.restoration.pipeline import (
+        DEFERRED_GATE_HELD_BYTES,
+        GATE_SLAB_BYTES_PER_VOXEL,
+        MODEL_OVERHEAD_BYTES,
+        PROCESS_BYTES,
+        TARGET_BYTES_PER_VOXEL,
+        TILE_BYTES_PER_FILTER,
+        TILE_BYTES_PIPELINE,
+        cpu_plan,
+        cpu_tile,
+        gated_tiling,
+    )
+
+    gate = GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0)  # the shipped membrane gate
+    kwargs = dict(filters=16, margin=24, align=4, gate=gate, held_bytes_per_voxel=4)
+
+    def computed(shape, tile, margin):
+        return sum(np.prod([s.stop - s.start for s in t.read]) for t in tile_grid(shape, tile, (margin,) * 3, 4))
+
+    shape = (64, 384, 384)
+    plan = cpu_plan(shape, **kwargs)
+    assert plan.defers_gate and plan.gate_slab == 64
+    widened_tile = cpu_tile(shape, **kwargs)
+    widened = computed(shape, *gated_tiling(widened_tile, 24, 4, gate))
+    assert computed(shape, plan.tile, 24) / np.prod(shape) == pytest.approx(1.5625)
+    assert widened / np.prod(shape) == pytest.approx(2.25)
+    budget = ((TARGET_BYTES_PER_VOXEL - 4 - DEFERRED_GATE_HELD_BYTES) * np.prod(shape) + MODEL_OVERHEAD_BYTES
+              - PROCESS_BYTES)
+    assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
+
+    deeper = (200, 384, 384)  # the whole depth does not fit one slab: the most planes that do, less the reach
+    plan = cpu_plan(deeper, **kwargs)
+    budget = ((TARGET_BYTES_PER_VOXEL - 4 - DEFERRED_GATE_HELD_BYTES) * np.prod(deeper) + MODEL_OVERHEAD_BYTES
+              - PROCESS_BYTES)
+    assert plan.gate_slab == budget // (384 * 384 * GATE_SLAB_BYTES_PER_VOXEL) - 2 * gate.radius
+    assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
+
+    big = (309, 1920, 1920)
+    assert cpu_plan(big, **kwargs) == type(plan)(cpu_tile(big, **kwargs))
+    no_smoothing = dict(kwargs, gate=GateConfig())
+    assert not cpu_plan(shape, **no_smoothing).defers_gate
+    assert not cpu_plan(shape, **dict(kwargs, gate=None)).defers_gate
+    # an explicit tile is kept; only where the gate runs is chosen
+    assert cpu_plan(shape, **kwargs, tile=(64, 192, 192)) == type(plan)((64, 192, 192), gate_slab=64)
+    assert not cpu_plan(big, **kwargs, tile=(64, 128, 128)).defers_gate
+
+
+def test_deferred_gate_slab_fits_its_budget():
+    """The whole depth when it fits at once; else the most planes whose slab, read with the gate's
+    reach on both sides, fits; none when the reach would be more than the planes it serves."""
+    from fusecare.restoration.pipeline import GATE_SLAB_BYTES_PER_VOXEL, deferred_gate_slab
+
+    gate = GateConfig(spread_sigma=2.0)  # radius 8
+    shape = (100, 10, 10)
+    plane = 100 * GATE_SLAB_BYTES_PER_VOXEL
+    assert gate.radius == 8
+    assert deferred_gate_slab(shape, gate, 100 * plane) == 100
+    assert deferred_gate_slab(shape, gate, 60 * plane) == 44
+    assert deferred_gate_slab(shape, gate, 32 * plane) == 16
+    assert deferred_gate_slab(shape, gate, 31 * plane) is None
+    assert deferred_gate_slab(shape, gate, -1.0) is None
+
+
+def test_gate_radius_covers_each_kernel_as_scipy_truncates_it():
+    """``context`` (4 sigmas) can fall short of the kernels' rounded radii; ``radius`` does not."""
+    assert GateConfig(spread_sigma=0.125, fallback_sigma=0.125, consistency_scale=0.1,
+                      consistency_sigma=0.125).radius == 2  # context 1.0
+    assert GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0).radius == 16
+    assert GateConfig().radius == 0
+
+
+def test_a_cpu_case_with_a_smoothing_gate_defers_it(tmp_path, rng, monkeypatch):
+    """Through ``restore_folder`` on CPU the plan reaches ``restore_volume``: a smoothing gate is
+    deferred to z-slabs (with ``--tile``, whose cores stay as asked), and the output is the gate
+    per core's."""
+    from conftest import make_tiny_ensemble, write_fmc_tif
+
+    from fusecare.restoration import pipeline
+    from fusecare.restoration.ensemble import write_manifest
+
+    weights = tmp_path / "weights"
+    folder = make_tiny_ensemble(weights, "nucleus")
+    write_manifest(folder, "nucleus", gate=GateConfig(spread_scale=0.05, spread_sigma=1.0, fallback_sigma=0.5))
+    volume = rng.integers(100, 4000, size=(8, 96, 40)).astype(np.uint16)
+    write_fmc_tif(tmp_path / "in" / "a.tif", volume)
+    calls = []
+    real = pipeline.restore_volume
+
+    def spy(volume, predict_block, **kwargs):
+        calls.append((volume, predict_block, kwargs))
+        return real(volume, predict_block, **kwargs)
+
+    monkeypatch.setattr(pipeline, "restore_volume", spy)
+    # margin 24: along y, tiles of 64 (deferred) compute 3 x 64 voxels, widened to 72 they would compute 3 x 72
+    options = pipeline.RestoreOptions(tile=(8, 64, 64), device="cpu", progress=False, time_budget=None)
+    [result] = pipeline.restore_folder(tmp_path / "in", tmp_path / "out", weights, options)
+    assert result.status == "restored"
+    [(seen, predict, kwargs)] = calls
+    assert kwargs["gate_slab"] == 8 and kwargs["tile"] == (8, 64, 64)
+    per_core = real(seen, predict, **{**kwargs, "gate_slab": None}).output
+    assert np.abs(tifffile.imread(tmp_path / "out" / "a.tif").astype(int) - per_core.astype(int)).max() <= 1
