@@ -58,8 +58,10 @@ WHOLE_BYTES_PER_VOXEL = 700
 """Order of magnitude of a whole-volume forward pass of one shipped (16-filter) member on CPU."""
 
 PER_VOLUME_VOXEL = ("read", "percentiles", "gate blend, uint16 map", "write")
-"""Phases whose work scales with the volume's voxels; the others scale with the voxels the tiles
-compute (the volume plus every tile's margins)."""
+"""Phases whose work scales with the volume's voxels; the gate's smoothing with the voxels it
+smooths (``gate_voxels``); the others with the voxels the tiles compute (the volume plus every
+tile's margins)."""
+GATE_SMOOTHING = "gate smoothing"
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -143,6 +145,18 @@ def computed_voxels(shape: tuple[int, int, int], tile: tuple[int, int, int], mar
     return sum(math.prod(s.stop - s.start for s in t.read) for t in grid)
 
 
+def gate_voxels(shape: tuple[int, int, int], plan: TilePlan, network_tile: tuple[int, int, int], margin: int,
+                align: int, reach: int) -> int:
+    """Voxels the gate smooths: each core widened by its reach (within the volume) when the gate
+    runs per core, each z-slab widened by its reach in z when it is deferred."""
+    if plan.gate_slab is not None:
+        plane = shape[1] * shape[2]
+        return sum((min(z + plan.gate_slab + reach, shape[0]) - max(z - reach, 0)) * plane
+                   for z in range(0, shape[0], plan.gate_slab))
+    return sum(math.prod(min(c.stop + reach, n) - max(c.start - reach, 0) for c, n in zip(t.core, shape))
+               for t in tile_grid(shape, network_tile, (margin,) * 3, align))
+
+
 def profile(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     cache = EnsembleCache(args.weights.parent, device, fp16=args.fp16)
@@ -197,12 +211,18 @@ def profile(args: argparse.Namespace) -> dict:
     target_tile = target_plan.tile
     target_computed = computed_voxels(args.target, target_network_tile, target_margin, ensemble.alignment)
     target_voxels = math.prod(args.target)
+    reach = ensemble.gate.radius if ensemble.gate else 0
     host = 0.0
     for name, seconds in timer.seconds.items():
         if name.startswith("network"):
             continue
-        per = voxels if name in PER_VOLUME_VOXEL else computed
-        scale = target_voxels if name in PER_VOLUME_VOXEL else target_computed
+        if name == GATE_SMOOTHING:
+            per = gate_voxels(args.shape, plan, network_tile, margin, ensemble.alignment, reach)
+            scale = gate_voxels(args.target, target_plan, target_network_tile, target_margin, ensemble.alignment,
+                                reach)
+        else:
+            per = voxels if name in PER_VOLUME_VOXEL else computed
+            scale = target_voxels if name in PER_VOLUME_VOXEL else target_computed
         host += seconds / per * scale
     row["target"] = {"shape": list(args.target), "computed_voxels": target_computed, "tile": list(target_tile),
                      "gate_slab": target_plan.gate_slab,
