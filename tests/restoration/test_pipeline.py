@@ -605,13 +605,16 @@ def test_deferred_gate_equals_the_gate_per_core_and_the_whole_volume(rng, shape,
 
 
 @pytest.mark.parametrize("planes", [1, 3, 8, 21])
-def test_gate_in_z_slabs_is_the_whole_volume_gate_in_normalised_units(rng, planes):
+@pytest.mark.parametrize("chunk_planes", [2, 64])
+def test_gate_in_z_slabs_is_the_whole_volume_gate_in_normalised_units(rng, monkeypatch, planes, chunk_planes):
     """Each slab read with the gate's reach in z (clipped at the ends) and whole planes equals
     ``gated_fields(gate_fields(...))`` of the whole volume to 1e-4 (here: exactly, same float32
-    arithmetic per voxel)."""
+    arithmetic per voxel), its blend in chunks of planes or at once."""
+    from fusecare.restoration import pipeline
     from fusecare.restoration.gate import gate_fields, gated_fields
     from fusecare.restoration.pipeline import gate_in_z_slabs
 
+    monkeypatch.setattr(pipeline, "BLEND_CHUNK_VOXELS", chunk_planes * 18 * 22)
     volume = rng.integers(100, 4000, size=(21, 18, 22)).astype(np.uint16)
     norm = PercentileNorm.fit(volume)
     mean, spread = _shifted_with_spread(norm.forward(volume))
@@ -624,9 +627,13 @@ def test_gate_in_z_slabs_is_the_whole_volume_gate_in_normalised_units(rng, plane
     np.testing.assert_array_equal(got, expected)  # a plane of reach short would differ by ~1e-9 only
 
 
-def test_deferred_gate_keeps_input_mode_cores_the_input_itself(volume):
+def test_deferred_gate_keeps_input_mode_cores_the_input_itself(volume, monkeypatch):
     """Cores the time budget wrote as the input stay exactly the input after the deferred gate
-    (which would otherwise smooth them toward its fallback); the core that was predicted is gated."""
+    (which would otherwise smooth them toward its fallback); the core that was predicted is gated.
+    Slabs of 3 planes blended 2 planes at a time: cores cross slabs and chunks."""
+    from fusecare.restoration import pipeline
+
+    monkeypatch.setattr(pipeline, "BLEND_CHUNK_VOXELS", 2 * 50 * 40)
     clock = FakeClock()
     deadline = Deadline.after(25.0, clock)  # one tile of 10 s, then the input itself
     gate = GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.8, consistency_scale=0.05,
@@ -659,6 +666,7 @@ def test_cpu_plan_defers_the_gate_where_its_memory_fits():
     left, not 8, and keeps the widened tiles (the tile ``cpu_tile`` gives); so does a gate that
     does not smooth (nothing to save)."""
     from fusecare.restoration.pipeline import (
+        BLEND_CHUNK_BYTES,
         DEFERRED_GATE_HELD_BYTES,
         GATE_SLAB_BYTES_PER_VOXEL,
         MODEL_OVERHEAD_BYTES,
@@ -688,11 +696,11 @@ def test_cpu_plan_defers_the_gate_where_its_memory_fits():
               - PROCESS_BYTES)
     assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
 
-    deeper = (200, 384, 384)  # the whole depth does not fit one slab: the most planes that do, less the reach
+    deeper = (400, 384, 384)  # the whole depth does not fit one slab: the most planes that do, less the reach
     plan = cpu_plan(deeper, **kwargs)
     budget = ((TARGET_BYTES_PER_VOXEL - 4 - DEFERRED_GATE_HELD_BYTES) * np.prod(deeper) + MODEL_OVERHEAD_BYTES
               - PROCESS_BYTES)
-    assert plan.gate_slab == budget // (384 * 384 * GATE_SLAB_BYTES_PER_VOXEL) - 2 * gate.radius
+    assert plan.gate_slab == (budget - BLEND_CHUNK_BYTES) // (384 * 384 * GATE_SLAB_BYTES_PER_VOXEL) - 2 * gate.radius
     assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
 
     big = (309, 1920, 1920)
@@ -708,16 +716,17 @@ def test_cpu_plan_defers_the_gate_where_its_memory_fits():
 def test_deferred_gate_slab_fits_its_budget():
     """The whole depth when it fits at once; else the most planes whose slab, read with the gate's
     reach on both sides, fits; none when the reach would be more than the planes it serves."""
-    from fusecare.restoration.pipeline import GATE_SLAB_BYTES_PER_VOXEL, deferred_gate_slab
+    from fusecare.restoration.pipeline import BLEND_CHUNK_BYTES, GATE_SLAB_BYTES_PER_VOXEL, deferred_gate_slab
 
     gate = GateConfig(spread_sigma=2.0)  # radius 8
     shape = (100, 10, 10)
     plane = 100 * GATE_SLAB_BYTES_PER_VOXEL
     assert gate.radius == 8
-    assert deferred_gate_slab(shape, gate, 100 * plane) == 100
-    assert deferred_gate_slab(shape, gate, 60 * plane) == 44
-    assert deferred_gate_slab(shape, gate, 32 * plane) == 16
-    assert deferred_gate_slab(shape, gate, 31 * plane) is None
+    assert deferred_gate_slab(shape, gate, 100 * plane + BLEND_CHUNK_BYTES) == 100
+    assert deferred_gate_slab(shape, gate, 100 * plane) is None  # the blend's chunk counted too
+    assert deferred_gate_slab(shape, gate, 60 * plane + BLEND_CHUNK_BYTES) == 44
+    assert deferred_gate_slab(shape, gate, 32 * plane + BLEND_CHUNK_BYTES) == 16
+    assert deferred_gate_slab(shape, gate, 31 * plane + BLEND_CHUNK_BYTES) is None
     assert deferred_gate_slab(shape, gate, -1.0) is None
 
 
