@@ -217,9 +217,11 @@ def profile(args: argparse.Namespace) -> dict:
         if name.startswith("network"):
             continue
         if name == GATE_SMOOTHING:
-            per = gate_voxels(args.shape, plan, network_tile, margin, ensemble.alignment, reach)
+            # deferred: slabs widened by the gate's radius; per core: by the aligned widening of the tiles
+            per = gate_voxels(args.shape, plan, network_tile, margin, ensemble.alignment,
+                              reach if plan.defers_gate else margin - ensemble.margin)
             scale = gate_voxels(args.target, target_plan, target_network_tile, target_margin, ensemble.alignment,
-                                reach)
+                                reach if target_plan.defers_gate else target_margin - ensemble.margin)
         else:
             per = voxels if name in PER_VOLUME_VOXEL else computed
             scale = target_voxels if name in PER_VOLUME_VOXEL else target_computed

@@ -377,7 +377,7 @@ def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
     """
     if gate is None:
         return tile, margin
-    extra = math.ceil(gate.context / align) * align
+    extra = math.ceil(max(gate.context, gate.radius) / align) * align  # radius: as the kernels round it
     return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
 
 
@@ -410,6 +410,10 @@ GATE_SLAB_BYTES_PER_VOXEL = (len(FIELDS) + 2) * 4
 """Peak host bytes per voxel of a z-slab of the deferred gate, read widened by its reach: the
 ``gate_fields`` stack (4 bytes per field), the normalised input and the consistency term's
 smoothing; measured (tracemalloc) 28.0 on 40x512x512, in one slab or in slabs of 8 planes."""
+
+DEFERRED_GATE_SECONDS_PER_VOXEL = 3e-7
+"""Time reserved per voxel for the deferred gate, which runs after the pacer's last decision:
+about twice the 1.4e-7 s measured on the 2-core development CPU (1.3 s for 64x384x384)."""
 
 BLEND_CHUNK_VOXELS = 1 << 20
 """Voxels per chunk of the deferred gate's blend and uint16 map (``gate_in_z_slabs``)."""
@@ -636,7 +640,9 @@ def restore_volume(
     and each core is gated as it comes (``gated_tiling``); with ``gate_slab`` (host only,
     ``TilePlan``) the tiles keep the network's margin alone, the members' mean and spread of
     every core are kept for the whole volume, and the gate runs after the last tile over z-slabs
-    of that many planes (``gate_in_z_slabs``); both equal the gate of the whole volume. On CUDA
+    of that many planes (``gate_in_z_slabs``); both equal the gate of the whole volume when every
+    tile ran in one mode (under a time budget, the deferred gate of a predicted core next to one
+    written as the input reaches into that input). On CUDA
     out-of-memory the longest core is halved, margins kept (``shrink_core``), and the whole volume
     retried, up to ``max_oom_retries`` times; below the floor the error propagates (the case falls back).
     With a ``deadline``, tiles that would not finish in time are predicted with ``cheaper`` or
@@ -661,6 +667,8 @@ def restore_volume(
     defer = gate is not None and gate_slab is not None
     if defer and device is not None:
         raise ValueError("the deferred gate runs on the host only: no gate_slab with a device")
+    if gate_slab is not None and gate_slab < 1:
+        raise ValueError(f"gate_slab must be at least 1 plane, got {gate_slab}")
     # Gated per core, the sink gets the members' mean and spread (and the normalised block) over
     # each core widened by the gate's reach, not the whole tile: the gate smooths that much once
     # per core instead of the whole widened tile (a 64x200x200 tile of a 64x384x384 case: 64x168x168).
@@ -747,6 +755,8 @@ def restore_volume(
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
     modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+    if defer and deadline is not None:  # the tiles must leave time for the gate that follows them
+        deadline = Deadline(deadline.at - DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size, deadline.clock)
     pacer = Pacer(modes, deadline, name)
     feasible = feasible_tile(tile, volume.shape, margin, align)
     if feasible != tile:
@@ -772,9 +782,15 @@ def restore_volume(
                         "cores shrink to at least %d margins)", tile, smaller, margin, OOM_CORE_FLOOR)
             tile = smaller
     if defer:
-        for planes, gated_planes in gate_in_z_slabs(volume, members_mean, members_spread, gate, norm,  # type: ignore[arg-type]
-                                                    planes=gate_slab, input_cores=input_cores):  # type: ignore[arg-type]
-            with phase("gate blend, uint16 map", gated_planes.size):
+        if len(input_cores) == pacer.total:  # every core is the input: nothing to gate
+            slabs: Iterator[tuple[slice, np.ndarray]] = (
+                (slice(z, z + gate_slab), members_mean[z:z + gate_slab])  # type: ignore[index, operator]
+                for z in range(0, volume.shape[0], gate_slab))  # type: ignore[arg-type]
+        else:
+            slabs = gate_in_z_slabs(volume, members_mean, members_spread, gate, norm,  # type: ignore[arg-type]
+                                    planes=gate_slab, input_cores=input_cores)  # type: ignore[arg-type]
+        for planes, gated_planes in slabs:
+            with phase("gate blend, uint16 map"):  # its voxels are counted once, by the blend
                 output[planes], n = to_uint16.apply(norm.inverse(gated_planes))
                 clipped += n
     if clipped:

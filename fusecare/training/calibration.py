@@ -9,7 +9,9 @@ networks, even where they help every other volume; ``MEAN`` can keep a predictio
 one. Which of the two applies is itself decided by cross-validation: ``cross_validate`` scores
 each rule on volumes it did not choose on (leave one volume out), the rule with the better
 held-out mean is applied to all validation volumes, and its leave-one-volume-out numbers are the
-honest estimate of what the chosen gate does on unseen content.
+estimate of what the chosen gate does on unseen content (slightly optimistic: the same folds
+chose the rule; choosing the rule inside each fold gave the same numbers on the shipped
+ensembles' tables).
 
 ``recalibrate_gate`` does this for an ensemble saved on disk (after training, or on its own with
 ``fusecare train --calibrate-only``) and writes the chosen gate and the whole table into its

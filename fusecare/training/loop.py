@@ -77,8 +77,10 @@ def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -
 
 
 def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],
-             config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Validation loss and MAE on fixed patches, and N-SSIM per validation volume."""
+                     config: TrainConfig, device: torch.device, phantom_share: float | None = None
+                     ) -> dict[str, float]:
+    """Validation loss and MAE on fixed patches, and N-SSIM per validation volume (also weighed by
+    content, ``validation_score``, with the ``phantom_share`` training draws with)."""
     model.eval()
     with torch.inference_mode():
         x, y = patches[0].to(device), patches[1].to(device)
@@ -88,8 +90,8 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
     scores = [score_ssim(c.target, _predict_volume(model, c.source, device), c.source).n_ssim for c in cases]
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
-        if config.phantom_share is not None:
-            result["val_nssim_weighted"] = validation_score(cases, scores, config.phantom_share)
+        if phantom_share is not None:
+            result["val_nssim_weighted"] = validation_score(cases, scores, phantom_share)
     model.train()
     return result
 
@@ -105,10 +107,19 @@ class MemberResult:
     seconds: float
 
 
+SCORE_METRICS = ("val_nssim_weighted", "val_nssim_mean", "val_loss")
+"""What the best checkpoint is chosen on, the first a validation has: N-SSIM weighed by content
+(training draws phantoms with a share), the mean N-SSIM, minus the loss (no validation volume)."""
+
+
+def _score_metric(metrics: dict[str, Any]) -> str:
+    return next(name for name in SCORE_METRICS if name in metrics)
+
+
 def _score(metrics: dict[str, float]) -> float:
-    """Higher is better: validation N-SSIM (weighed by content, ``validation_score``, when the
-    config sets ``phantom_share``) where there is any, else minus the loss."""
-    return metrics.get("val_nssim_weighted", metrics.get("val_nssim_mean", -metrics["val_loss"]))
+    """Higher is better: the first of ``SCORE_METRICS`` present (the loss negated)."""
+    name = _score_metric(metrics)
+    return -metrics[name] if name == "val_loss" else metrics[name]
 
 
 def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
@@ -126,6 +137,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5,
                                                            patience=config.lr_patience)
     probabilities = source_probabilities(sources, config.phantom_share)
+    weighting = config.phantom_share if probabilities is not None else None  # validation weighs as training draws
+    score_metric = SCORE_METRICS[0] if cases and weighting is not None else SCORE_METRICS[1] if cases else "val_loss"
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
                              probabilities)
     start_step, best_score, best = 0, -np.inf, {}
@@ -136,6 +149,12 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, best_score, best = state["step"], state["best_score"], state["best"]
+        saved_metric = state.get("score_metric") or (_score_metric(best) if best else score_metric)
+        if saved_metric != score_metric:
+            log.warning("%s: its best checkpoint so far was chosen on %s, this run chooses on %s (the "
+                        "config changed): the next validated checkpoint becomes the best", run_dir,
+                        saved_metric, score_metric)
+            best_score = -np.inf
         rng = _rank_rng(config, rank, state["rng"], start_step)
         saved_world = len(state["rng"])
         log.info("resumed %s at step %d%s", run_dir, start_step,
@@ -160,7 +179,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         if world > 1:  # every rank's patch stream goes into last.pt, in rank order
             states = [None] * world
             dist.all_gather_object(states, rng.bit_generator.state)
-        metrics = score_validation(model, val_patches, cases, config, device) if rank == 0 else {"val_loss": 0.0}
+        metrics = (score_validation(model, val_patches, cases, config, device, weighting) if rank == 0
+                   else {"val_loss": 0.0})
         if world > 1:  # every rank steps its scheduler alike
             shared = torch.tensor([metrics["val_loss"]], device=device)
             dist.broadcast(shared, 0)
@@ -183,6 +203,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
+                    "score_metric": score_metric,
                     "best": best, "rng": states}, last_path)
 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
@@ -228,6 +249,9 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
     if not new:  # a resumed log keeps the columns it was started with
         with path.open(newline="") as f:
             fields = next(csv.reader(f), fields)
+        dropped = sorted(set(row) - set(fields))
+        if dropped:
+            log.warning("%s was started without %s: not logged (a new run folder logs them)", path, dropped)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

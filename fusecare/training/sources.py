@@ -112,7 +112,7 @@ def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, flo
                       synthetic: bool = False) -> list[ValidationCase]:
     """``plain`` physical views of a validation volume, then ``randomised`` views of it whose
     content is randomised first (``TrainConfig.validation_randomised_views``); the names group
-    every view with its volume (``calibration.volume_of``)."""
+    every view with its volume (``volume_of``)."""
     simulator = config.validation_simulator or config.simulator
     cases = [_simulated_validation(f"{name} (simulated, seed {plain_seed + k})", clean, voxel_size, simulator,
                                    plain_seed + k, synthetic=synthetic) for k in range(plain)]

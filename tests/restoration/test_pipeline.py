@@ -595,7 +595,7 @@ def test_deferred_gate_equals_the_gate_per_core_and_the_whole_volume(rng, shape,
 
     deferred = restore_volume(volume, spy, tile=tile, gate_slab=gate_slab, **kwargs)
     per_core = restore_volume(volume, _shifted_with_spread, tile=tile, **kwargs)
-    assert max(seen) <= tuple(max(t, 12) for t in tile)  # no tile widened by the gate's reach
+    assert all(s <= max(t, 12) for shape in seen for s, t in zip(shape, tile))  # no tile widened by the gate
     for run in (deferred, per_core):
         assert np.abs(run.output.astype(int) - whole.output.astype(int)).max() <= 1
         np.testing.assert_array_equal(run.uncertainty, whole.uncertainty)
@@ -648,6 +648,30 @@ def test_deferred_gate_keeps_input_mode_cores_the_input_itself(volume, monkeypat
     np.testing.assert_array_equal(restored.output[~predicted], volume[~predicted])
     assert (restored.output[predicted] != volume[predicted]).mean() > 0.9
     assert not restored.uncertainty.any()
+
+
+def test_deferred_gate_time_is_reserved_from_the_budget_and_not_spent_on_input_only_cases(volume, monkeypatch):
+    """The deferred gate runs after the pacer's last decision, so the tiles get the deadline minus
+    the gate's reserved time; when that leaves no time, every core is the input and the gate's
+    smoothing is not run at all."""
+    from fusecare.restoration import pipeline
+
+    clock = FakeClock()
+    monkeypatch.setattr(pipeline, "DEFERRED_GATE_SECONDS_PER_VOXEL", 1e3 / volume.size)  # 1000 s reserved
+    per_core = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE,
+                              deadline=Deadline.after(500.0, clock))
+    assert set(per_core.modes) == {FULL_MODE}  # 500 s is plenty for the tiles alone
+
+    def no_gate(*args, **kwargs):
+        raise AssertionError("the gate smoothed a volume that is the input everywhere")
+
+    monkeypatch.setattr(pipeline, "gate_in_z_slabs", no_gate)
+    deferred = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE, gate_slab=4,
+                              deadline=Deadline.after(500.0, clock))
+    assert deferred.modes == {INPUT_MODE: _tiles(volume)}  # 500 - 1000 s left for the tiles: none
+    np.testing.assert_array_equal(deferred.output, volume)
+    with pytest.raises(ValueError, match="at least 1 plane"):
+        restore_volume(volume, _shifted_with_spread, **TILING, gate=SMOOTHING_GATE, gate_slab=0)
 
 
 def test_deferred_gate_refuses_non_finite_predictions(volume):

@@ -90,14 +90,36 @@ def test_a_tiny_member_learns_and_keeps_checkpoints(tmp_path, rng):
     assert result.best["step"] in (20, 40, 60)
 
 
-def test_checkpoints_are_chosen_on_the_content_weighted_score_when_phantoms_have_a_share(tmp_path):
+def test_checkpoints_are_chosen_on_the_content_weighted_score_when_phantoms_have_a_share(tmp_path, rng, caplog):
     assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1, "val_nssim_weighted": 0.3}) == 0.3
     assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1}) == 0.1
     assert _score({"val_loss": 1.0}) == -1.0
-    train_member(tiny(steps=2, validate_every=2, phantom_share=0.5), tmp_path / "run", progress=False)
-    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
-    # one validation phantom and no real volume: the phantom decides alone
-    assert float(rows[-1]["val_nssim_weighted"]) == pytest.approx(float(rows[-1]["val_nssim_mean"]))
+    real = write_fmc_tif(tmp_path / "v.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    content = write_fmc_tif(tmp_path / "t.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16),
+                            channel="nucleus")
+    config = tiny(steps=2, validate_every=2, validation_files=[str(real)], validation_views=2,
+                  clean_files=[str(content)], validate_on_training_volumes=False)
+    # without real training content there is nothing to weigh phantoms against: the plain mean
+    only_phantoms = tiny(steps=2, validate_every=2, validation_files=[str(real)], phantom_share=0.5)
+    train_member(only_phantoms, tmp_path / "phantoms", progress=False)
+    assert "val_nssim_weighted" not in next(csv.DictReader((tmp_path / "phantoms" / "log.csv").open()))
+    train_member(config, tmp_path / "plain", progress=False)
+    train_member(config.replace(phantom_share=0.5), tmp_path / "run", progress=False)
+    for name in ("plain", "run"):
+        rows = list(csv.DictReader((tmp_path / name / "log.csv").open()))
+        assert ("val_nssim_weighted" in rows[-1]) == (name == "run")
+    # two real views (file v.tif) and one phantom, weighed half and half: not the mean of the three
+    last = rows[-1]
+    assert float(last["val_nssim_weighted"]) != pytest.approx(float(last["val_nssim_mean"]), abs=1e-6)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert state["score_metric"] == "val_nssim_weighted" and state["best_score"] == pytest.approx(
+        float(last["val_nssim_weighted"]))
+    # a run started without a share, resumed with one: scores of another kind are not compared
+    with caplog.at_level("WARNING", logger="fusecare"):
+        train_member(config.replace(phantom_share=0.5, steps=4), tmp_path / "plain", resume=True, progress=False)
+    assert "chosen on val_nssim_mean, this run chooses on val_nssim_weighted" in caplog.text
+    assert "was started without ['val_nssim_weighted']" in caplog.text
+    assert torch.load(tmp_path / "plain" / "best.pt", weights_only=False)["step"] == 4
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, rng):
