@@ -40,10 +40,13 @@ from fusecare.io import CaseMeta, VoxelSize, write_case  # noqa: E402
 from fusecare.profiling import PhaseTimer  # noqa: E402
 from fusecare.restoration.ensemble import Ensemble  # noqa: E402
 from fusecare.restoration.pipeline import (  # noqa: E402
+    MODEL_OVERHEAD_BYTES,
+    TARGET_BYTES_PER_VOXEL,
     EnsembleCache,
     RestoreOptions,
     TilePlan,
     available_memory,
+    computed_voxels,
     default_plan,
     gated_tiling,
     restore_case,
@@ -52,8 +55,6 @@ from fusecare.restoration.tiling import pad_to_multiple, tile_grid  # noqa: E402
 
 log = logging.getLogger("profile_inference")
 
-TARGET_BYTES_PER_VOXEL = 6.0
-TARGET_OVERHEAD = 1.5e9
 WHOLE_BYTES_PER_VOXEL = 700
 """Order of magnitude of a whole-volume forward pass of one shipped (16-filter) member on CPU."""
 
@@ -139,12 +140,6 @@ def whole_volume_seconds(ensemble: Ensemble, shape: tuple[int, int, int]) -> flo
     return time.perf_counter() - begin
 
 
-def computed_voxels(shape: tuple[int, int, int], tile: tuple[int, int, int], margin: int, align: int) -> int:
-    """Voxels the network computes for ``shape``: every tile's block, margins included."""
-    grid = tile_grid(shape, tile, (margin,) * 3, align)
-    return sum(math.prod(s.stop - s.start for s in t.read) for t in grid)
-
-
 def gate_voxels(shape: tuple[int, int, int], plan: TilePlan, network_tile: tuple[int, int, int], margin: int,
                 align: int, reach: int) -> int:
     """Voxels the gate smooths: each core widened by its reach (within the volume) when the gate
@@ -185,7 +180,7 @@ def profile(args: argparse.Namespace) -> dict:
     if result.status != "restored":
         raise SystemExit(f"the case was not restored ({result.status}: {result.message})")
     voxels = math.prod(args.shape)
-    computed = computed_voxels(args.shape, network_tile, margin, ensemble.alignment)
+    computed = computed_voxels(args.shape, network_tile, margin, ensemble.alignment)[0]  # type: ignore[index]
     flops = flops_per_voxel(ensemble)
     network = {name: s for name, s in timer.seconds.items() if name.startswith("network")}
     network_flops = sum(f * timer.voxels.get(f"network member {k}", 0) for k, f in enumerate(flops))
@@ -200,7 +195,7 @@ def profile(args: argparse.Namespace) -> dict:
         "computed_voxels": computed, "volume_voxels": voxels, "flops_per_voxel": flops,
         "network_seconds": sum(network.values()),
         "network_gflops": network_flops / max(sum(network.values()), 1e-9) / 1e9,
-        "peak_rss": peak, "rss_target": TARGET_BYTES_PER_VOXEL * voxels + TARGET_OVERHEAD,
+        "peak_rss": peak, "rss_target": TARGET_BYTES_PER_VOXEL * voxels + MODEL_OVERHEAD_BYTES,
     }
     peak_shape = (32, 96, 96) if device.type == "cpu" else (64, 192, 192)
     row["conv_peak_gflops"] = {c: conv_peak(device, c, peak_shape) for c in (32, 16)}
@@ -209,7 +204,8 @@ def profile(args: argparse.Namespace) -> dict:
         row["whole_seconds"] = whole_volume_seconds(ensemble, args.shape)
     target_plan, target_network_tile, target_margin = tile_for(args.target)
     target_tile = target_plan.tile
-    target_computed = computed_voxels(args.target, target_network_tile, target_margin, ensemble.alignment)
+    target_computed = computed_voxels(args.target, target_network_tile, target_margin,  # type: ignore[index]
+                                      ensemble.alignment)[0]
     target_voxels = math.prod(args.target)
     reach = ensemble.gate.radius if ensemble.gate else 0
     host = 0.0

@@ -455,7 +455,7 @@ def feasible_tile(tile: tuple[int, int, int], shape: tuple[int, ...], margin: in
                  for n, t in zip(shape, aligned))  # one tile: no margin needed
 
 
-def _computed_voxels(shape: tuple[int, ...], tile: tuple[int, int, int], margin: int,
+def computed_voxels(shape: tuple[int, ...], tile: tuple[int, int, int], margin: int,
                      align: int) -> tuple[int, int] | None:
     """(voxels the network computes for ``shape``, voxels of one block) with this network tile and
     margin; ``None`` when the tile leaves no core."""
@@ -481,7 +481,7 @@ def _fewest_computed(shape: tuple[int, ...], *, per_voxel: float, budget: float,
     best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
     for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
         network_tile, widened = gated_tiling(tile, margin, align, gate)
-        cost = _computed_voxels(shape, network_tile, widened, align)
+        cost = computed_voxels(shape, network_tile, widened, align)
         if cost is not None and cost[1] * per_voxel <= budget and (best is None or cost < best[0]):
             best = (cost, tile)
     return best
@@ -538,15 +538,11 @@ def cpu_plan(shape: tuple[int, ...], *, filters: int, margin: int, align: int, g
     smoothing, one tile) keep the gate per core, which holds less.
     """
     per_voxel = _tile_bytes_per_voxel(filters)
-    if tile is None:
-        widened = _fewest_computed(shape, per_voxel=per_voxel, budget=_tile_budget(shape, held_bytes_per_voxel),
-                                   margin=margin, align=align, gate=gate)
-        widened_cost, widened_tile = widened if widened is not None else (None, DEFAULT_TILE["cpu"])
-    else:
-        widened_tile = tile
-        network_tile, widened_margin = gated_tiling(tile, margin, align, gate)
-        widened_cost = _computed_voxels(shape, feasible_tile(network_tile, shape, widened_margin, align),
-                                        widened_margin, align)
+    widened_tile = tile or cpu_tile(shape, filters=filters, margin=margin, align=align, gate=gate,
+                                    held_bytes_per_voxel=held_bytes_per_voxel)
+    network_tile, widened_margin = gated_tiling(widened_tile, margin, align, gate)
+    widened_cost = computed_voxels(shape, feasible_tile(network_tile, shape, widened_margin, align),
+                                   widened_margin, align)
     plan = TilePlan(widened_tile)
     if gate is None:
         return plan
@@ -557,7 +553,7 @@ def cpu_plan(shape: tuple[int, ...], *, filters: int, margin: int, align: int, g
     if tile is None:
         deferred = _fewest_computed(shape, per_voxel=per_voxel, budget=budget, margin=margin, align=align, gate=None)
     else:
-        cost = _computed_voxels(shape, feasible_tile(tile, shape, margin, align), margin, align)
+        cost = computed_voxels(shape, feasible_tile(tile, shape, margin, align), margin, align)
         deferred = (cost, tile) if cost is not None and cost[1] * per_voxel <= budget else None
     if deferred is not None and (widened_cost is None or deferred[0][0] < widened_cost[0]):
         return TilePlan(deferred[1], gate_slab=slab)
