@@ -22,7 +22,7 @@ is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``bl
 fallback smoothing is the input itself: a candidate that always scores 0.
 
 Both weights are per voxel, so the net decides per region. Everything here works on one whole
-tile (``gate_fields``) and then on its core (``gated``); ``GateConfig.context`` says how far the
+tile (``gate_fields``) and then on its core (``gated``); ``GateConfig.radius`` says how far the
 smoothing reaches, so tiles widen by as much and stay exact. Inference, training's calibration
 and the benchmark all go through these functions; choosing a gate lives in
 ``fusecare.training.calibration``.
@@ -45,7 +45,7 @@ class GateConfig(Config):
     blend: float = param(1.0, doc="Share of the gated correction applied (0 = the input itself).",
                          ge=0.0, le=1.0)
     spread_sigma: float = param(0.0, doc="Gaussian smoothing of the spread map before weighting "
-                                "(voxels; tiles widen by its reach, see ``context``).", ge=0.0, le=4.0)
+                                "(voxels; tiles widen by its reach, see ``radius``).", ge=0.0, le=4.0)
     fallback_sigma: float = param(0.0, doc="Gaussian smoothing of the input that the gate falls back to "
                                   "(voxels; 0 = the input itself).", ge=0.0, le=4.0)
     prediction_sigma: float = param(0.0, doc="Gaussian smoothing of the members' mean before blending "
@@ -64,19 +64,11 @@ class GateConfig(Config):
         return self.blend == 0.0 and self.fallback_sigma == 0.0
 
     @property
-    def context(self) -> float:
-        """How far (voxels) the gate's smoothing reaches: tiles need this much more margin."""
-        reach = max(self.spread_sigma, self.fallback_sigma, self.prediction_sigma)
-        if self.consistency_scale > 0:
-            reach = max(reach, self.consistency_sigma + max(self.fallback_sigma, self.prediction_sigma))
-        return SMOOTHING_TRUNCATE * reach
-
-    @property
     def radius(self) -> int:
-        """Voxels the gate's smoothing reaches, rounded as its filters round each kernel
-        (``kernel_radius``): ``context`` can fall short of it by a voxel, since each kernel's
-        radius rounds up to half a voxel. A gate run over a slab of planes is exact at the slab's
-        own planes when the slab is read this much wider on both sides."""
+        """Voxels the gate's smoothing reaches, each kernel's radius as its filter rounds it
+        (``kernel_radius``), the consistency term's added to the smoothings it compares: tiles
+        widen by this much, and a gate run over a slab of planes is exact at the slab's own
+        planes when the slab is read this much wider on both sides."""
         reach = max(kernel_radius(self.spread_sigma), kernel_radius(self.fallback_sigma),
                     kernel_radius(self.prediction_sigma))
         if self.consistency_scale > 0:
@@ -87,7 +79,7 @@ class GateConfig(Config):
 
 INPUT_ONLY = GateConfig(blend=0.0)
 SMOOTHING_TRUNCATE = 4.0
-"""Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``context``)."""
+"""Gaussian smoothing reaches this many sigmas (``smooth``); tiles widen by as much (``GateConfig.radius``)."""
 
 
 def kernel_radius(sigma: float) -> int:

@@ -377,7 +377,7 @@ def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
     """
     if gate is None:
         return tile, margin
-    extra = math.ceil(max(gate.context, gate.radius) / align) * align  # radius: as the kernels round it
+    extra = math.ceil(gate.radius / align) * align
     return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
 
 

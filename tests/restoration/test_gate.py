@@ -41,8 +41,8 @@ def test_fallback_is_the_smoothed_input(rng):
     np.testing.assert_allclose(smooth(x, 0.8), ndimage.gaussian_filter(x, 0.8, mode="reflect", truncate=4.0))
     smoothed_input_only = GateConfig(blend=0.0, fallback_sigma=0.8)
     assert INPUT_ONLY.keeps_input and not smoothed_input_only.keeps_input
-    assert GateConfig(spread_sigma=1.0, fallback_sigma=0.5).context == 4.0
-    assert GateConfig(spread_sigma=1.0, prediction_sigma=1.5).context == 6.0
+    assert GateConfig(spread_sigma=1.0, fallback_sigma=0.5).radius == 4
+    assert GateConfig(spread_sigma=1.0, prediction_sigma=1.5).radius == 6
     mean, spread = np.ones_like(x), np.zeros_like(x)
     fallback = smooth(x, 0.8)
     np.testing.assert_array_equal(gated(fallback, mean, spread, smoothed_input_only), fallback)
@@ -68,11 +68,11 @@ def test_spread_smoothing_is_a_gaussian_and_leaves_its_input_alone(rng):
 
 
 
-def test_consistency_context_covers_both_smoothings():
+def test_consistency_reach_covers_both_smoothings():
     gate = GateConfig(spread_sigma=2.0, fallback_sigma=0.8, prediction_sigma=0.5, consistency_scale=0.05,
                       consistency_sigma=4.0)
-    assert gate.context == pytest.approx(4.0 * (4.0 + 0.8))
-    assert GateConfig(spread_sigma=2.0, consistency_sigma=4.0).context == 8.0  # term off: no reach
+    assert gate.radius == 16 + 3  # the consistency kernel's radius plus the fallback's (int(3.2 + 0.5))
+    assert GateConfig(spread_sigma=2.0, consistency_sigma=4.0).radius == 8  # term off: no reach
 
 
 def test_gate_fields_follow_the_documented_formula(rng):

@@ -755,9 +755,9 @@ def test_deferred_gate_slab_fits_its_budget():
 
 
 def test_gate_radius_covers_each_kernel_as_scipy_truncates_it():
-    """``context`` (4 sigmas) can fall short of the kernels' rounded radii; ``radius`` does not."""
+    """Each kernel's radius as scipy rounds it (``int(4 sigma + 0.5)``), not 4 sigmas (1.0 here)."""
     assert GateConfig(spread_sigma=0.125, fallback_sigma=0.125, consistency_scale=0.1,
-                      consistency_sigma=0.125).radius == 2  # context 1.0
+                      consistency_sigma=0.125).radius == 2
     assert GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0).radius == 16
     assert GateConfig().radius == 0
 
