@@ -158,6 +158,13 @@ class SimulatorConfig(Config):
         0.0, doc="Chance that a smooth random mask blanks part of the specimen (sparse foreground).",
         ge=0.0, le=1.0,
     )
+    content_zoom: tuple[float, float] = param(
+        (1.0, 1.0), doc="Resampling factor of a training volume before each simulation, drawn "
+        "log-uniformly and independently for Z and for YX (``zoom_content``; the voxel size is "
+        "kept): structures bigger or smaller in voxels and more or less anisotropic, so that a "
+        "network meets structure sizes its few training volumes lack. Training views only.",
+        ge=0.25, le=4.0,
+    )
     target_noise: tuple[float, float] = param(
         (0.0, 0.0), doc="Noise left in the clean volume itself (standard deviation at signal 1, "
         "shot-noise-like: scaled by sqrt(signal)): real fused targets are not noise-free, and a "
@@ -735,6 +742,29 @@ def randomise_content(clean: np.ndarray, voxel_size_zyx: VoxelSizeZYX, config: S
         signal += np.float32(sigma) * np.sqrt(signal) * rng.standard_normal(signal.shape, dtype=np.float32)
         np.maximum(signal, 0.0, out=signal)
     return signal
+
+
+def zoom_content(clean: np.ndarray, config: SimulatorConfig, rng: np.random.Generator, *,
+                 minimum_shape: tuple[int, int, int] = (1, 1, 1)) -> np.ndarray:
+    """``clean`` resampled (linear interpolation) by factors drawn from ``config.content_zoom``:
+    one for Z, one shared by Y and X (lateral sampling is isotropic); each factor is raised where
+    needed so that the result keeps at least ``minimum_shape`` (a training patch) on every axis
+    the volume already covers. Nothing is drawn for the default range (1, 1), so configs without
+    zoom keep their random streams; the returned volume is float32."""
+    lo, hi = config.content_zoom
+    if (lo, hi) == (1.0, 1.0):
+        return clean
+    z_factor, yx_factor = (math.exp(rng.uniform(math.log(lo), math.log(hi))) for _ in range(2))
+    factors = []
+    for n, factor, least in zip(clean.shape, (z_factor, yx_factor, yx_factor), minimum_shape):
+        floor = least / n if n >= least else 1.0
+        factors.append(max(factor, floor))
+    shape = tuple(max(1, round(n * f)) for n, f in zip(clean.shape, factors))
+    if shape == clean.shape:
+        return clean.astype(np.float32, copy=False)
+    zoomed = ndimage.zoom(clean.astype(np.float32, copy=False), [m / n for m, n in zip(shape, clean.shape)],
+                          order=1, mode="nearest", grid_mode=True)
+    return np.maximum(zoomed, 0.0, out=zoomed)
 
 
 def simulate_single_view(

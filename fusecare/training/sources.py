@@ -22,7 +22,7 @@ from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_
 from fusecare.training.config import TrainConfig
 from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
-from fusecare.training.simulate import SimulatorConfig, randomise_content, simulate_pair
+from fusecare.training.simulate import SimulatorConfig, randomise_content, simulate_pair, zoom_content
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ class SimulatedPairs:
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self._patches is None or self._draws % self.config.resimulate_every == 0:
             simulator = self.config.simulator
-            clean = (randomise_content(self.clean, self.voxel_size, simulator, rng)
-                     if simulator.randomises_content else self.clean)
+            clean = zoom_content(self.clean, simulator, rng, minimum_shape=self.config.patch)
+            clean = (randomise_content(clean, self.voxel_size, simulator, rng)
+                     if simulator.randomises_content else clean)
             view, target, _ = simulate_pair(clean, self.voxel_size, config=simulator, seed=rng)
             self._patches = PairPatches(view, target, self.config.patch_settings())
         self._draws += 1

@@ -28,6 +28,7 @@ from fusecare.training.simulate import (
     shadow_stripes,
     simulate_pair,
     simulate_single_view,
+    zoom_content,
 )
 
 SHAPE = (32, 128, 128)
@@ -316,6 +317,8 @@ def test_config_defaults_validate_and_roundtrip(tmp_path) -> None:
         ({"illumination_axes": ()}, "illumination_axes"),
         ({"scatter_levels": 1}, "scatter_levels"),
         ({"signal_percentiles": (50.0, 50.0)}, "signal_percentiles"),
+        ({"content_zoom": (0.1, 2.0)}, "content_zoom"),
+        ({"content_zoom": (2.0, 0.5)}, "content_zoom"),
     ],
 )
 def test_config_rejects_bad_values(changes: dict, field: str) -> None:
@@ -529,3 +532,35 @@ def test_fused_target_is_the_clean_signal_where_nothing_blurs(nuclei: np.ndarray
 def test_unknown_target_is_refused_by_field() -> None:
     with pytest.raises(ConfigError, match="target"):
         SimulatorConfig(target="blurred")
+
+
+def test_zoom_content_draws_nothing_by_default(nuclei: np.ndarray) -> None:
+    """Configs without zoom keep the volume and their random stream."""
+    rng = np.random.default_rng(5)
+    assert zoom_content(nuclei, SimulatorConfig(), rng) is nuclei
+    assert rng.random() == np.random.default_rng(5).random()
+
+
+def test_zoom_content_resamples_z_and_yx_within_the_range(nuclei: np.ndarray) -> None:
+    config = SimulatorConfig.from_dict({"content_zoom": [0.5, 2.0]})
+    shapes = set()
+    for seed in range(12):
+        zoomed = zoom_content(nuclei, config, np.random.default_rng(seed))
+        assert zoomed.dtype == np.float32 and zoomed.min() >= 0.0
+        (z, y, x), (nz, ny, _) = zoomed.shape, nuclei.shape
+        assert y == x  # one lateral factor
+        assert 0.5 * nz - 1 <= z <= 2.0 * nz + 1 and 0.5 * ny - 1 <= y <= 2.0 * ny + 1
+        # linear resampling keeps the intensity scale: the mean moves little, the maximum not above
+        assert abs(zoomed.mean() - nuclei.mean()) < 0.1 * nuclei.mean()
+        assert zoomed.max() <= nuclei.max() + 1e-5
+        shapes.add((z > nz, y > ny))
+    assert len(shapes) >= 3  # Z and YX draw independently, both ways
+
+
+def test_zoom_content_keeps_a_training_patch(nuclei: np.ndarray) -> None:
+    """A volume that holds a patch still does after zooming out; one smaller than it is not forced to."""
+    config = SimulatorConfig.from_dict({"content_zoom": [0.25, 0.25]})
+    zoomed = zoom_content(nuclei, config, np.random.default_rng(0), minimum_shape=(16, 64, 64))
+    assert zoomed.shape == (16, 64, 64)
+    thin = nuclei[:8]
+    assert zoom_content(thin, config, np.random.default_rng(0), minimum_shape=(16, 64, 64)).shape == (8, 64, 64)

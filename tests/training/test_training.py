@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, write_fmc_tif
+from scipy import ndimage
 
 from fusecare.errors import ConfigError, InputError, TrainingError
 from fusecare.restoration.ensemble import load_ensemble
@@ -313,6 +314,25 @@ def test_randomised_content_changes_the_target_with_the_view(rng):
     assert target.shape == plain_target.shape
     # gamma 3 pushes the dim texture toward 0 relative to the bright block
     assert np.median(target) < np.median(plain_target) - 0.05
+
+
+def test_zoomed_training_views_keep_the_patch_shape_and_vary_the_structure_size(rng):
+    """With ``content_zoom`` each simulation resamples the clean volume first; patches keep their shape."""
+    clean = np.zeros((24, 48, 48), np.float32)
+    clean[:, ::8, :] = 1.0  # membranes every 8 voxels along y: 4 periods per patch unzoomed
+    clean = ndimage.gaussian_filter1d(clean, 2.0, axis=1, mode="wrap")  # the fundamental dominates
+    config = tiny(patch=[16, 32, 32], simulator={"content_zoom": [0.5, 2.0]}, foreground_fraction=0.0,
+                  resimulate_every=1)
+    source = SimulatedPairs("v", clean, (1.0, 1.0, 1.0), config)
+    draws = np.random.default_rng(0)
+    periods = set()
+    for _ in range(6):
+        view, target = source.sample(draws)
+        assert view.shape == target.shape == (16, 32, 32)
+        # augmentation may turn the membranes by 90 degrees: the stronger of the two lateral profiles
+        spectra = [np.abs(np.fft.rfft(p - p.mean())) for p in (target.mean(axis=(0, 2)), target.mean(axis=(0, 1)))]
+        periods.add(int(np.argmax(max(spectra, key=np.max))))
+    assert len(periods) > 1  # the membranes' spacing in voxels changed between simulations
 
 
 def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
