@@ -749,8 +749,8 @@ def zoom_content(clean: np.ndarray, config: SimulatorConfig, rng: np.random.Gene
     """``clean`` resampled (linear interpolation) by factors drawn from ``config.content_zoom``:
     one for Z, one shared by Y and X (lateral sampling is isotropic); each factor is raised where
     needed so that the result keeps at least ``minimum_shape`` (a training patch) on every axis
-    the volume already covers. Nothing is drawn for the default range (1, 1), so configs without
-    zoom keep their random streams; the returned volume is float32."""
+    the volume already covers. The default range (1, 1) returns ``clean`` itself and draws
+    nothing, so configs without zoom keep their random streams; otherwise the result is float32."""
     lo, hi = config.content_zoom
     if (lo, hi) == (1.0, 1.0):
         return clean
@@ -762,9 +762,8 @@ def zoom_content(clean: np.ndarray, config: SimulatorConfig, rng: np.random.Gene
     shape = tuple(max(1, round(n * f)) for n, f in zip(clean.shape, factors))
     if shape == clean.shape:
         return clean.astype(np.float32, copy=False)
-    zoomed = ndimage.zoom(clean.astype(np.float32, copy=False), [m / n for m, n in zip(shape, clean.shape)],
-                          order=1, mode="nearest", grid_mode=True)
-    return np.maximum(zoomed, 0.0, out=zoomed)
+    return ndimage.zoom(clean.astype(np.float32, copy=False), [m / n for m, n in zip(shape, clean.shape)],
+                        order=1, mode="nearest", grid_mode=True)
 
 
 def simulate_single_view(
