@@ -107,9 +107,9 @@ def consistency_map(mean: np.ndarray, fallback: np.ndarray, sigma: float) -> np.
     return np.abs(smooth(mean - fallback, sigma))
 
 
-FIELDS = ("mean", "spread", "gate_spread", "fallback", "consistency")
-"""What ``gate_fields`` stacks: the gate's smoothed mean, the members' own spread (for the
-uncertainty output), the gate's smoothed spread, the fallback and the consistency map."""
+FIELDS = ("mean", "gate_spread", "fallback", "consistency")
+"""What ``gate_fields`` stacks: the gate's smoothed mean, the gate's smoothed spread, the fallback
+and the consistency map (the uncertainty output reads the members' own spread, not these)."""
 
 
 def gate_fields(gate: GateConfig, block: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
@@ -119,14 +119,13 @@ def gate_fields(gate: GateConfig, block: np.ndarray, mean: np.ndarray, spread: n
     per-field arrays stacked afterwards, no zero map computed when the consistency term is off)."""
     fields = np.empty((len(FIELDS), *mean.shape), dtype=np.float32)
     _smooth_into(fields[0], mean, gate.prediction_sigma)
-    fields[1] = spread
-    _smooth_into(fields[2], spread, gate.spread_sigma)
-    _smooth_into(fields[3], block, gate.fallback_sigma)
+    _smooth_into(fields[1], spread, gate.spread_sigma)
+    _smooth_into(fields[2], block, gate.fallback_sigma)
     if gate.consistency_scale > 0:
-        np.subtract(fields[0], fields[3], out=fields[4])
-        np.abs(smooth(fields[4], gate.consistency_sigma), out=fields[4])
+        np.subtract(fields[0], fields[2], out=fields[3])
+        np.abs(smooth(fields[3], gate.consistency_sigma), out=fields[3])
     else:
-        fields[4] = 0.0
+        fields[3] = 0.0
     return fields
 
 
@@ -156,7 +155,7 @@ def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: Gate
 
 def gated_fields(fields: np.ndarray, gate: GateConfig) -> np.ndarray:
     """``gated`` of a ``gate_fields`` stack (or a crop of one)."""
-    mean, _, gate_spread, fallback, consistency = fields
+    mean, gate_spread, fallback, consistency = fields
     return gated(fallback, mean, gate_spread, gate, consistency)
 
 
@@ -220,12 +219,12 @@ def gate_fields_torch(gate: GateConfig, block: torch.Tensor, mean: torch.Tensor,
     fallback = smooth_torch(block, gate.fallback_sigma)
     consistency = (smooth_torch(mean_s - fallback, gate.consistency_sigma).abs() if gate.consistency_scale > 0
                    else torch.zeros_like(mean_s))
-    return torch.stack([mean_s, spread, smooth_torch(spread, gate.spread_sigma), fallback, consistency])
+    return torch.stack([mean_s, smooth_torch(spread, gate.spread_sigma), fallback, consistency])
 
 
 def gated_fields_torch(fields: torch.Tensor, gate: GateConfig) -> torch.Tensor:
     """``gated_fields`` for a tensor stack (or a crop of one)."""
-    mean, _, gate_spread, fallback, consistency = fields
+    mean, gate_spread, fallback, consistency = fields
     if gate.blend == 0.0:
         return fallback
     weight = float(np.float32(gate.blend)) * gate_weight_torch(gate_spread, gate.spread_scale)

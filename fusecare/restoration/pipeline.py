@@ -412,7 +412,8 @@ of the whole volume, float32 (``restore_volume`` with ``gate_slab``)."""
 GATE_SLAB_BYTES_PER_VOXEL = (len(FIELDS) + 2) * 4
 """Peak host bytes per voxel of a z-slab of the deferred gate, read widened by its reach: the
 ``gate_fields`` stack (4 bytes per field), the normalised input and the consistency term's
-smoothing; measured (tracemalloc) 28.0 on 40x512x512, in one slab or in slabs of 8 planes."""
+smoothing; measured (tracemalloc, ``gate_in_z_slabs``) 24.0 on 40x512x512 in one slab, 24.4 in
+slabs of 8 planes (the rest is the blend's chunk, counted in ``BLEND_CHUNK_BYTES``)."""
 
 DEFERRED_GATE_SECONDS_PER_VOXEL = 3e-7
 """Time reserved per voxel for the deferred gate, which runs after the pacer's last decision:

@@ -138,7 +138,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
                                                            patience=config.lr_patience)
     probabilities = source_probabilities(sources, config.phantom_share)
     weighting = config.phantom_share if probabilities is not None else None  # validation weighs as training draws
-    score_metric = SCORE_METRICS[0] if cases and weighting is not None else SCORE_METRICS[1] if cases else "val_loss"
+    score_metric = SCORE_METRICS[0] if cases and weighting is not None else SCORE_METRICS[1 if cases else 2]
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
                              probabilities)
     start_step, best_score, best = 0, -np.inf, {}

@@ -84,10 +84,10 @@ def test_gate_fields_follow_the_documented_formula(rng):
     assert fields.shape == (len(FIELDS), *block.shape)
     g = lambda v, s: ndimage.gaussian_filter(v, s, mode="reflect", truncate=4.0)  # noqa: E731
     mean_s, fallback = g(mean, 0.5), g(block, 0.8)
-    expected = [mean_s, spread, g(spread, 2.0), fallback, np.abs(g(mean_s - fallback, 3.0))]
+    expected = [mean_s, g(spread, 2.0), fallback, np.abs(g(mean_s - fallback, 3.0))]
     for name, got, want in zip(FIELDS, fields, expected):
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
-    w = 0.75 / (1 + (expected[2] / 0.1) ** 2) / (1 + (expected[4] / 0.05) ** 2)
+    w = 0.75 / (1 + (expected[1] / 0.1) ** 2) / (1 + (expected[3] / 0.05) ** 2)
     np.testing.assert_allclose(gated_fields(fields, gate), fallback + w * (mean_s - fallback), atol=1e-5)
     with pytest.raises(ValueError, match="needs the consistency map"):
         gated(fallback, mean_s, spread, gate)
