@@ -53,7 +53,7 @@ SAMPLES = REPO / "samples" / "input"
 ARCHITECTURE = Path(__file__).with_name("zoo_arch.py")
 
 EXPRESSIBLE_FIELDS: tuple[str, ...] = (
-    "depth", "first_filters", "kernel_size", "convs_per_level", "residual", "probabilistic")
+    "depth", "first_filters", "kernel_size", "convs_per_level", "residual", "probabilistic", "base_sigma")
 """ModelConfig fields ``zoo_arch.CareUNet3D`` takes as keyword arguments; any other field (but
 ``axes == 'ZYX'``) means the member cannot be rebuilt from the shipped architecture file."""
 

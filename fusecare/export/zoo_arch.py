@@ -27,6 +27,28 @@ def _conv_stack(in_channels: int, out_channels: list[int], kernel_size: int) -> 
     return nn.Sequential(*layers)
 
 
+def _gaussian_weights(sigma: float) -> torch.Tensor:
+    """scipy.ndimage's 1-D Gaussian (radius ``int(4 * sigma + 0.5)``), normalised."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (weights / weights.sum()).float()
+
+
+def _smooth(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian of a (N, 1, Z, Y, X) tensor, padded as scipy's ``mode='reflect'``
+    (``c b a | a b c``: the edge voxel repeated), radius at most each side's length."""
+    radius = (weights.numel() - 1) // 2
+    for dim in (2, 3, 4):
+        size = x.shape[dim]
+        x = torch.cat([x.narrow(dim, 0, radius).flip([dim]), x,
+                       x.narrow(dim, size - radius, radius).flip([dim])], dim=dim)
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = weights.numel()
+        x = F.conv3d(x, weights.to(x.dtype).view(shape))
+    return x
+
+
 class CareUNet3D(nn.Module):
     """CARE 3-D U-Net (Weigert et al. 2018): (N, 1, Z, Y, X) -> (N, 1, Z, Y, X), restored volume.
 
@@ -35,9 +57,14 @@ class CareUNet3D(nn.Module):
     """
 
     def __init__(self, depth: int = 2, first_filters: int = 32, kernel_size: int = 3,
-                 convs_per_level: int = 2, residual: bool = True, probabilistic: bool = False) -> None:
+                 convs_per_level: int = 2, residual: bool = True, probabilistic: bool = False,
+                 base_sigma: float = 0.0) -> None:
         super().__init__()
         self.depth, self.residual = depth, residual
+        # the residual adds the correction to the input smoothed by base_sigma voxels (0: the input)
+        self.smooth_base = base_sigma > 0
+        self.register_buffer("base_weights", _gaussian_weights(base_sigma) if self.smooth_base
+                             else torch.ones(1), persistent=False)
         c, k, n = first_filters, kernel_size, convs_per_level
         self.encoders = nn.ModuleList(
             _conv_stack(1 if level == 0 else c * 2 ** (level - 1), [c * 2**level] * n, k) for level in range(depth)
@@ -61,7 +88,9 @@ class CareUNet3D(nn.Module):
             y = F.interpolate(y, scale_factor=2.0, mode="nearest")
             y = decoder(torch.cat([y, skips[self.depth - 1 - step]], dim=1))
         y = self.head(y)[:, :1]
-        return y + x if self.residual else y
+        if not self.residual:
+            return y
+        return y + (_smooth(x, self.base_weights) if self.smooth_base else x)
 
 
 class EnsembleMean(nn.Module):

@@ -189,14 +189,15 @@ def _symmetric_index(size: int, radius: int) -> np.ndarray:
 
 
 def smooth_torch(volume: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``smooth`` for a 3-D float tensor on any device: separable conv1d per axis."""
+    """``smooth`` for a float tensor on any device, over its last three axes (a volume, or a batch
+    of them, (N, C, Z, Y, X)): separable conv1d per axis."""
     if sigma <= 0:
         return volume
     kernel64 = gaussian_kernel1d(sigma)
     radius = (len(kernel64) - 1) // 2
-    kernel = torch.from_numpy(kernel64.astype(np.float32)).to(volume.device).view(1, 1, -1)
+    kernel = torch.from_numpy(kernel64.astype(np.float32)).to(device=volume.device, dtype=volume.dtype).view(1, 1, -1)
     out = volume
-    for axis in range(3):
+    for axis in range(volume.dim() - 3, volume.dim()):
         size = out.shape[axis]
         index = torch.from_numpy(_symmetric_index(size, radius)).to(volume.device)
         padded = out.index_select(axis, index).movedim(axis, -1)

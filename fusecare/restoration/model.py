@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from fusecare.config import Config, param
 from fusecare.errors import ConfigError
+from fusecare.restoration.gate import kernel_radius, smooth_torch
 
 LAPLACE_SCALE_FLOOR = 1e-3
 
@@ -40,11 +41,17 @@ class ModelConfig(Config):
     convs_per_level: int = param(2, doc="Convolutions per level, in encoder and decoder alike.",
                                  ge=1, le=4)
     residual: bool = param(True, doc="Add the input to the output: the net learns a correction.")
+    base_sigma: float = param(0.0, doc="Gaussian smoothing (voxels) of the input the residual correction is "
+                              "added to; 0 = the input itself (CARE). A light smoothing starts the net at a "
+                              "denoiser that already beats copying the input, instead of at the identity.",
+                              ge=0.0, le=4.0)
     probabilistic: bool = param(False, doc="Second head: per-voxel Laplace scale (probabilistic CARE).")
 
     def validate(self) -> None:
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"config field 'kernel_size' must be odd, got {self.kernel_size}")
+        if self.base_sigma > 0 and not self.residual:
+            raise ConfigError("config field 'base_sigma' smooths the residual's input: it needs 'residual' true")
 
     @property
     def alignment(self) -> int:
@@ -63,7 +70,7 @@ class ModelConfig(Config):
         convs = self.convs_per_level * half * (
             2 * sum(2**level for level in range(self.depth)) + 2**self.depth
         )
-        return convs + 2**self.depth - 1
+        return max(convs + 2**self.depth - 1, kernel_radius(self.base_sigma))
 
     @property
     def tiling_margin(self) -> int:
@@ -137,11 +144,17 @@ class CareUNet(nn.Module):
             return self._head(self.decoders[0](torch.cat([up, skip[:, :, first:last]], dim=1)))
 
         y = self._in_slabs(top, skip.shape[2]) if sliced else top(0, skip.shape[2])
-        location = y[:, :1] + x if self.config.residual else y[:, :1]
+        location = y[:, :1] + self.base(x) if self.config.residual else y[:, :1]
         if not self.config.probabilistic:
             return location
         scale = F.softplus(y[:, 1:]) + LAPLACE_SCALE_FLOOR
         return torch.cat([location, scale], dim=1)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """What the residual correction is added to: the input, or the input smoothed by
+        ``base_sigma`` as the gate smooths (scipy's reflect at the tile's borders, which tiling's
+        margins keep away from every core)."""
+        return smooth_torch(x, self.config.base_sigma)
 
     def _in_slabs(self, compute: Callable[[int, int], torch.Tensor], depth: int) -> torch.Tensor:
         """``compute(0, depth)``, assembled from z-slabs: ``compute(first, last)`` gives the planes

@@ -41,6 +41,9 @@ class TrainConfig(Config):
     init_weights: str = param("", doc="Weights that start training instead of a random initialisation: "
                               "a member folder (config.json + weights.pt), or an ensemble folder whose "
                               "member_<k> starts member k ('' = random). Not read when resuming.")
+    init_zero_head: bool = param(False, doc="Zero the head of ``init_weights``: training starts exactly at the "
+                                 "residual's base (the input, or the Gaussian of ``model.base_sigma``) with the "
+                                 "initial weights' features. Their ``base_sigma`` may then differ from the model's.")
     phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
                           ge=0, le=10_000)
     phantom_share: float | None = param(

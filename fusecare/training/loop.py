@@ -161,7 +161,12 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
                  f" ({saved_world} rank(s) saved, {world} now)" if saved_world != world else "")
     elif config.init_weights:
         model.load_state_dict(_initial_state(config))
-        log.info("%s starts from the weights of %s", run_dir, config.init_weights)
+        if config.init_zero_head:
+            with torch.no_grad():
+                model.head.weight.zero_()
+                model.head.bias.zero_()
+        log.info("%s starts from the weights of %s%s", run_dir, config.init_weights,
+                 ", head zeroed: at its residual base" if config.init_zero_head else "")
     net: torch.nn.Module = model
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -236,6 +241,8 @@ def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
     member_config = folder / "config.json" if folder.is_dir() else weights.with_name("config.json")
     if member_config.is_file():
         saved = ModelConfig.load(member_config)
+        if config.init_zero_head:  # the base is not a weight; with the head zeroed it starts afresh
+            saved = saved.replace(base_sigma=config.model.base_sigma)
         if saved != config.model:
             raise ConfigError(f"init_weights {config.init_weights}: its model {saved.to_dict()} differs "
                               f"from the config's {config.model.to_dict()}")

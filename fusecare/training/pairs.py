@@ -224,8 +224,11 @@ def load_split(path: str | Path, data_dir: str | Path) -> dict[str, dict[str, li
     """A volume-level split (``{channel: {train, validation, test: [file names]}}``), checked.
 
     Generalisation is only measured if no test volume leaks into training or checkpoint choice,
-    so a volume listed twice, an unknown role or channel, or a file missing from ``data_dir`` is
-    an ``InputError`` naming it, before anything is trained or scored.
+    so a volume listed twice in a channel, a test volume that another channel trains or validates
+    on, an unknown role or channel, or a file missing from ``data_dir`` is an ``InputError``
+    naming it, before anything is trained or scored. A channel may validate on a volume that
+    another channel trains on: each channel's nets are trained apart, so it is content they
+    never saw.
     """
     path, data_dir = Path(path), Path(data_dir)
     try:
@@ -257,6 +260,15 @@ def load_split(path: str | Path, data_dir: str | Path) -> dict[str, dict[str, li
                     raise InputError(f"split {path}: {channel} {role} volume {name} not found in {data_dir}")
                 files.append(file)
             split[channel][role] = files
+    for channel, roles in split.items():  # a test volume of one channel trains or validates no other
+        for other, other_roles in split.items():
+            if other == channel:
+                continue
+            for role in ("train", "validation"):
+                leaked = sorted({p.name for p in roles["test"]} & {p.name for p in other_roles[role]})
+                if leaked:
+                    raise InputError(f"split {path}: {channel} test volume {leaked[0]} is listed under "
+                                     f"{other} {role!r}; a test volume trains and validates nothing")
     return split
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from fusecare.errors import ConfigError
 from fusecare.restoration.model import LAPLACE_SCALE_FLOOR, CareUNet, ModelConfig, count_parameters
@@ -62,6 +64,28 @@ def test_residual_net_with_zero_weights_is_identity_and_scale_is_positive():
     assert out.shape == (1, 2, 8, 16, 16)
     torch.testing.assert_close(out[:, :1], x)
     assert torch.all(out[:, 1] >= LAPLACE_SCALE_FLOOR)
+
+
+@pytest.mark.parametrize("sigma", [0.45, 1.5])
+def test_zero_correction_on_a_smoothed_base_is_the_gates_gaussian(sigma):
+    """``base_sigma``: an untrained residual net is the light Gaussian the benchmark tunes, not the
+    identity (scipy's reflect at the borders, as the gate smooths)."""
+    model = CareUNet(ModelConfig(first_filters=4, base_sigma=sigma))
+    for p in model.parameters():
+        p.data.zero_()
+    x = torch.rand(1, 1, 8, 16, 12)
+    expected = ndimage.gaussian_filter(x[0, 0].numpy(), sigma, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(model(x)[0, 0].detach().numpy(), expected, atol=1e-6)
+
+
+def test_a_wide_base_reaches_past_the_network():
+    config = ModelConfig(first_filters=4, depth=1, convs_per_level=1, base_sigma=3.0)  # net 3, base 12
+    assert config.receptive_field_radius == 12 == _empirical_radius(config)
+
+
+def test_a_smoothed_base_needs_the_residual():
+    with pytest.raises(ConfigError, match="base_sigma"):
+        ModelConfig(residual=False, base_sigma=0.5)
 
 
 def test_even_kernel_is_rejected():

@@ -168,11 +168,21 @@ def test_split_loads_paths_per_role(tmp_path):
     ({"cytoplasm": {"train": ["a.tif"]}}, "unknown channel 'cytoplasm'"),
     ({"nucleus": {"holdout": ["a.tif"]}}, r"unknown role\(s\) \['holdout'\]"),
     (["a.tif"], "expected a JSON object"),
+    ({"membrane": {"test": ["a.tif"]}, "nucleus": {"validation": ["a.tif"]}},
+     "membrane test volume a.tif is listed under nucleus 'validation'"),
+    ({"membrane": {"train": ["b.tif"]}, "nucleus": {"test": ["b.tif"]}},
+     "nucleus test volume b.tif is listed under membrane 'train'"),
 ])
 def test_split_refuses_leaks_and_unknown_volumes(tmp_path, content, message):
     path, data = _split(tmp_path, content)
     with pytest.raises(InputError, match=message):
         load_split(path, data)
+
+
+def test_a_channel_may_validate_on_what_another_trains_on(tmp_path):
+    path, data = _split(tmp_path, {"membrane": {"train": ["a.tif"], "test": ["c.tif"]},
+                                   "nucleus": {"validation": ["a.tif"], "test": ["b.tif"]}})
+    assert load_split(path, data)["nucleus"]["validation"] == [data / "a.tif"]
 
 
 def test_shipped_split_holds_out_three_volumes_per_channel_with_a_lightsheet_one(shared_data):

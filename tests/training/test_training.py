@@ -294,6 +294,24 @@ def test_members_start_from_the_matching_member_of_an_ensemble(tmp_path):
                      tmp_path / "c", progress=False)
 
 
+def test_a_zeroed_head_starts_at_the_smoothed_base_with_the_initial_features(tmp_path):
+    """``init_zero_head``: the initial member's features, a zero correction, on a base of another
+    ``base_sigma``; without it a different base is refused (the weights learned a correction of the
+    input, not of a smoothed one)."""
+    train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "a", weights_dir=tmp_path / "w",
+                   members=1, progress=False, calibrate=False)
+    initial = str(tmp_path / "w" / "nucleus" / "member_0")
+    smoothed = TINY["model"] | {"base_sigma": 0.6}
+    with pytest.raises(ConfigError, match="differs from the config's"):
+        train_member(tiny(model=smoothed, init_weights=initial), tmp_path / "refused", progress=False)
+    train_member(tiny(steps=1, validate_every=1, model=smoothed, init_weights=initial, init_zero_head=True,
+                      learning_rate=1e-7), tmp_path / "b", progress=False)
+    saved = torch.load(Path(initial) / "weights.pt", weights_only=True)
+    started = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert float(started["head.weight"].abs().max()) < 1e-5 < float(saved["head.weight"].abs().max())
+    assert float((started["encoders.0.0.weight"] - saved["encoders.0.0.weight"]).abs().max()) < 1e-5
+
+
 def test_no_calibration_between_phases(tmp_path):
     train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "r", weights_dir=tmp_path / "w",
                    members=1, progress=False, calibrate=False)
@@ -338,7 +356,8 @@ def test_zoomed_training_views_keep_the_patch_shape_and_vary_the_structure_size(
 def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
     """The held-out protocol holds only if the shipped recipe never touches a test volume."""
     split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
-    for recipe, channel in itertools.product(("generalise", "fused", "fused_real"), ("membrane", "nucleus")):
+    recipes = ("generalise", "fused", "fused_real", "fused_zoom", "fused_gauss")
+    for recipe, channel in itertools.product(recipes, ("membrane", "nucleus")):
         config = TrainConfig.load(REPO / "train" / "configs" / f"{recipe}_{channel}.json")
         assert config.channel == channel and not config.validate_on_training_volumes
         assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
