@@ -142,6 +142,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
                              probabilities)
     start_step, best_score, best = 0, -np.inf, {}
+    case_names = [case.name for case in cases]
     last_path = run_dir / CHECKPOINT_LAST
     state = _resume_state(last_path, rank, world) if resume else None
     if state is not None:
@@ -154,6 +155,12 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             log.warning("%s: its best checkpoint so far was chosen on %s, this run chooses on %s (the "
                         "config changed): the next validated checkpoint becomes the best", run_dir,
                         saved_metric, score_metric)
+            best_score = -np.inf
+        elif best and state.get("validation_cases") != case_names:
+            # scores of other validation cases do not compare (a split that gained a volume, say)
+            log.warning("%s: its best checkpoint so far was chosen on %s validation cases, this run "
+                        "validates on others: the next validated checkpoint becomes the best", run_dir,
+                        "unrecorded" if state.get("validation_cases") is None else "other")
             best_score = -np.inf
         rng = _rank_rng(config, rank, state["rng"], start_step)
         saved_world = len(state["rng"])
@@ -208,7 +215,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
-                    "score_metric": score_metric,
+                    "score_metric": score_metric, "validation_cases": case_names,
                     "best": best, "rng": states}, last_path)
 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,

@@ -294,6 +294,33 @@ def test_members_start_from_the_matching_member_of_an_ensemble(tmp_path):
                      tmp_path / "c", progress=False)
 
 
+def test_a_resume_on_other_validation_cases_does_not_compare_their_scores(tmp_path, rng, caplog):
+    """A split that gains a validation volume changes what the scores mean: the best checkpoint
+    chosen before is not compared with the new scores (the next validated one becomes the best);
+    a plain resume keeps comparing."""
+    extra = write_fmc_tif(tmp_path / "v.tif", rng.integers(0, 200, (16, 32, 32)).astype(np.uint16), channel="nucleus")
+    config = tiny(steps=2, validate_every=2)
+    train_member(config, tmp_path / "run", progress=False)
+
+    def unbeatable_best() -> None:  # the saved best can then only be replaced by not comparing with it
+        state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+        torch.save({**state, "best_score": 10.0}, tmp_path / "run" / "last.pt")
+
+    unbeatable_best()
+    with caplog.at_level("WARNING", logger="fusecare"):
+        train_member(config.replace(steps=4), tmp_path / "run", resume=True, progress=False)
+    assert "validates on others" not in caplog.text
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 2
+    unbeatable_best()
+    with caplog.at_level("WARNING", logger="fusecare"):
+        train_member(config.replace(steps=6, validation_files=[str(extra)]), tmp_path / "run", resume=True,
+                     progress=False)
+    assert "chosen on other validation cases, this run validates on others" in caplog.text
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 6
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert any(name.startswith("v.tif") for name in state["validation_cases"])
+
+
 def test_a_zeroed_head_starts_at_the_smoothed_base_with_the_initial_features(tmp_path):
     """``init_zero_head``: the initial member's features, a zero correction, on a base of another
     ``base_sigma``; without it a different base is refused (the weights learned a correction of the
