@@ -9,7 +9,7 @@ views of the training volumes (seen content) and synthetic phantoms of unseen se
 extra rows. The Gaussian's sigma is tuned on the training volumes only.
 
     python bench/quality.py                                   # model_weights/, CPU
-    python bench/quality.py --weights train/checkpoints/generalise/weights --views 2
+    python bench/quality.py --weights train/checkpoints/fused/weights --views 2
     python bench/quality.py --json out/quality.json           # rows and summary for the model card
 
 Columns: identity (copying the input: 0 by construction), gaussian (tuned sigma), ensemble
