@@ -62,8 +62,8 @@ class CareUNet3D(nn.Module):
         super().__init__()
         self.depth, self.residual = depth, residual
         # the residual adds the correction to the input smoothed by base_sigma voxels (0: the input)
-        self.smooth_base = base_sigma > 0
-        self.register_buffer("base_weights", _gaussian_weights(base_sigma) if self.smooth_base
+        self.smooths_base = base_sigma > 0
+        self.register_buffer("base_weights", _gaussian_weights(base_sigma) if self.smooths_base
                              else torch.ones(1), persistent=False)
         c, k, n = first_filters, kernel_size, convs_per_level
         self.encoders = nn.ModuleList(
@@ -90,7 +90,7 @@ class CareUNet3D(nn.Module):
         y = self.head(y)[:, :1]
         if not self.residual:
             return y
-        return y + (_smooth(x, self.base_weights) if self.smooth_base else x)
+        return y + (_smooth(x, self.base_weights) if self.smooths_base else x)
 
 
 class EnsembleMean(nn.Module):

@@ -42,9 +42,9 @@ class ModelConfig(Config):
                                  ge=1, le=4)
     residual: bool = param(True, doc="Add the input to the output: the net learns a correction.")
     base_sigma: float = param(0.0, doc="Gaussian smoothing (voxels) of the input the residual correction is "
-                              "added to; 0 = the input itself (CARE). A light smoothing starts the net at a "
-                              "denoiser that already beats copying the input, instead of at the identity.",
-                              ge=0.0, le=4.0)
+                              "added to; 0 = the input itself (CARE). With a zero correction (training's "
+                              "init_zero_head) the net is then a light denoiser that already beats copying the "
+                              "input on most volumes, instead of the identity.", ge=0.0, le=4.0)
     probabilistic: bool = param(False, doc="Second head: per-voxel Laplace scale (probabilistic CARE).")
 
     def validate(self) -> None:
@@ -64,7 +64,8 @@ class ModelConfig(Config):
 
         Each convolution at level ``l`` reaches ``kernel_size // 2`` voxels at scale ``2**l``;
         pooling and nearest up-sampling add ``2**depth - 1`` more (measured by a gradient test:
-        23 for the default, one more than the 22 often quoted).
+        23 for the default, one more than the 22 often quoted). The smoothed residual base reaches
+        ``kernel_radius(base_sigma)``; the larger of the two paths bounds the output's reach.
         """
         half = self.kernel_size // 2
         convs = self.convs_per_level * half * (
@@ -152,8 +153,15 @@ class CareUNet(nn.Module):
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """What the residual correction is added to: the input, or the input smoothed by
-        ``base_sigma`` as the gate smooths (scipy's reflect at the tile's borders, which tiling's
-        margins keep away from every core)."""
+        ``base_sigma`` with the gate's kernels (reflecting at the tile's borders, which tiling's
+        margins keep away from every core but at the volume's own ends). In float32 even under
+        CUDA autocast: the base carries the output's full intensity, and a float16 base would
+        round the whole restored volume, not only the correction."""
+        if self.config.base_sigma <= 0:
+            return x
+        if x.is_cuda:
+            with torch.autocast("cuda", enabled=False):
+                return smooth_torch(x.float(), self.config.base_sigma)
         return smooth_torch(x, self.config.base_sigma)
 
     def _in_slabs(self, compute: Callable[[int, int], torch.Tensor], depth: int) -> torch.Tensor:

@@ -43,7 +43,9 @@ class TrainConfig(Config):
                               "member_<k> starts member k ('' = random). Not read when resuming.")
     init_zero_head: bool = param(False, doc="Zero the head of ``init_weights``: training starts exactly at the "
                                  "residual's base (the input, or the Gaussian of ``model.base_sigma``) with the "
-                                 "initial weights' features. Their ``base_sigma`` may then differ from the model's.")
+                                 "initial weights' features. Their ``base_sigma`` may then differ from the model's. "
+                                 "Step 0 may stay a member's best: if no step beats the base on validation, the "
+                                 "member ships as the base itself.")
     phantoms: int = param(0, doc="Synthetic clean phantoms of this channel added to the content.",
                           ge=0, le=10_000)
     phantom_share: float | None = param(
@@ -83,6 +85,8 @@ class TrainConfig(Config):
             raise ConfigError("no training data: set fmc_dir, clean_dir, clean_files or phantoms")
         if self.loss == "laplace" and not self.model.probabilistic:
             raise ConfigError("loss 'laplace' needs model.probabilistic = true")
+        if self.init_zero_head and not self.init_weights:
+            raise ConfigError("config field 'init_zero_head' zeroes the head of init_weights: set init_weights")
         align = self.model.alignment
         if any(p % align for p in self.patch):
             raise ConfigError(f"config field 'patch' {list(self.patch)} must be multiples of {align} "

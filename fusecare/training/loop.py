@@ -156,11 +156,13 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
                         "config changed): the next validated checkpoint becomes the best", run_dir,
                         saved_metric, score_metric)
             best_score = -np.inf
-        elif best and state.get("validation_cases") != case_names:
+        elif best and sorted(state.get("validation_cases") or ()) != sorted(case_names):
             # scores of other validation cases do not compare (a split that gained a volume, say)
-            log.warning("%s: its best checkpoint so far was chosen on %s validation cases, this run "
-                        "validates on others: the next validated checkpoint becomes the best", run_dir,
-                        "unrecorded" if state.get("validation_cases") is None else "other")
+            if rank == 0:
+                log.warning("%s: its best checkpoint so far was chosen on %s, this run validates on %d "
+                            "cases: the next validated checkpoint becomes the best", run_dir,
+                            "unrecorded validation cases" if state.get("validation_cases") is None
+                            else "other validation cases", len(case_names))
             best_score = -np.inf
         rng = _rank_rng(config, rank, state["rng"], start_step)
         saved_world = len(state["rng"])

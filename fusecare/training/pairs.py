@@ -228,7 +228,8 @@ def load_split(path: str | Path, data_dir: str | Path) -> dict[str, dict[str, li
     on, an unknown role or channel, or a file missing from ``data_dir`` is an ``InputError``
     naming it, before anything is trained or scored. A channel may validate on a volume that
     another channel trains on: each channel's nets are trained apart, so it is content they
-    never saw.
+    never saw, as long as no recipe warm-starts one channel's nets from the other's trained on
+    it (the loader cannot see ``init_weights``; the model card lists each chain).
     """
     path, data_dir = Path(path), Path(data_dir)
     try:
@@ -265,9 +266,9 @@ def load_split(path: str | Path, data_dir: str | Path) -> dict[str, dict[str, li
             if other == channel:
                 continue
             for role in ("train", "validation"):
-                leaked = sorted({p.name for p in roles["test"]} & {p.name for p in other_roles[role]})
+                leaked = sorted(set(roles["test"]) & set(other_roles[role]))
                 if leaked:
-                    raise InputError(f"split {path}: {channel} test volume {leaked[0]} is listed under "
+                    raise InputError(f"split {path}: {channel} test volume {leaked[0].name} is listed under "
                                      f"{other} {role!r}; a test volume trains and validates nothing")
     return split
 

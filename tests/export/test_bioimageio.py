@@ -121,6 +121,14 @@ def test_shipped_architecture_matches_care_unet_state_dict_and_numbers():
         np.testing.assert_allclose(traced(y).numpy(), module(y).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [0.45, 0.6, 1.7, 3.0])
+def test_shipped_architecture_smooths_with_the_gates_kernel(sigma):
+    """zoo_arch cannot import fusecare, so it keeps its own copy of the Gaussian: the same weights."""
+    from fusecare.restoration.gate import gaussian_kernel1d
+
+    np.testing.assert_allclose(zoo_arch._gaussian_weights(sigma).numpy(), gaussian_kernel1d(sigma), atol=1e-7)
+
+
 def test_validation_section_without_model_card_says_so():
     assert "No validation numbers" in export.validation_section("membrane", None)
     section = export.validation_section("membrane", export.MODEL_CARD)

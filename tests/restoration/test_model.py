@@ -68,8 +68,8 @@ def test_residual_net_with_zero_weights_is_identity_and_scale_is_positive():
 
 @pytest.mark.parametrize("sigma", [0.45, 1.5])
 def test_zero_correction_on_a_smoothed_base_is_the_gates_gaussian(sigma):
-    """``base_sigma``: an untrained residual net is the light Gaussian the benchmark tunes, not the
-    identity (scipy's reflect at the borders, as the gate smooths)."""
+    """``base_sigma``: with a zero correction the net is the light Gaussian the benchmark tunes, not
+    the identity (scipy's reflect at the borders, as the gate smooths)."""
     model = CareUNet(ModelConfig(first_filters=4, base_sigma=sigma))
     for p in model.parameters():
         p.data.zero_()
@@ -79,8 +79,28 @@ def test_zero_correction_on_a_smoothed_base_is_the_gates_gaussian(sigma):
 
 
 def test_a_wide_base_reaches_past_the_network():
-    config = ModelConfig(first_filters=4, depth=1, convs_per_level=1, base_sigma=3.0)  # net 3, base 12
+    config = ModelConfig(first_filters=4, depth=1, convs_per_level=1, base_sigma=3.0)  # net 5, base 12
     assert config.receptive_field_radius == 12 == _empirical_radius(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: float16 autocast is CUDA's")
+def test_the_smoothed_base_stays_float32_under_autocast():
+    """Under float16 autocast only the correction is half precision; the base, which carries the
+    output's intensity, is not rounded."""
+    model = CareUNet(ModelConfig(first_filters=4, base_sigma=0.45)).cuda().eval()
+    x = torch.rand(1, 1, 8, 16, 16, device="cuda")
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cuda", dtype=torch.float16):
+            half = model(x)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(model.base(x), ndimage_gaussian(x, 0.45), atol=1e-6, rtol=0)
+    assert float((half - full).abs().max()) < 5e-3
+
+
+def ndimage_gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    out = ndimage.gaussian_filter(x[0, 0].cpu().numpy(), sigma, mode="reflect", truncate=4.0)
+    return torch.from_numpy(out)[None, None].to(x.device)
 
 
 def test_a_smoothed_base_needs_the_residual():

@@ -315,10 +315,18 @@ def test_a_resume_on_other_validation_cases_does_not_compare_their_scores(tmp_pa
     with caplog.at_level("WARNING", logger="fusecare"):
         train_member(config.replace(steps=6, validation_files=[str(extra)]), tmp_path / "run", resume=True,
                      progress=False)
-    assert "chosen on other validation cases, this run validates on others" in caplog.text
+    assert "chosen on other validation cases, this run validates on" in caplog.text
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 6
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert any(name.startswith("v.tif") for name in state["validation_cases"])
+    # a checkpoint that did not record its cases (written before they were recorded) is not compared either
+    torch.save({key: value for key, value in state.items() if key != "validation_cases"} | {"best_score": 10.0},
+               tmp_path / "run" / "last.pt")
+    with caplog.at_level("WARNING", logger="fusecare"):
+        train_member(config.replace(steps=8, validation_files=[str(extra)]), tmp_path / "run", resume=True,
+                     progress=False)
+    assert "chosen on unrecorded validation cases" in caplog.text
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 8
 
 
 def test_a_zeroed_head_starts_at_the_smoothed_base_with_the_initial_features(tmp_path):
@@ -337,6 +345,11 @@ def test_a_zeroed_head_starts_at_the_smoothed_base_with_the_initial_features(tmp
     started = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     assert float(started["head.weight"].abs().max()) < 1e-5 < float(saved["head.weight"].abs().max())
     assert float((started["encoders.0.0.weight"] - saved["encoders.0.0.weight"]).abs().max()) < 1e-5
+
+
+def test_a_zeroed_head_needs_initial_weights():
+    with pytest.raises(ConfigError, match="init_zero_head"):
+        tiny(init_zero_head=True)
 
 
 def test_no_calibration_between_phases(tmp_path):
