@@ -96,6 +96,22 @@ def _swap_in(staging: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_stale_staging(weights_dir: Path, channel: str) -> None:
+    """Remove the staging folders of runs that were killed (a SIGKILL or SIGTERM skips the run's
+    own clean-up): those named after a process that no longer exists on this machine."""
+    for staging in weights_dir.glob(f".{channel}.staging-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a run that was stopped (process %s is gone)", staging, pid)
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
                    resume: bool = False, progress: bool = True, overwrite: bool = False,
                    calibrate: bool = True) -> list[MemberResult]:
@@ -114,6 +130,8 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
     folder = weights_dir / config.channel
     check_ensemble_target(folder, overwrite=overwrite)
     writer = int(os.environ.get("RANK", "0")) == 0  # the process group starts in train_member
+    if writer:
+        _remove_stale_staging(weights_dir, config.channel)
     data = build_data(config)
     staging = weights_dir / f".{config.channel}.staging-{os.getpid()}"
     results = []

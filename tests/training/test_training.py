@@ -351,6 +351,21 @@ def test_a_zeroed_head_needs_initial_weights():
         tiny(init_zero_head=True)
 
 
+def test_staging_left_by_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path):
+    """A killed run cannot clean up its staging folder; the next run removes it (its process is
+    gone) and leaves a running one's alone."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / "w" / f".nucleus.staging-{int(finished.stdout)}"
+    alive = tmp_path / "w" / f".nucleus.staging-{os.getppid()}"
+    for folder in (dead, alive):
+        (folder / "member_0").mkdir(parents=True)
+    train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "r", weights_dir=tmp_path / "w",
+                   members=1, progress=False, calibrate=False)
+    assert not dead.exists() and alive.is_dir()
+    assert (tmp_path / "w" / "nucleus" / "manifest.json").is_file()
+
+
 def test_no_calibration_between_phases(tmp_path):
     train_ensemble(tiny(steps=2, validate_every=2), runs_dir=tmp_path / "r", weights_dir=tmp_path / "w",
                    members=1, progress=False, calibrate=False)
