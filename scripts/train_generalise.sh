@@ -5,7 +5,9 @@
 # can stop at any point and resume (also on another machine: the run folder is committed).
 # One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
 # RECIPE names the configs (train/configs/RECIPE_{membrane,nucleus}.json) and the default run
-# folder (train/checkpoints/RECIPE): generalise (clean targets) or fused (dual-view fused targets).
+# folder (train/checkpoints/RECIPE). The default, fused_gauss_lowlr, is the shipped recipe: both
+# channels learn from the membrane volumes (the nucleus recipe starts from model_weights/membrane).
+# Recipes of one channel only (fused_gauss, fused, generalise, ...) need CHANNELS=membrane.
 # CHANNELS (default "membrane nucleus") picks the channels: two runs, one per channel, use two cores.
 # usage: [RECIPE=fused] [CHANNELS=membrane] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
 set -euo pipefail
@@ -13,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 final="${1:-3000}"
 phase="${2:-200}"
 python="${PYTHON:-.venv/bin/python}"
-recipe="${RECIPE:-generalise}"
+recipe="${RECIPE:-fused_gauss_lowlr}"
 runs="${RUNS:-train/checkpoints/$recipe}"
 channels="${CHANNELS:-membrane nucleus}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -1,6 +1,6 @@
 """Train a CARE ensemble for one channel; a thin wrapper of ``fusecare train`` (``fusecare/cli/train.py``).
 
-    python -m train --config train/configs/generalise_nucleus.json --members 2 --weights my_weights
+    python -m train --config train/configs/fused_gauss_lowlr_nucleus.json --members 2 --weights my_weights
     torchrun --nproc_per_node 4 -m train --config my.json        # DDP, one GPU each
 
 Options, what is written and the exit status: ``fusecare/cli/train.py`` (``--help`` prints them).

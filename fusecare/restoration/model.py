@@ -115,7 +115,9 @@ class CareUNet(nn.Module):
         )
         self.head = nn.Conv3d(c, 2 if config.probabilistic else 1, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``base``: ``self.base(x)`` when the caller has it already (an ensemble whose members
+        share ``base_sigma`` smooths each tile once, not once per member)."""
         # Peak memory is at full resolution: every reference is dropped as soon as it is used
         # (the skip and the up-sampled map once concatenated), and without gradients the first
         # encoder and the last decoder run in z-slabs (``_in_slabs``), so a tile holds little more
@@ -145,7 +147,10 @@ class CareUNet(nn.Module):
             return self._head(self.decoders[0](torch.cat([up, skip[:, :, first:last]], dim=1)))
 
         y = self._in_slabs(top, skip.shape[2]) if sliced else top(0, skip.shape[2])
-        location = y[:, :1] + self.base(x) if self.config.residual else y[:, :1]
+        if self.config.residual:
+            location = y[:, :1] + (self.base(x) if base is None else base)
+        else:
+            location = y[:, :1]
         if not self.config.probabilistic:
             return location
         scale = F.softplus(y[:, 1:]) + LAPLACE_SCALE_FLOOR

@@ -23,6 +23,11 @@ class TrainConfig(Config):
     validation_studies: tuple[int, ...] = param((), doc="FMC studies held out for validation.", ge=0)
     clean_dir: str = param("", doc="Folder of clean volumes to simulate single views from ('' = none).")
     clean_files: tuple[str, ...] = param((), doc="Clean volume files, beside or instead of clean_dir.")
+    content_channels: tuple[str, ...] = param(
+        (), doc="Channels whose clean volumes (clean_dir, clean_files) this run simulates from; empty = "
+        "the run's own channel. What the nets learn (undo one view's attenuation, blur and noise) is shared "
+        "by both channels, and one channel's real content may be too scarce to generalise from: a nucleus "
+        "ensemble may learn from membrane volumes.", choices=CHANNELS)
     validation_files: tuple[str, ...] = param(
         (), doc="Clean volumes used only for validation (checkpoint choice, gate calibration): "
         "whole volumes never trained on, so the choice measures generalisation, not recall.")

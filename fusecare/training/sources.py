@@ -150,13 +150,15 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         Path(f) for f in config.clean_files]
     if clean_paths:
         infos = [inspect_case(path) for path in clean_paths]  # headers first: read only the chosen
-        chosen_infos = [c for c in infos if c.meta.channel == config.channel]
+        wanted = config.content_channels or (config.channel,)
+        chosen_infos = [c for c in infos if c.meta.channel in wanted]
         if not chosen_infos:
-            raise InputError(f"no clean volume of channel {config.channel!r} among {len(infos)} clean "
-                             f"file(s) (channels found: {sorted({c.meta.channel for c in infos})})")
+            raise InputError(f"no clean volume of channel {' or '.join(map(repr, wanted))} among {len(infos)} "
+                             f"clean file(s) (channels found: {sorted({c.meta.channel for c in infos})}); "
+                             f"config field 'content_channels' names others")
         for c in infos:
-            if c.meta.channel != config.channel:
-                log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, config.channel)
+            if c.meta.channel not in wanted:
+                log.info("clean volume %s is %s, not %s: skipped", c.path.name, c.meta.channel, " or ".join(wanted))
         chosen = [read_case(c.path, info=c) for c in chosen_infos]
         for case in chosen:
             check_clean_volume(case.path.name, case.volume)

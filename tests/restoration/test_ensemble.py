@@ -54,6 +54,31 @@ def test_mean_and_spread_are_across_members(tmp_path, rng):
     assert spread.max() > 0
 
 
+def test_members_sharing_a_base_smooth_each_block_once(tmp_path, rng, monkeypatch):
+    """Members with the same ``base_sigma`` share one smoothed input per block, and the ensemble
+    still equals its members run one by one; a member with another base smooths its own."""
+    folder = tmp_path / "membrane"
+    for k, sigma in enumerate((0.45, 0.45, 0.8)):
+        torch.manual_seed(k)
+        save_member(folder / f"member_{k}", CareUNet(ModelConfig(first_filters=4, base_sigma=sigma)).eval())
+    write_manifest(folder, "membrane")
+    ensemble = load_ensemble(folder)
+    block = rng.random((8, 16, 24)).astype(np.float32)
+    outputs = _member_outputs(ensemble, block)[:, 0].numpy()
+    smoothed: list[float] = []
+    original = CareUNet.base
+
+    def counting(self, x):
+        smoothed.append(self.config.base_sigma)
+        return original(self, x)
+
+    monkeypatch.setattr(CareUNet, "base", counting)
+    mean, spread = ensemble.predict_block(block)
+    assert smoothed == [0.45, 0.8]
+    np.testing.assert_allclose(mean, outputs.mean(0), atol=1e-5)
+    np.testing.assert_allclose(spread, outputs.std(0), atol=1e-4)
+
+
 class _Constant(torch.nn.Module):
     """A stand-in member predicting one value everywhere."""
 
