@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     split = load_split(args.split, args.data)
     rows = []
+    scored: set[str] = set()  # a volume both channels train or validate on is one volume, scored once
     for channel, roles in split.items():
-        files = [f for role in ("train", "validation") for f in roles.get(role, [])]
+        files = [f for role in ("train", "validation") for f in roles.get(role, []) if f.name not in scored]
+        scored.update(f.name for f in files)
         cases = volume_cases(files, "train", range(TUNING_SEED, TUNING_SEED + args.views), args.target)
         rows += [{**r, "volume": f"{channel}: {r['volume']}"}
                  for r in score_cases(cases + phantom_cases(channel, 2, args.target))]

@@ -196,8 +196,8 @@ members' mean, computed inside one PyTorch module.
 
 fusecare's own inference applies a do-no-harm gate after the mean (Gaussian smoothing and a pull
 toward the normalised input where the members disagree, calibrated on validation cases). The gate
-is **not** in this package: it predicts the plain ensemble mean. Where fusecare gates a channel off
-(the shipped nucleus ensemble), this package still runs the network.
+is **not** in this package: it predicts the plain ensemble mean. Where a calibration gates a channel
+off (an input-only gate), this package still runs the network.
 
 ## Validation
 

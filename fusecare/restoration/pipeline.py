@@ -1069,7 +1069,7 @@ def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
 
     The same path as ``restore_case`` minus the files: non-finite voxels repaired, extreme floats
     rescaled, the channel's ensemble (found by ``fusecare.restoration.weights.find_weights``), the calibrated
-    gate, uint16 out. A gate that is input-only (the shipped nucleus ensemble) returns the input
+    gate, uint16 out. A gate that is input-only returns the input
     as uint16 with one ERROR line, as the command line's fallback does; any other failure raises,
     since a caller holding an array can decide better than a blanket fallback. ``voxel_size``
     (z, y, x) in um is checked and logged: the network works in voxels, trained at the

@@ -14,6 +14,7 @@ from fusecare.errors import WeightsError
 from fusecare.restoration.ensemble import (
     MANIFEST,
     Ensemble,
+    _shared_base,
     load_ensemble,
     save_member,
     write_manifest,
@@ -77,6 +78,23 @@ def test_members_sharing_a_base_smooth_each_block_once(tmp_path, rng, monkeypatc
     assert smoothed == [0.45, 0.8]
     np.testing.assert_allclose(mean, outputs.mean(0), atol=1e-5)
     np.testing.assert_allclose(spread, outputs.std(0), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: float16 autocast is CUDA's")
+def test_shared_base_stays_float32_under_float16(tmp_path, rng):
+    """The shared base carries the output's full intensity: float32 even when members run in float16."""
+    folder = tmp_path / "membrane"
+    for k in range(2):
+        torch.manual_seed(k)
+        save_member(folder / f"member_{k}", CareUNet(ModelConfig(first_filters=4, base_sigma=0.45)).eval())
+    write_manifest(folder, "membrane")
+    ensemble = load_ensemble(folder, device="cuda", fp16=True)
+    block = rng.random((8, 16, 24)).astype(np.float32)
+    x = torch.from_numpy(block)[None, None].cuda()
+    bases: dict[float, torch.Tensor] = {}
+    assert _shared_base(ensemble.members[0], x, bases).dtype == torch.float32
+    reference = load_ensemble(folder, device="cpu").predict_block(block)
+    np.testing.assert_allclose(ensemble.predict_block(block)[0], reference[0], atol=5e-3)
 
 
 class _Constant(torch.nn.Module):

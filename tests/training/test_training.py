@@ -16,6 +16,7 @@ from conftest import REPO, write_fmc_tif
 from scipy import ndimage
 
 from fusecare.errors import ConfigError, InputError, TrainingError
+from fusecare.io import inspect_case
 from fusecare.restoration.ensemble import load_ensemble
 from fusecare.restoration.model import ModelConfig
 from fusecare.scoring.metrics import ssim
@@ -432,6 +433,8 @@ def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
         assert path.stem.endswith(channel) and not config.validate_on_training_volumes
         assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
         assert [Path(f).name for f in config.validation_files] == [p.name for p in split[channel]["validation"]]
+        wanted = config.content_channels or (channel,)  # no training volume skipped for its channel
+        assert all(inspect_case(shared_data / Path(f).name).meta.channel in wanted for f in config.clean_files), path
     for path in (REPO / "train" / "configs" / "archive").glob("*.json"):  # the earlier split's: still valid
         TrainConfig.load(path)
 
