@@ -6,7 +6,8 @@
 # One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
 # RECIPE names the configs (train/configs/RECIPE_{membrane,nucleus}.json) and the default run
 # folder (train/checkpoints/RECIPE). The default, fused_gauss_lowlr, is the shipped recipe: both
-# channels learn from the membrane volumes (the nucleus recipe starts from model_weights/membrane).
+# channels learn from the membrane volumes (the nucleus recipe starts from the membrane ensemble this
+# recipe writes, train/checkpoints/fused_gauss_lowlr/weights/membrane).
 # Recipes of one channel only (fused_gauss, fused, generalise, ...) need CHANNELS=membrane.
 # CHANNELS (default "membrane nucleus") picks the channels: two runs, one per channel, use two cores.
 # usage: [RECIPE=fused] [CHANNELS=membrane] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]

@@ -97,13 +97,16 @@ def test_shared_members_are_the_same_files():
     """Channels the expectations say share another ensemble's members hold its weights and configs
     byte for byte (the model card states it); their gates are their own."""
     for channel, source in EXPECTATIONS["same_members_as"].items():
-        ours, theirs = read_manifest_files(WEIGHTS / channel), read_manifest_files(REPO / source)
+        ours, theirs = verified_files(WEIGHTS / channel), verified_files(REPO / source)
         shared = {f: h for f, h in theirs.items() if not f.endswith("training.json")}
         assert shared and {f: ours.get(f) for f in shared} == shared
 
 
-def read_manifest_files(folder: Path) -> dict[str, str]:
-    return json.loads((folder / MANIFEST).read_text())["files"]
+def verified_files(folder: Path) -> dict[str, str]:
+    """The manifest's file hashes, once the files on disk are checked against them."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    verify_manifest(folder, manifest)
+    return manifest["files"]
 
 
 def test_input_only_gates_are_the_expected_ones(shipped):

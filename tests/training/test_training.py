@@ -425,10 +425,10 @@ def test_zoomed_training_views_keep_the_patch_shape_and_vary_the_structure_size(
 def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
     """The held-out protocol holds only if the shipped recipe never touches a test volume."""
     split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
-    recipes = sorted(p for p in (REPO / "train" / "configs").glob("*.json") if not p.name.startswith("shipped_"))
-    assert {TrainConfig.load(p).channel for p in recipes} == {"membrane", "nucleus"}
-    for path in recipes:
-        config = TrainConfig.load(path)
+    recipes = {p: TrainConfig.load(p) for p in sorted((REPO / "train" / "configs").glob("*.json"))
+               if not p.name.startswith("shipped_")}
+    assert {config.channel for config in recipes.values()} == {"membrane", "nucleus"}
+    for path, config in recipes.items():
         channel = config.channel
         assert path.stem.endswith(channel) and not config.validate_on_training_volumes
         assert [Path(f).name for f in config.clean_files] == [p.name for p in split[channel]["train"]]
