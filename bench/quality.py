@@ -14,8 +14,9 @@ extra rows. The Gaussian's sigma is tuned on the training volumes only.
 
 Columns: identity (copying the input: 0 by construction), gaussian (tuned sigma), ensemble
 (ungated mean of the members), gated (with the ensemble's calibrated safety net, as inference
-runs it). Targets (issue 9, held-out rows, gated): mean >= 0.15 and >= 1.5x the Gaussian's,
-no case below 0.
+runs it), gaussian_corrected (the tuned Gaussian with the attenuation correction alone, no
+network: how much of the gated column the correction gives by itself). Targets (issue 9,
+held-out rows, gated): mean >= 0.15 and >= 1.5x the Gaussian's, no case below 0.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ HELD_OUT_SEED = 20_000  # training validation uses 10_000+, training draws from 
 TUNING_SEED = 30_000
 PHANTOM_SEED = 40_000
 SIGMAS = (0.3, 0.45, 0.6, 0.8, 1.0, 1.3, 1.7)
-COLUMNS = ("identity", "gaussian", "ensemble", "gated")
+COLUMNS = ("identity", "gaussian", "ensemble", "gated", "gaussian_corrected")
 GROUPS = {"test": "held-out content", "train": "seen content", "phantom": "phantoms (unseen seeds)"}
 
 
@@ -58,6 +59,7 @@ class Case:
     group: str  # a key of GROUPS
     source: np.ndarray
     target: np.ndarray
+    voxel_size_zyx: tuple[float, float, float]
 
 
 def pair_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int, target: str
@@ -79,7 +81,7 @@ def volume_cases(files: list[Path], group: str, seeds: range, target: str) -> li
         volume = clean.volume.astype(np.float32)
         for seed in seeds:
             cases.append(Case(f"{file.name} view {seed}", group,
-                              *pair_of(volume, clean.meta.voxel_size.zyx, seed, target)))
+                              *pair_of(volume, clean.meta.voxel_size.zyx, seed, target), clean.meta.voxel_size.zyx))
     return cases
 
 
@@ -89,7 +91,7 @@ def phantom_cases(channel: str, count: int, target: str) -> list[Case]:
     for k in range(count):
         clean = make((48, 128, 128), rng=np.random.default_rng(PHANTOM_SEED + k))
         cases.append(Case(f"phantom {PHANTOM_SEED + k}", "phantom",
-                          *pair_of(clean, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k, target)))
+                          *pair_of(clean, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k, target), PHANTOM_VOXEL_SIZE_ZYX))
     return cases
 
 
@@ -112,16 +114,23 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
     rows = []
     for case in cases:
         prediction = predict_validation(case.name, case.source, case.target,
-                                        lambda v: predict_ensemble_volume(ensemble, v))
-        # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one
-        baselines = [INPUT_ONLY, GateConfig(blend=0.0, fallback_sigma=sigma)]
+                                        lambda v: predict_ensemble_volume(ensemble, v), case.voxel_size_zyx)
+        # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one; the
+        # last column is that Gaussian with the attenuation correction: what the correction
+        # alone does, without the networks
+        smoothed_gate = GateConfig(blend=0.0, fallback_sigma=sigma)
+        baselines = [INPUT_ONLY, smoothed_gate, smoothed_gate.replace(correct_attenuation=True)]
         candidates = baselines + ([gate] if gate else [])
-        ungated, identity, smoothed, *with_gate = evaluate_candidates([prediction], candidates)
-        scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0])]
+        ungated, identity, smoothed, corrected, *with_gate = evaluate_candidates([prediction], candidates)
+        scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0], corrected)]
         rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores))})
-        print(f"{channel:<9}{case.name:<46}{GROUPS[case.group][:9]:<10}" + "".join(f"{v:>9.3f}" for v in scores),
-              flush=True)
+        print(f"{channel:<9}{case.name:<46}{GROUPS[case.group][:9]:<10}"
+              + "".join(f"{v:>{_width(c)}.3f}" for c, v in zip(COLUMNS, scores)), flush=True)
     return {"channel": channel, "sigma": sigma, "gate": gate.to_dict() if gate else None, "rows": rows}
+
+
+def _width(column: str) -> int:
+    return max(9, len(column) + 1)
 
 
 def summarise(result: dict) -> list[str]:
@@ -160,7 +169,7 @@ def main() -> None:
     if not (args.data / "README.md").is_file():
         sys.exit(f"real volumes not found in {args.data}")
     split = load_split(args.split, args.data)
-    print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>9}" for c in COLUMNS))
+    print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>{_width(c)}}" for c in COLUMNS))
     results = [score_channel(channel, split[channel], args) for channel in args.channels]
     print("\nsummary: mean N-SSIM (worst case in brackets)")
     print(f"{'channel':<9}{'content':<24}{'n':>4}" + "".join(f"{c:>16}" for c in COLUMNS))

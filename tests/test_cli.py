@@ -291,3 +291,40 @@ def test_number_types_refuse_what_would_refuse_every_case(kind, minimum, strict,
     else:
         with pytest.raises(argparse.ArgumentTypeError, match=f"expected a count.*{text}"):
             parse(text)
+
+
+def test_no_attenuation_correction_keeps_the_gate_without_its_correction(tmp_path, tiny_weights, caplog):
+    """A manifest gate that corrects attenuation: ``predict`` applies it (and logs the field);
+    ``--no-attenuation-correction`` writes what the same gate without the correction writes."""
+    from scipy import ndimage
+
+    from fusecare.cli import main
+    from fusecare.optics import path_length_um
+    from fusecare.restoration.ensemble import read_manifest, write_manifest
+    from fusecare.restoration.gate import GateConfig
+
+    rng = np.random.default_rng(5)
+    signal = np.clip(ndimage.gaussian_filter(rng.random((16, 48, 64)), (1, 2, 2)) - 0.5, 0, None) * 40
+    signal[:, :4], signal[:, -4:], signal[:, :, :4], signal[:, :, -4:] = 0, 0, 0, 0
+    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
+    dimmed = 1000 + 8000 * signal * np.exp(-0.5 * path_length_um(density, 2, True, 0.2))
+    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed.astype(np.uint16), channel="membrane")
+    ensemble = tiny_weights / "membrane"
+    gate = GateConfig(spread_scale=10.0, blend=1.0)
+
+    def predict(out: str, *flags: str) -> np.ndarray:
+        assert main(["predict", str(tmp_path / "in"), "-o", str(tmp_path / out), "--weights", str(tiny_weights),
+                     "--device", "cpu", "--quiet", *flags]) == 0
+        return tifffile.imread(tmp_path / out / "a.tif")
+
+    write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate.replace(correct_attenuation=True))
+    with caplog.at_level("INFO", logger="fusecare"):
+        corrected = predict("corrected")
+    assert "attenuation correction: light from x start" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fusecare"):
+        switched_off = predict("switched_off", "--no-attenuation-correction")
+    assert "attenuation correction" not in caplog.text
+    write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate)
+    np.testing.assert_array_equal(switched_off, predict("plain"))
+    assert not np.array_equal(corrected, switched_off)

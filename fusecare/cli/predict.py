@@ -74,7 +74,11 @@ def add_model_and_hardware_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"folder with one ensemble per channel (nucleus/, membrane/); env {WEIGHTS_ENV} "
                             "(default: %(default)s). Given here, it must exist (exit 2 otherwise)")
     model.add_argument("--no-gate", dest="gate", action="store_false",
-                       help="do not blend toward the input where members disagree")
+                       help="write the members' mean as it is: no blend toward the input, no attenuation "
+                       "correction (both are the calibrated gate's)")
+    model.add_argument("--no-attenuation-correction", dest="attenuation_correction", action="store_false",
+                       help="keep the gate but not its attenuation correction (which brightens the single "
+                       "view's dimmed far side as a fused volume is): for views that are not dimmed")
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     hardware.add_argument("--tile", type=tile_size,
@@ -164,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
         options = RestoreOptions(
             tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
+            attenuation_correction=args.attenuation_correction,
             uncertainty_dir=args.uncertainty, progress=not args.quiet,
             time_budget=args.time_budget or None, imagej=getattr(args, "imagej", False),
             memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,

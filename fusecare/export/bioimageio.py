@@ -8,7 +8,8 @@ One zip per channel, ``DIR/fusecare-<channel>.zip``, built and validated with ``
 - the model is the ensemble's mean as ONE module (``fusecare/export/zoo_arch.py``'s ``EnsembleMean``,
   shipped in the package: members inside, their mean out), as ``pytorch_state_dict`` and
   ``torchscript`` weights. It is **ungated**: fusecare's do-no-harm gate (Gaussian smoothing,
-  a pull toward the input where members disagree) is not in the package;
+  a pull toward the input where members disagree) and its attenuation correction (a
+  whole-volume pass, ``fusecare.restoration.attenuation``) are not in the package;
 - input and output axes ``batch, channel, z, y, x``; input sizes ``min + n * 2**depth`` along z,
   y, x; the output's halo is the receptive field rounded up to the alignment (``Ensemble.margin``),
   so tiling consumers crop what the network could not see;
@@ -195,9 +196,10 @@ members' mean, computed inside one PyTorch module.
 ## Ungated
 
 fusecare's own inference applies a do-no-harm gate after the mean (Gaussian smoothing and a pull
-toward the normalised input where the members disagree, calibrated on validation cases). The gate
-is **not** in this package: it predicts the plain ensemble mean. Where a calibration gates a channel
-off (an input-only gate), this package still runs the network.
+toward the normalised input where the members disagree, calibrated on validation cases), and the
+shipped gates then brighten the single view's far side by an attenuation field estimated from the
+whole volume. Neither is in this package: it predicts the plain ensemble mean of each tile.
+Where a calibration gates a channel off (an input-only gate), this package still runs the network.
 
 ## Validation
 

@@ -21,6 +21,12 @@ background). The members' spread is optionally smoothed first (``spread_sigma`` 
 is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
 fallback smoothing is the input itself: a candidate that always scores 0.
 
+A gate may then multiply its output by the view's attenuation field (``correct_attenuation``;
+the field comes from a whole-volume pass, ``fusecare.restoration.attenuation``, and is passed
+in per region): the blend above decides detail region by region, the field restores the
+brightness a single view lost along the light's path. It multiplies after the blend, so the
+consistency term compares prediction and input before it, as calibrated.
+
 Both weights are per voxel, so the net decides per region. Everything here works on one whole
 tile (``gate_fields``) and then on its core (``gated``); ``GateConfig.radius`` says how far the
 smoothing reaches, so tiles widen by as much and stay exact. Inference, training's calibration
@@ -29,6 +35,9 @@ and the benchmark all go through these functions; choosing a gate lives in
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -57,11 +66,15 @@ class GateConfig(Config):
     consistency_sigma: float = param(4.0, doc="Gaussian scale (voxels) of the local mean the consistency "
                                      "term compares: coarser than the detail a restoration adds.",
                                      gt=0.0, le=16.0)
+    correct_attenuation: bool = param(False, doc="Multiply the gated output by the view's estimated "
+                                      "attenuation field (``fusecare.restoration.attenuation``: a coarse "
+                                      "whole-volume pass that brightens the single view's far side as a "
+                                      "fused volume is).")
 
     @property
     def keeps_input(self) -> bool:
         """The output is the input itself: predicting would change nothing."""
-        return self.blend == 0.0 and self.fallback_sigma == 0.0
+        return self.blend == 0.0 and self.fallback_sigma == 0.0 and not self.correct_attenuation
 
     @property
     def radius(self) -> int:
@@ -138,25 +151,42 @@ def _smooth_into(out: np.ndarray, volume: np.ndarray, sigma: float) -> None:
 
 
 def gated(fallback: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,
-          consistency: np.ndarray | None = None) -> np.ndarray:
+          consistency: np.ndarray | None = None, attenuation: np.ndarray | None = None) -> np.ndarray:
     """The gated prediction (all normalised; mean, spread, fallback and consistency as
-    ``gate_fields`` makes them); ``None`` is no gate."""
+    ``gate_fields`` makes them); ``None`` is no gate. A gate that corrects attenuation needs the
+    field over the same voxels (``AttenuationField.region``)."""
     if gate is None:
         return mean
+    return _blend(fallback, mean, spread, consistency, attenuation, gate, gate_weight)
+
+
+Field = TypeVar("Field", np.ndarray, torch.Tensor)
+
+
+def _blend(fallback: Field, mean: Field, spread: Field, consistency: Field | None, attenuation: Field | None,
+           gate: GateConfig, weight: Callable[[Field, float], Field]) -> Field:
+    """The gate's arithmetic on numpy arrays or tensors alike (``weight``: ``gate_weight`` or its
+    torch twin), so the two devices compute one formula."""
     if gate.blend == 0.0:
-        return fallback
-    weight = np.float32(gate.blend) * gate_weight(spread, gate.spread_scale)
-    if gate.consistency_scale > 0:
-        if consistency is None:
-            raise ValueError("a gate with a consistency term needs the consistency map")
-        weight = weight * gate_weight(consistency, gate.consistency_scale)
-    return fallback + weight * (mean - fallback)
+        out = fallback
+    else:
+        w = float(np.float32(gate.blend)) * weight(spread, gate.spread_scale)
+        if gate.consistency_scale > 0:
+            if consistency is None:
+                raise ValueError("a gate with a consistency term needs the consistency map")
+            w = w * weight(consistency, gate.consistency_scale)
+        out = fallback + w * (mean - fallback)
+    if gate.correct_attenuation:
+        if attenuation is None:
+            raise ValueError("a gate that corrects attenuation needs the attenuation field")
+        out = out * attenuation
+    return out
 
 
-def gated_fields(fields: np.ndarray, gate: GateConfig) -> np.ndarray:
+def gated_fields(fields: np.ndarray, gate: GateConfig, attenuation: np.ndarray | None = None) -> np.ndarray:
     """``gated`` of a ``gate_fields`` stack (or a crop of one)."""
     mean, gate_spread, fallback, consistency = fields
-    return gated(fallback, mean, gate_spread, gate, consistency)
+    return gated(fallback, mean, gate_spread, gate, consistency, attenuation)
 
 
 
@@ -223,12 +253,8 @@ def gate_fields_torch(gate: GateConfig, block: torch.Tensor, mean: torch.Tensor,
     return torch.stack([mean_s, smooth_torch(spread, gate.spread_sigma), fallback, consistency])
 
 
-def gated_fields_torch(fields: torch.Tensor, gate: GateConfig) -> torch.Tensor:
+def gated_fields_torch(fields: torch.Tensor, gate: GateConfig,
+                       attenuation: torch.Tensor | None = None) -> torch.Tensor:
     """``gated_fields`` for a tensor stack (or a crop of one)."""
     mean, gate_spread, fallback, consistency = fields
-    if gate.blend == 0.0:
-        return fallback
-    weight = float(np.float32(gate.blend)) * gate_weight_torch(gate_spread, gate.spread_scale)
-    if gate.consistency_scale > 0:
-        weight = weight * gate_weight_torch(consistency, gate.consistency_scale)
-    return fallback + weight * (mean - fallback)
+    return _blend(fallback, mean, gate_spread, consistency, attenuation, gate, gate_weight_torch)

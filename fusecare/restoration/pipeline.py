@@ -42,6 +42,7 @@ from fusecare.io import (
 )
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.profiling import phase
+from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import (
     FIELDS,
@@ -317,6 +318,9 @@ class RestoreOptions(Config):
     """float16 autocast on CUDA (ignored on CPU): half the memory and tensor cores; measured within
     1e-3 of float32 on the shipped members, and a block that overflows is redone in float32."""
     gate: bool = True
+    attenuation_correction: bool = True
+    """Apply the calibrated gate's attenuation correction where it has one (off: the gate alone,
+    for views whose far side is not dimmed, or whose dimming the target keeps)."""
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
@@ -580,7 +584,7 @@ def default_plan(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig
 
 def gate_in_z_slabs(volume: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig,
                     norm: PercentileNorm, *, planes: int, input_cores: Sequence[Region] = (),
-                    ) -> Iterator[tuple[slice, np.ndarray]]:
+                    attenuation: AttenuationField | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """The gate over a whole volume, smoothed ``planes`` z-planes at a time: z-ranges with their
     gated values (normalised), as ``gated_fields`` of ``gate_fields`` over the whole volume gives
     them; the blend runs on at most ``BLEND_CHUNK_VOXELS`` at a time (7x faster than on a whole
@@ -602,7 +606,8 @@ def gate_in_z_slabs(volume: np.ndarray, mean: np.ndarray, spread: np.ndarray, ga
         for c0 in range(z0, z1, step):  # the blend's temporaries stay small (and in cache)
             c1 = min(c0 + step, z1)
             with phase("gate blend, uint16 map", (c1 - c0) * plane):
-                gated_planes = gated_fields(fields[:, c0 - w0:c1 - w0], gate)
+                gated_planes = gated_fields(fields[:, c0 - w0:c1 - w0], gate,
+                                            None if attenuation is None else attenuation.region((slice(c0, c1),)))
                 for core in input_cores:
                     if core[0].start < c1 and core[0].stop > c0:
                         zs = slice(max(core[0].start, c0), min(core[0].stop, c1))
@@ -631,6 +636,7 @@ def restore_volume(
     name: str = "volume",
     device: torch.device | None = None,
     gate_slab: int | None = None,
+    voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
@@ -652,6 +658,11 @@ def restore_volume(
     (2, Z, Y, X) tensor there (``Ensemble.predict_tensor``); the gate, the inverse normalisation
     and the uint16 map run there too (``fusecare.restoration.gate``'s torch twins), and only the finished
     uint16 core (and the uncertainty's) comes back to the host.
+
+    A gate that corrects attenuation (``GateConfig.correct_attenuation``) first reads the whole
+    volume once more for the field (``estimate_attenuation``, on a coarse grid, with the physical
+    ``voxel_size_zyx``), then multiplies every gated core by it; cores written as the input
+    itself stay the input.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     with phase("percentiles", volume.size):
@@ -660,6 +671,13 @@ def restore_volume(
     if norm.is_degenerate:
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
     to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
+    attenuation = None
+    if gate is not None and gate.correct_attenuation:
+        with phase("attenuation estimate", volume.size):
+            attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
+        log.info("%s: attenuation correction: %s", name, attenuation.describe())
+        if attenuation.is_identity:  # a field of ones: nothing to interpolate per core
+            gate, attenuation = gate.replace(correct_attenuation=False), None
     output = np.empty(volume.shape, dtype=np.uint16)
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
@@ -689,7 +707,8 @@ def restore_volume(
             with phase("gate smoothing", mean.size):
                 fields = gate_fields(gate, prediction[2], mean, spread)
             with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
-                mean = gated_fields(fields[(slice(None), *core)], gate)
+                mean = gated_fields(fields[(slice(None), *core)], gate,
+                                    None if attenuation is None else attenuation.region(region))
         else:
             mean = mean[core]
         with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -720,7 +739,9 @@ def restore_volume(
         if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
-            mean = gated_fields_torch(fields[(slice(None), *core)], gate)
+            field = None if attenuation is None else torch.from_numpy(
+                np.ascontiguousarray(attenuation.region(region))).to(prediction.device)
+            mean = gated_fields_torch(fields[(slice(None), *core)], gate, field)
         else:
             mean = prediction[0][core]
         with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -788,7 +809,8 @@ def restore_volume(
                 for z in range(0, volume.shape[0], gate_slab))  # type: ignore[arg-type]
         else:
             slabs = gate_in_z_slabs(volume, members_mean, members_spread, gate, norm,  # type: ignore[arg-type]
-                                    planes=gate_slab, input_cores=input_cores)  # type: ignore[arg-type]
+                                    planes=gate_slab, input_cores=input_cores,  # type: ignore[arg-type]
+                                    attenuation=attenuation)
         for planes, gated_planes in slabs:
             with phase("gate blend, uint16 map"):  # its voxels are counted once, by the blend
                 output[planes], n = to_uint16.apply(norm.inverse(gated_planes))
@@ -961,6 +983,8 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
                   *, with_uncertainty: bool | None = None) -> Restored:
     ensemble = ensembles.get(meta.channel)
     gate = ensemble.gate if options.gate else None
+    if gate is not None and gate.correct_attenuation and not options.attenuation_correction:
+        gate = gate.replace(correct_attenuation=False)
     uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
     plan = default_plan(ensemble, volume.shape, gate=gate, tile=options.tile,
                         held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
@@ -979,7 +1003,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
         tile=plan.tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
-        gate_slab=None if on_device else plan.gate_slab,
+        gate_slab=None if on_device else plan.gate_slab, voxel_size_zyx=meta.voxel_size.zyx,
     )
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from fusecare.config import strict_json
 from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
+from fusecare.restoration.attenuation import estimate_attenuation
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
@@ -47,6 +48,8 @@ PREDICTION_SIGMAS: tuple[float, ...] = (0.0, 0.5)
 SPREAD_SCALES: tuple[float, ...] = (0.2, 10.0)
 """10 normalised units: members never disagree that much, so the spread term is off."""
 CONSISTENCY_SCALES: tuple[float, ...] = (0.0, 0.05)
+CORRECTIONS: tuple[bool, ...] = (False, True)
+"""Without and with the attenuation correction (``GateConfig.correct_attenuation``)."""
 BLENDS: tuple[float, ...] = (0.5, 1.0)
 """0.5 applies half the gated correction everywhere: a prediction whose mean gain on validation
 is positive but whose worst case is not may be safe half-way (the best public entry weighted its
@@ -91,11 +94,12 @@ class ValidationPrediction:
     target: np.ndarray
     mean: np.ndarray
     spread: np.ndarray
+    voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, fallback: np.ndarray,
                mean: np.ndarray, spread: np.ndarray, gate: GateConfig | None,
-               consistency: np.ndarray | None = None) -> float:
+               consistency: np.ndarray | None = None, attenuation: np.ndarray | None = None) -> float:
     """N-SSIM of a gated prediction against a target whose input scores ``ssim_input``.
 
     ``fallback``, ``mean`` and ``spread`` are already smoothed by the gate's sigmas. The input-only gate
@@ -103,21 +107,23 @@ def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: floa
     """
     if gate is not None and gate.keeps_input:
         return 0.0
-    return n_ssim(fmc_ssim(target, gated(fallback, mean, spread, gate, consistency), target_norm=target_norm),
-                  ssim_input)
+    prediction = gated(fallback, mean, spread, gate, consistency, attenuation)
+    return n_ssim(fmc_ssim(target, prediction, target_norm=target_norm), ssim_input)
 
 
 def default_candidates() -> list[GateConfig]:
     """The input itself, the Gaussian-smoothed inputs, then the (fallback, prediction smoothing,
-    spread scale, consistency scale, blend) grid: 34 in all, two values per parameter, so a handful
-    of validation volumes choose among few gates (a 196-gate grid chose no better held-out gate on
-    the shipped ensembles' validation tables: leave-one-volume-out 0.011 against 0.016 for membrane,
-    0.080 against 0.083 for nucleus)."""
-    return ([INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
-            + [GateConfig(spread_scale=s, spread_sigma=SPREAD_SIGMA, fallback_sigma=f, prediction_sigma=p,
-                          consistency_scale=c, blend=b)
-               for f, p, s, c, b in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
-                                                      CONSISTENCY_SCALES, BLENDS)])
+    spread scale, consistency scale, blend) grid, each without and then with the attenuation
+    correction: 68 in all, two values per parameter, so a handful of validation volumes choose
+    among few gates (a 196-gate grid chose no better held-out gate on the shipped ensembles'
+    validation tables: leave-one-volume-out 0.011 against 0.016 for membrane, 0.080 against 0.083
+    for nucleus)."""
+    return [gate.replace(correct_attenuation=a) for a in CORRECTIONS for gate in (
+        [INPUT_ONLY] + [GateConfig(blend=0.0, fallback_sigma=f) for f in FALLBACK_SIGMAS if f > 0]
+        + [GateConfig(spread_scale=s, spread_sigma=SPREAD_SIGMA, fallback_sigma=f, prediction_sigma=p,
+                      consistency_scale=c, blend=b)
+           for f, p, s, c, b in itertools.product(FALLBACK_SIGMAS, PREDICTION_SIGMAS, SPREAD_SCALES,
+                                                  CONSISTENCY_SCALES, BLENDS)])]
 
 
 def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
@@ -135,6 +141,15 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
         target_norm = PercentileNorm.fit(case.target)
         prepared.append((target_norm, fmc_ssim(case.target, case.source, target_norm=target_norm),
                          PercentileNorm.fit(case.source).forward(case.source)))
+    fields: dict[int, np.ndarray] = {}
+
+    def attenuation(i: int, gate: GateConfig | None, x: np.ndarray) -> np.ndarray | None:
+        """The case's attenuation field, estimated once, for the gates that correct it."""
+        if gate is None or not gate.correct_attenuation:
+            return None
+        if i not in fields:
+            fields[i] = estimate_attenuation(x, cases[i].voxel_size_zyx).region((slice(None),) * 3)
+        return fields[i]
     smoothed: dict[tuple[str, int, float], np.ndarray] = {}
 
     def cached(kind: str, i: int, sigma: float, volume: np.ndarray) -> np.ndarray:
@@ -162,7 +177,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
             mean = cached("mean", i, prediction_sigma, case.mean)
             scores.append(score_gate(case.target, target_norm, ssim_input, fallback, mean,
                                      cached("spread", i, spread_sigma, case.spread), gate,
-                                     consistency(i, gate, mean, fallback) if gate else None))
+                                     consistency(i, gate, mean, fallback) if gate else None,
+                                     attenuation(i, gate, x)))
         results.append(GateCandidate(gate, tuple(scores)))
     return results
 
@@ -219,10 +235,11 @@ def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[G
 
 
 def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
-                       predict_volume: Callable[[np.ndarray], np.ndarray]) -> ValidationPrediction:
+                       predict_volume: Callable[[np.ndarray], np.ndarray],
+                       voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> ValidationPrediction:
     """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` for calibration."""
     mean, spread = predict_volume(source)
-    return ValidationPrediction(name, source, target, mean, spread)
+    return ValidationPrediction(name, source, target, mean, spread, voxel_size_zyx)
 
 
 @dataclass(frozen=True)
@@ -304,7 +321,8 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
     """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
     ensemble = load_ensemble(folder, device=device)
     predictions = [predict_validation(c.name, c.source, c.target,
-                                      lambda v: predict_ensemble_volume(ensemble, v)) for c in cases]
+                                      lambda v: predict_ensemble_volume(ensemble, v), c.voxel_size_zyx)
+                   for c in cases]
     calibration = calibrate_gate(predictions, progress=progress)
     ungated = calibration.table[0]
     chosen = next(c for c in calibration.table if c.gate == calibration.gate)

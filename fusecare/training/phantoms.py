@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from fusecare.training.simulate import resample_linear
+from fusecare.optics import resample_linear
 
 Shape = tuple[int, int, int]
 

@@ -81,6 +81,8 @@ class ValidationCase:
     target: np.ndarray
     synthetic: bool = False
     """Simulated from a phantom, not from a real volume (``validation_score`` weighs the two)."""
+    voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Physical voxel size (um): the attenuation correction smooths in um."""
 
 
 def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -105,7 +107,7 @@ def _simulated_validation(name: str, clean: np.ndarray, voxel_size: tuple[float,
     clean volume (``simulate_pair``), both centre-cropped to ``VALIDATION_CROP``."""
     view, target, _ = simulate_pair(clean, voxel_size, config=simulator, seed=seed)
     return ValidationCase(name, _centre_crop(view, VALIDATION_CROP), _centre_crop(target, VALIDATION_CROP),
-                          synthetic)
+                          synthetic, tuple(float(v) for v in voxel_size))  # type: ignore[arg-type]
 
 
 def _validation_views(name: str, clean: np.ndarray, voxel_size: tuple[float, float, float], config: TrainConfig,
@@ -144,8 +146,8 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
                 open_volume(p.angle.path, info=p.angle, memmap=True),
                 open_volume(p.fused.path, info=p.fused, memmap=True), settings)))
         for p in held:
-            validation.append(ValidationCase(p.angle.path.name,
-                                             _validation_crop(p.angle), _validation_crop(p.fused)))
+            validation.append(ValidationCase(p.angle.path.name, _validation_crop(p.angle), _validation_crop(p.fused),
+                                             voxel_size_zyx=p.angle.meta.voxel_size.zyx))
     clean_paths = (list_cases(config.clean_dir) if config.clean_dir else []) + [
         Path(f) for f in config.clean_files]
     if clean_paths:

@@ -154,6 +154,9 @@ def test_torch_smoothing_equals_scipy_reflect(rng, sigma, shape):
                consistency_scale=0.1, consistency_sigma=4.0),
     GateConfig(spread_scale=0.05, consistency_scale=0.3, consistency_sigma=2.0),
     GateConfig(blend=0.0, fallback_sigma=0.8),
+    GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, prediction_sigma=0.5, consistency_scale=0.05,
+               correct_attenuation=True),
+    GateConfig(blend=0.0, fallback_sigma=0.5, correct_attenuation=True),
 ])
 def test_torch_gate_equals_the_numpy_gate(rng, gate):
     shape = (12, 30, 26)
@@ -164,5 +167,27 @@ def test_torch_gate_equals_the_numpy_gate(rng, gate):
     fields_t = gate_fields_torch(gate, *(torch.from_numpy(a) for a in (block, mean, spread)))
     np.testing.assert_allclose(fields_t.numpy(), fields, atol=1e-5, rtol=0)
     core = (slice(None), slice(2, 10), slice(5, 25), slice(3, 20))
-    np.testing.assert_allclose(gated_fields_torch(fields_t[core], gate).numpy(),
-                               gated_fields(fields[core], gate), atol=1e-5, rtol=0)
+    field = rng.uniform(1.0, 3.0, fields[0][core[1:]].shape).astype(np.float32)
+    np.testing.assert_allclose(gated_fields_torch(fields_t[core], gate, torch.from_numpy(field)).numpy(),
+                               gated_fields(fields[core], gate, field), atol=1e-5, rtol=0)
+
+
+def test_the_attenuation_correction_multiplies_the_gated_output(rng):
+    """The correction is one factor on whatever the gate gives, the Gaussian-smoothed input
+    included, so it never changes where the gate trusts the members; without a field it refuses."""
+    shape = (6, 10, 12)
+    block, mean = rng.random(shape).astype(np.float32), rng.random(shape).astype(np.float32)
+    spread = np.abs(rng.normal(0, 0.1, shape)).astype(np.float32)
+    field = rng.uniform(1.0, 4.0, shape).astype(np.float32)
+    for plain in (GateConfig(spread_scale=0.1, spread_sigma=1.0, consistency_scale=0.05),
+                  GateConfig(blend=0.0, fallback_sigma=0.5), INPUT_ONLY):
+        corrected = plain.replace(correct_attenuation=True)
+        fields = gate_fields(plain, block, mean, spread)
+        np.testing.assert_allclose(gated_fields(fields, corrected, field), gated_fields(fields, plain) * field,
+                                   rtol=1e-6)
+        with pytest.raises(ValueError, match="attenuation field"):
+            gated_fields(fields, corrected)
+        with pytest.raises(ValueError, match="attenuation field"):
+            gated_fields_torch(torch.from_numpy(fields), corrected)
+    assert INPUT_ONLY.keeps_input and not INPUT_ONLY.replace(correct_attenuation=True).keeps_input
+    assert GateConfig.from_dict(INPUT_ONLY.to_dict()).correct_attenuation is False  # old manifests: off

@@ -805,3 +805,79 @@ def test_a_cpu_case_with_a_smoothing_gate_defers_it(tmp_path, rng, monkeypatch):
     assert kwargs["gate_slab"] == 8 and kwargs["tile"] == (8, 64, 64)
     per_core = real(seen, predict, **{**kwargs, "gate_slab": None}).output
     assert np.abs(tifffile.imread(tmp_path / "out" / "a.tif").astype(int) - per_core.astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------- the attenuation correction
+
+
+def _dimmed_volume(rng: np.random.Generator, shape=(24, 48, 64)) -> np.ndarray:
+    """Bright blobs in a box, dimmed along X from the start by Beer-Lambert through the specimen
+    (about 4x at the far side): a field worth correcting."""
+    from fusecare.optics import path_length_um
+
+    signal = ndimage.gaussian_filter(rng.random(shape), (1, 2, 2))
+    signal = np.clip((signal - signal.mean()) / signal.std(), 0, None)
+    signal[:2], signal[-2:], signal[:, :4], signal[:, -4:], signal[:, :, :4], signal[:, :, -4:] = 0, 0, 0, 0, 0, 0
+    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
+    dimming = np.exp(-0.1 * path_length_um(density, 2, True, 0.5))
+    return (1000 + 8000 * signal * dimming).astype(np.uint16)
+
+
+CORRECTING_GATE = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, prediction_sigma=0.5,
+                             consistency_scale=0.05, correct_attenuation=True)
+
+
+@pytest.mark.parametrize(("tile", "gate_slab"), [((24, 48, 64), None), ((16, 24, 32), None), ((16, 24, 32), 5)],
+                         ids=["whole", "per-core", "deferred"])
+def test_the_attenuation_correction_is_the_whole_volume_field_on_every_tiling(rng, tile, gate_slab):
+    """Per core, deferred to z-slabs or in one tile, the output is the documented formula: the
+    gate of the whole volume times the field estimated on the whole volume (with the voxel size
+    given), mapped back to uint16; the field brightens the dimmed far side."""
+    from fusecare.restoration.attenuation import estimate_attenuation
+    from fusecare.restoration.gate import gate_fields, gated_fields
+
+    volume, voxel = _dimmed_volume(rng), (1.0, 0.5, 0.5)
+    restored = restore_volume(volume, _shifted_with_spread, tile=tile, margin=4, align=4, gate=CORRECTING_GATE,
+                              gate_slab=gate_slab, voxel_size_zyx=voxel)
+    norm = PercentileNorm.fit(volume)
+    x = norm.forward(volume)
+    field = estimate_attenuation(volume, voxel, norm.forward)
+    assert field.illumination == "x start" and field.max_gain > 2
+    expected_values = gated_fields(gate_fields(CORRECTING_GATE, x, *_shifted_with_spread(x)), CORRECTING_GATE,
+                                   field.region((slice(None),) * 3))
+    low, high = float(volume.min()), float(volume.max())
+    expected, _ = Uint16Map.for_input(low, high).apply(norm.inverse(expected_values))
+    assert np.abs(restored.output.astype(int) - expected.astype(int)).max() <= 1
+    plain = restore_volume(volume, _shifted_with_spread, tile=tile, margin=4, align=4,
+                           gate=CORRECTING_GATE.replace(correct_attenuation=False), gate_slab=gate_slab)
+    far, near = (slice(4, -4), slice(8, -8), slice(-16, -6)), (slice(4, -4), slice(8, -8), slice(6, 16))
+    ratio = lambda v: np.percentile(v[far], 95) / np.percentile(v[near], 95)  # noqa: E731
+    assert ratio(restored.output) > 1.5 * ratio(plain.output)
+
+
+def test_the_attenuation_correction_on_the_device_equals_the_host(rng):
+    volume = _dimmed_volume(rng)
+    host = restore_volume(volume, _members_numpy, **TILING, gate=CORRECTING_GATE)
+    device = restore_volume(volume, _members_torch, **TILING, gate=CORRECTING_GATE, device=torch.device("cpu"))
+    difference = np.abs(host.output.astype(np.int64) - device.output.astype(np.int64))
+    assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * volume.size
+
+
+def test_an_undimmed_view_skips_the_field_and_equals_the_gate_alone(rng, monkeypatch):
+    """When the estimate finds no dimming (both rates 0), no field is interpolated per core and the
+    output is the same gate's without the correction."""
+    from fusecare.restoration import attenuation, pipeline
+
+    def no_dimming(volume, voxel_size_zyx, transform=None):
+        return attenuation.AttenuationField(np.ones(volume.shape, np.float32), (1, 1, 1), volume.shape,
+                                            "y start", 0.0, "z start", 0.0)
+
+    calls = []
+    monkeypatch.setattr(pipeline, "estimate_attenuation", no_dimming)
+    monkeypatch.setattr(attenuation.AttenuationField, "region", lambda self, region: calls.append(region))
+    volume = rng.integers(2000, 5000, size=(20, 50, 40)).astype(np.uint16)
+    corrected = restore_volume(volume, _shifted_with_spread, **TILING, gate=CORRECTING_GATE)
+    plain = restore_volume(volume, _shifted_with_spread, **TILING,
+                           gate=CORRECTING_GATE.replace(correct_attenuation=False))
+    assert calls == []
+    np.testing.assert_array_equal(corrected.output, plain.output)

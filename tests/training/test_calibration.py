@@ -51,7 +51,9 @@ def test_choice_prefers_best_mean_among_safe_candidates():
 
 def test_candidates_include_the_input_itself_smoothed_fallbacks_and_the_consistency_term():
     candidates = default_candidates()
-    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 34
+    assert candidates[0] == INPUT_ONLY and len(set(candidates)) == len(candidates) == 68
+    plain = [c for c in candidates if not c.correct_attenuation]
+    assert [c.replace(correct_attenuation=True) for c in plain] == candidates[34:]  # each with and without
     assert {c.fallback_sigma for c in candidates} == {0.0, 0.5}
     assert {c.consistency_scale for c in candidates} == {0.0, 0.05}
     assert {c.blend for c in candidates} == {0.0, 0.5, 1.0}
@@ -163,3 +165,24 @@ def test_safe_rule_wins_ties_and_single_volumes():
     assert SAFE.choose(table).gate == cautious
     assert choose_rule(["a.tif", "a.tif"], table[:1] + [GateCandidate(cautious, (0.1, 0.1))]) == (
         SAFE, {"safe": None, "mean": None})
+
+
+def test_calibration_corrects_attenuation_where_the_target_is_not_dimmed(rng):
+    """A view dimmed 3x along X from its entry face, against a target that is not (a fused
+    volume): the Gaussian with the correction scores far above the Gaussian alone, the chosen
+    gate corrects, and an undimmed case keeps its score within a little."""
+    target = ndimage.gaussian_filter(rng.random((16, 64, 96)), (1, 2, 2)).astype(np.float32)
+    target = np.clip((target - target.mean()) / target.std(), 0, None)
+    target[:, :6], target[:, -6:], target[:, :, :6], target[:, :, -6:] = 0, 0, 0, 0
+    dimming = np.exp(-np.linspace(0.0, 1.3, target.shape[2], dtype=np.float32))
+    source = (target * dimming + 0.01 * rng.standard_normal(target.shape)).astype(np.float32)
+    x = PercentileNorm.fit(source).forward(source)
+    dimmed = ValidationPrediction("dimmed", source, target, x, np.zeros_like(x), (1.0, 0.5, 0.5))
+    smoothed = GateConfig(blend=0.0, fallback_sigma=0.5)
+    table = evaluate_candidates([dimmed], [smoothed, smoothed.replace(correct_attenuation=True)])
+    assert table[2].n_ssim[0] > table[1].n_ssim[0] + 0.2
+    assert calibrate_gate([dimmed]).gate.correct_attenuation
+    plain = ValidationPrediction("plain", target + np.float32(0.01) * rng.standard_normal(target.shape).astype(
+        np.float32), target, x, np.zeros_like(x), (1.0, 0.5, 0.5))
+    flat = evaluate_candidates([plain], [smoothed, smoothed.replace(correct_attenuation=True)])
+    assert flat[2].n_ssim[0] > flat[1].n_ssim[0] - 0.05

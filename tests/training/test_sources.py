@@ -11,6 +11,7 @@ from conftest import write_fmc_tif
 
 from fusecare.errors import ConfigError
 from fusecare.training.config import TrainConfig
+from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX
 from fusecare.training.sources import (
     ValidationCase,
     build_data,
@@ -113,3 +114,5 @@ def test_validation_cases_say_whether_they_come_from_a_phantom(tmp_path, rng):
     _, cases = build_data(config, validation_only=True)
     assert [(c.name.split(" (")[0], c.synthetic) for c in cases] == [
         ("v.tif", False)] * 3 + [("validation phantom 0", True)] * 2
+    # each case carries its volume's voxel size, which the attenuation correction smooths by
+    assert [c.voxel_size_zyx for c in cases] == [(1.0, 0.2, 0.2)] * 3 + [PHANTOM_VOXEL_SIZE_ZYX] * 2

@@ -268,7 +268,7 @@ def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
     assert manifest["info"]["gate_cases"] == ["validation phantom 0"]
     assert manifest["info"]["gate_rule"] == "safe"  # one validation volume: nothing to cross-validate
     assert manifest["info"]["gate_rule_cross_validation"] == {"safe": None, "mean": None}
-    assert len(manifest["info"]["gate_calibration"]) == 35  # ungated + 34 candidates
+    assert len(manifest["info"]["gate_calibration"]) == 69  # ungated + 68 candidates
     assert (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes() == weights_before
 
 
