@@ -2,11 +2,14 @@
 
 Both model the same physics (``fusecare.training.simulate`` renders Beer-Lambert attenuation along
 specimen path lengths; ``fusecare.restoration.attenuation`` estimates it back from a single view),
-so both use these helpers: smoothing with a physical sigma, linear resampling of a coarse grid,
+so both use these helpers: smoothing with a physical sigma, block means and linear resampling of
+a coarse grid,
 and the specimen path length light travels from a face of the volume.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -32,9 +35,26 @@ def resample_linear(coarse: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
         i1 = np.minimum(i0 + 1, n - 1)
         shape = [1] * out.ndim
         shape[axis] = -1
-        f = (c - i0).reshape(shape)
+        f = (c - i0.astype(np.float32)).reshape(shape)  # float32: no float64 temporaries
         out = np.take(out, i0, axis=axis) * (1 - f) + np.take(out, i1, axis=axis) * f
     return out.astype(np.float32, copy=False)
+
+
+def block_mean(volume: np.ndarray, factors: tuple[int, int, int],
+               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Means of ``factors``-sized blocks (edge blocks padded with their last plane), read a slab
+    of ``factors[0]`` planes at a time through ``transform`` (e.g. normalisation) as float32."""
+    fz, fy, fx = factors
+    shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
+    out = np.empty(shape, dtype=np.float32)
+    for i in range(shape[0]):
+        slab = np.asarray(volume[i * fz:(i + 1) * fz])
+        slab = transform(slab) if transform is not None else slab.astype(np.float32)
+        pad = [(0, fz - slab.shape[0]), (0, -slab.shape[1] % fy), (0, -slab.shape[2] % fx)]
+        if any(p[1] for p in pad):
+            slab = np.pad(slab, pad, mode="edge")
+        out[i] = slab.reshape(fz, shape[1], fy, shape[2], fx).mean(axis=(0, 2, 4))
+    return out
 
 
 def smooth_um(volume: np.ndarray, sigma_um: float, voxel_size_zyx: VoxelSizeZYX) -> np.ndarray:
@@ -47,12 +67,7 @@ def smooth_um(volume: np.ndarray, sigma_um: float, voxel_size_zyx: VoxelSizeZYX)
     factors = tuple(max(1, int(s // 2)) if s > 4 else 1 for s in sig)
     if all(f == 1 for f in factors):
         return ndimage.gaussian_filter(volume.astype(np.float32, copy=False), sig, mode="nearest")
-    small_shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
-    pad = [(0, s * f - n) for s, f, n in zip(small_shape, factors, volume.shape)]
-    padded = np.pad(volume.astype(np.float32, copy=False), pad, mode="edge")
-    blocks = padded.reshape(
-        small_shape[0], factors[0], small_shape[1], factors[1], small_shape[2], factors[2]
-    ).mean(axis=(1, 3, 5))
+    blocks = block_mean(volume, factors)  # type: ignore[arg-type]
     blurred = ndimage.gaussian_filter(blocks, [s / f for s, f in zip(sig, factors)], mode="nearest")
     # Sample the coarse grid back at the fine voxel centres (linear interpolation).
     coords = [(np.arange(n) + 0.5) / f - 0.5 for n, f in zip(volume.shape, factors)]

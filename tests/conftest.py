@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -118,6 +119,26 @@ module, small arrays, no subprocess). Folders mirror the package (``tests/restor
 ``fusecare/restoration/``; the ground floor and the commands run as a user sit in ``tests/``), so
 levels are markers: select one with ``-m unit``, ``-m integration`` or ``-m e2e`` (and
 ``-m "not slow"`` for the README's default)."""
+
+
+def blob_specimen(rng: np.random.Generator, shape: tuple[int, int, int] = (24, 96, 96),
+                  border: tuple[int, int, int] = (2, 8, 8)) -> np.ndarray:
+    """Bright blobs of similar brightness filling a box ``border`` voxels inside each face: a
+    specimen (float32, 0 outside) whose own brightness has no trend along any axis."""
+    blobs = ndimage.gaussian_filter(rng.random(shape).astype(np.float32), (1.0, 2.0, 2.0))
+    blobs = np.clip((blobs - blobs.mean()) / blobs.std(), 0, None)
+    box = np.zeros(shape, dtype=np.float32)
+    box[tuple(slice(b, n - b) for b, n in zip(border, shape))] = 1.0
+    return (blobs * box).astype(np.float32)
+
+
+def beer_lambert(signal: np.ndarray, axis: int, from_start: bool, rate: float, step_um: float) -> np.ndarray:
+    """``signal`` dimmed by Beer-Lambert (``rate`` per um) along ``axis`` from one face, through
+    the specimen (its smoothed support is the density), as the simulator renders a single view."""
+    from fusecare.optics import path_length_um
+
+    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
+    return (signal * np.exp(-rate * path_length_um(density, axis, from_start, step_um))).astype(np.float32)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, write_fmc_tif
+from conftest import REPO, beer_lambert, blob_specimen, write_fmc_tif
 
 from fusecare.cli import number
 
@@ -296,18 +296,12 @@ def test_number_types_refuse_what_would_refuse_every_case(kind, minimum, strict,
 def test_no_attenuation_correction_keeps_the_gate_without_its_correction(tmp_path, tiny_weights, caplog):
     """A manifest gate that corrects attenuation: ``predict`` applies it (and logs the field);
     ``--no-attenuation-correction`` writes what the same gate without the correction writes."""
-    from scipy import ndimage
-
     from fusecare.cli import main
-    from fusecare.optics import path_length_um
     from fusecare.restoration.ensemble import read_manifest, write_manifest
     from fusecare.restoration.gate import GateConfig
 
-    rng = np.random.default_rng(5)
-    signal = np.clip(ndimage.gaussian_filter(rng.random((16, 48, 64)), (1, 2, 2)) - 0.5, 0, None) * 40
-    signal[:, :4], signal[:, -4:], signal[:, :, :4], signal[:, :, -4:] = 0, 0, 0, 0
-    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
-    dimmed = 1000 + 8000 * signal * np.exp(-0.5 * path_length_um(density, 2, True, 0.2))
+    signal = blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4))
+    dimmed = 1000 + 8000 * beer_lambert(signal, 2, True, 0.5, 0.2)
     write_fmc_tif(tmp_path / "in" / "a.tif", dimmed.astype(np.uint16), channel="membrane")
     ensemble = tiny_weights / "membrane"
     gate = GateConfig(spread_scale=10.0, blend=1.0)
@@ -328,3 +322,41 @@ def test_no_attenuation_correction_keeps_the_gate_without_its_correction(tmp_pat
     write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate)
     np.testing.assert_array_equal(switched_off, predict("plain"))
     assert not np.array_equal(corrected, switched_off)
+
+
+def test_a_gate_without_prediction_skips_the_network(tmp_path, tiny_weights, caplog, monkeypatch):
+    """A calibrated gate with blend 0 that corrects attenuation writes the smoothed input times the
+    field without running a member; with ``--no-attenuation-correction`` such a gate with no
+    fallback smoothing keeps the input, and the fallback line says why."""
+    from fusecare.cli import main
+    from fusecare.normalize import PercentileNorm
+    from fusecare.restoration.attenuation import estimate_attenuation
+    from fusecare.restoration.ensemble import Ensemble, read_manifest, write_manifest
+    from fusecare.restoration.gate import GateConfig, smooth
+    from fusecare.restoration.pipeline import Uint16Map
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a member ran")
+
+    monkeypatch.setattr(Ensemble, "predict_tensor", no_network)
+    dimmed = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4)),
+                                         2, True, 0.5, 0.2)).astype(np.uint16)
+    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed, channel="membrane")
+    ensemble = tiny_weights / "membrane"
+    gate = GateConfig(blend=0.0, fallback_sigma=0.5, correct_attenuation=True)
+    write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate)
+    args = ["predict", str(tmp_path / "in"), "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    with caplog.at_level("INFO", logger="fusecare"):
+        assert main([*args, "-o", str(tmp_path / "out")]) == 0
+    assert "the network is skipped" in caplog.text
+    norm = PercentileNorm.fit(dimmed)
+    field = estimate_attenuation(dimmed, (1.0, 0.2, 0.2), norm.forward).region((slice(None),) * 3)  # its voxel
+    expected, _ = Uint16Map.for_input(float(dimmed.min()), float(dimmed.max())).apply(
+        norm.inverse(smooth(norm.forward(dimmed), 0.5) * field))
+    written = tifffile.imread(tmp_path / "out" / "a.tif")
+    assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+    write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate.replace(fallback_sigma=0.0))
+    caplog.clear()
+    assert main([*args, "-o", str(tmp_path / "off"), "--no-attenuation-correction"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "off" / "a.tif"), dimmed)
+    assert "uses no prediction, and its attenuation correction is switched off" in caplog.text

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from fusecare.optics import VoxelSizeZYX, path_length_um, resample_linear, smooth_um
+from fusecare.optics import VoxelSizeZYX, block_mean, path_length_um, resample_linear, smooth_um
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ MASK_SIGMA_UM = 4.0
 MASK_LEVEL = 0.25
 """The mask: the coarse view above this share of its 95th percentile."""
 FIT_SIGMA_VOXELS = 0.7
-"""Light smoothing (voxels of the working grid) of the view whose percentiles the fit compares."""
+"""Light smoothing (voxels of the working grid) of the view whose percentiles the fit compares.
+In grid voxels, not um: a large volume's grid is block-averaged (``working_factors``), which
+already smooths, while calibration estimates on validation crops at full resolution. The fit
+compares percentiles across path bins, a ratio both kinds of light smoothing leave about the same
+(the tests check a 2x-coarser grid's field against the full-resolution one's)."""
 EDGE_PATH_UM = 2.0
 """Voxels less than this path (um of dense specimen) from the sheet's entry face are left out of
 the illumination fit: there the smoothed view still ramps up from the background (the density's
@@ -117,14 +121,21 @@ class AttenuationField:
     def is_identity(self) -> bool:
         return self.illumination_rate == 0.0 and self.detection_rate == 0.0
 
+    def __post_init__(self) -> None:
+        self.coarse.flags.writeable = False  # shared by every core's region; never edited in place
+
     def region(self, region: Region) -> np.ndarray:
         """The field over ``region`` of the full-resolution volume (float32, linear interpolation
-        between the coarse grid's voxel centres)."""
-        region = tuple(region) + (slice(None),) * (3 - len(region))
-        spans = [range(*s.indices(n)) for s, n in zip(region, self.shape)]
+        between the coarse grid's voxel centres); ``region`` is up to three slices (steps allowed),
+        missing trailing axes are whole."""
+        region = tuple(region)
+        if len(region) > 3 or not all(isinstance(s, slice) for s in region):
+            raise TypeError(f"a region is up to three slices (Z, Y, X), got {region!r}")
+        region = region + (slice(None),) * (3 - len(region))
         if self.factors == (1, 1, 1):
-            return self.coarse[tuple(slice(r.start, r.stop) for r in spans)]
-        coords = [(np.arange(r.start, r.stop) + 0.5) / f - 0.5 for r, f in zip(spans, self.factors)]
+            return self.coarse[region]
+        coords = [(np.arange(*s.indices(n)) + 0.5) / f - 0.5
+                  for s, n, f in zip(region, self.shape, self.factors)]
         return resample_linear(self.coarse, coords)
 
     def describe(self) -> str:
@@ -133,27 +144,11 @@ class AttenuationField:
 
 
 def working_factors(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """Block sizes (Z, Y, X) bringing ``shape`` to at most ``WORKING_VOXELS``: one factor for all
-    axes, capped so that no axis shrinks below 8 voxels."""
+    """Block sizes (Z, Y, X) bringing ``shape`` to about ``WORKING_VOXELS``: one factor for all axes,
+    each capped so that no axis shrinks below 8 voxels (a capped axis, often Z on thin stacks, leaves
+    the grid above ``WORKING_VOXELS``; the other axes are not reduced further to make up for it)."""
     factor = max(1, math.ceil((math.prod(shape) / WORKING_VOXELS) ** (1 / 3)))
     return tuple(max(1, min(factor, n // 8)) for n in shape)  # type: ignore[return-value]
-
-
-def block_mean(volume: np.ndarray, factors: tuple[int, int, int],
-               transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Means of ``factors``-sized blocks (edge blocks padded with their last plane), read a slab
-    of ``factors[0]`` planes at a time through ``transform`` (e.g. normalisation) as float32."""
-    fz, fy, fx = factors
-    shape = tuple(-(-n // f) for n, f in zip(volume.shape, factors))
-    out = np.empty(shape, dtype=np.float32)
-    for i in range(shape[0]):
-        slab = np.asarray(volume[i * fz:(i + 1) * fz])
-        slab = transform(slab) if transform is not None else slab.astype(np.float32)
-        pad = [(0, fz - slab.shape[0]), (0, -slab.shape[1] % fy), (0, -slab.shape[2] % fx)]
-        if any(p[1] for p in pad):
-            slab = np.pad(slab, pad, mode="edge")
-        out[i] = slab.reshape(fz, shape[1], fy, shape[2], fx).mean(axis=(0, 2, 4))
-    return out
 
 
 def _fit_rate(view: np.ndarray, mask: np.ndarray, path: np.ndarray, edge_um: float = 0.0) -> tuple[float, float]:

@@ -18,8 +18,10 @@ the input on most volumes, and it errs differently from the networks, so the ble
 both), and the prediction is the members' mean, optionally lightly smoothed (``prediction_sigma``:
 networks trained for minutes on a CPU keep some of the input's noise, which SSIM punishes in the
 background). The members' spread is optionally smoothed first (``spread_sigma`` voxels) so the weight map
-is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` with no
-fallback smoothing is the input itself: a candidate that always scores 0.
+is not a voxel-wise patchwork of prediction and input, which SSIM punishes. ``blend = 0`` uses no
+prediction at all (the network need not run: ``needs_prediction``); with no fallback smoothing and
+no attenuation correction either, it is the input itself, a candidate that always scores 0
+(``keeps_input``).
 
 A gate may then multiply its output by the view's attenuation field (``correct_attenuation``;
 the field comes from a whole-volume pass, ``fusecare.restoration.attenuation``, and is passed
@@ -75,6 +77,12 @@ class GateConfig(Config):
     def keeps_input(self) -> bool:
         """The output is the input itself: predicting would change nothing."""
         return self.blend == 0.0 and self.fallback_sigma == 0.0 and not self.correct_attenuation
+
+    @property
+    def needs_prediction(self) -> bool:
+        """The output depends on the members' prediction (``blend > 0``); otherwise it is the
+        fallback (times the attenuation field) and the network need not run."""
+        return self.blend > 0.0
 
     @property
     def radius(self) -> int:

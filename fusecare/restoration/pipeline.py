@@ -582,6 +582,11 @@ def default_plan(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig
                     align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel, tile=tile)
 
 
+def field_over(attenuation: AttenuationField | None, region: Region) -> np.ndarray | None:
+    """The attenuation field over ``region``, or None without a correction (the gate's default)."""
+    return None if attenuation is None else attenuation.region(region)
+
+
 def gate_in_z_slabs(volume: np.ndarray, mean: np.ndarray, spread: np.ndarray, gate: GateConfig,
                     norm: PercentileNorm, *, planes: int, input_cores: Sequence[Region] = (),
                     attenuation: AttenuationField | None = None) -> Iterator[tuple[slice, np.ndarray]]:
@@ -607,7 +612,7 @@ def gate_in_z_slabs(volume: np.ndarray, mean: np.ndarray, spread: np.ndarray, ga
             c1 = min(c0 + step, z1)
             with phase("gate blend, uint16 map", (c1 - c0) * plane):
                 gated_planes = gated_fields(fields[:, c0 - w0:c1 - w0], gate,
-                                            None if attenuation is None else attenuation.region((slice(c0, c1),)))
+                                            field_over(attenuation, (slice(c0, c1),)))
                 for core in input_cores:
                     if core[0].start < c1 and core[0].stop > c0:
                         zs = slice(max(core[0].start, c0), min(core[0].stop, c1))
@@ -672,6 +677,10 @@ def restore_volume(
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
     to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
     attenuation = None
+    if gate is not None and gate.correct_attenuation and deadline is not None and deadline.remaining() <= 0:
+        # every tile will be written as the input itself, which the field never touches
+        log.warning("%s: time budget spent before the attenuation estimate: skipped", name)
+        gate = gate.replace(correct_attenuation=False)
     if gate is not None and gate.correct_attenuation:
         with phase("attenuation estimate", volume.size):
             attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
@@ -708,7 +717,7 @@ def restore_volume(
                 fields = gate_fields(gate, prediction[2], mean, spread)
             with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
                 mean = gated_fields(fields[(slice(None), *core)], gate,
-                                    None if attenuation is None else attenuation.region(region))
+                                    field_over(attenuation, region))
         else:
             mean = mean[core]
         with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -739,8 +748,9 @@ def restore_volume(
         if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
-            field = None if attenuation is None else torch.from_numpy(
-                np.ascontiguousarray(attenuation.region(region))).to(prediction.device)
+            field = field_over(attenuation, region)
+            if field is not None:  # copied: the coarse grid is read-only, shared by every core
+                field = torch.tensor(field, device=prediction.device)
             mean = gated_fields_torch(fields[(slice(None), *core)], gate, field)
         else:
             mean = prediction[0][core]
@@ -978,6 +988,12 @@ def cheaper_members(ensemble: Ensemble, *, on_device: bool = False) -> Cheaper |
     return Cheaper(f"{k} of {n} members", functools.partial(predict, members=k), k / n)
 
 
+def no_prediction(block: np.ndarray) -> np.ndarray:
+    """The block itself as the members' mean, with no spread: what a gate that uses no prediction
+    (``GateConfig.needs_prediction`` false) is given instead of running the network."""
+    return np.stack([block, np.zeros_like(block)]).astype(np.float32, copy=False)
+
+
 def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
                   options: RestoreOptions, name: str, deadline: Deadline | None = None,
                   *, with_uncertainty: bool | None = None) -> Restored:
@@ -989,17 +1005,23 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     plan = default_plan(ensemble, volume.shape, gate=gate, tile=options.tile,
                         held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
     if gate is not None and gate.keeps_input:
-        raise InputOnlyGateError(
-            f"the {meta.channel} ensemble's calibrated gate is input-only (its validation found no "
-            "correction that kept every case >= 0); --no-gate runs the ensemble anyway")
+        why = ("uses no prediction, and its attenuation correction is switched off "
+               "(--no-attenuation-correction)" if ensemble.gate is not None and ensemble.gate.correct_attenuation
+               else "is input-only (its validation found no correction that kept every case >= 0)")
+        raise InputOnlyGateError(f"the {meta.channel} ensemble's calibrated gate {why}; "
+                                 "--no-gate runs the ensemble anyway")
     log.info("%s: channel %s, %d member(s), shape %s, voxel %s um, tile %s, gate %s%s",
              name, meta.channel, len(ensemble.members), volume.shape, meta.voxel_size.zyx,
              plan.tile, gate.to_dict() if gate else "off",
              f" (after the network, in z-slabs of {plan.gate_slab} planes)" if gate and plan.defers_gate else "")
     on_device = ensemble.device.type == "cuda"  # the gate and the uint16 map run beside the network
-    cheaper = cheaper_members(ensemble, on_device=on_device)
+    predict, cheaper = (ensemble.predict_tensor if on_device else ensemble.predict_block,
+                        cheaper_members(ensemble, on_device=on_device))
+    if gate is not None and not gate.needs_prediction and not uncertain:
+        log.info("%s: the gate uses no prediction (blend 0): the network is skipped", name)
+        predict, cheaper, on_device = no_prediction, None, False
     return restore_volume(
-        volume, ensemble.predict_tensor if on_device else ensemble.predict_block,
+        volume, predict,
         tile=plan.tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,

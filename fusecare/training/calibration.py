@@ -1,8 +1,9 @@
 """Choosing the safety net's parameters on validation volumes, by cross-validation over them.
 
 A few candidates (the input itself, the Gaussian-smoothed input, and a small grid over how much
-the gate trusts disagreeing members and region-wide intensity shifts) are scored on every
-validation case. Two choice rules pick one of them: ``SAFE`` (among the candidates whose worst
+the gate trusts disagreeing members and region-wide intensity shifts), each without and with the
+attenuation correction (the field is estimated once per case, ``estimate_attenuation``), are
+scored on every validation case. Two choice rules pick one of them: ``SAFE`` (among the candidates whose worst
 case is not below 0, the best mean N-SSIM; when none is safe, the best worst case) and ``MEAN``
 (the best mean). ``SAFE`` lets a single validation case veto every candidate that trusts the
 networks, even where they help every other volume; ``MEAN`` can keep a prediction that harms

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from conftest import beer_lambert, blob_specimen
 from skimage.measure import block_reduce
 
-from fusecare.optics import path_length_um
+from fusecare.optics import block_mean
 from fusecare.restoration import attenuation as module
 from fusecare.restoration.attenuation import (
     MAX_GAIN,
-    block_mean,
     estimate_attenuation,
     working_factors,
 )
@@ -20,19 +19,11 @@ VOXEL = (1.0, 0.5, 0.5)
 
 
 def specimen(rng: np.random.Generator, shape=(24, 96, 96)) -> np.ndarray:
-    """Bright blobs of similar brightness filling a box that leaves a dark border: a specimen
-    whose own brightness has no trend along any axis."""
-    field = ndimage.gaussian_filter(rng.random(shape).astype(np.float32), (1.0, 2.0, 2.0))
-    field = np.clip((field - field.mean()) / field.std(), 0, None)
-    box = np.zeros(shape, dtype=np.float32)
-    box[2:-2, 8:-8, 8:-8] = 1.0
-    return (field * box).astype(np.float32)
+    return blob_specimen(rng, shape)
 
 
 def attenuate(signal: np.ndarray, axis: int, from_start: bool, rate: float) -> np.ndarray:
-    """Beer-Lambert along ``axis`` through the specimen (its box is the density)."""
-    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
-    return signal * np.exp(-rate * path_length_um(density, axis, from_start, VOXEL[axis]))
+    return beer_lambert(signal, axis, from_start, rate, VOXEL[axis])
 
 
 def trend(view: np.ndarray, axis: int) -> float:
@@ -120,3 +111,20 @@ def test_a_bright_object_near_one_face_is_not_taken_for_attenuation(rng, monkeyp
     assert estimate_attenuation(view, VOXEL).max_gain < 2.0
     monkeypatch.setattr(module, "BRIGHT_OBJECT_LEVEL", 0.0)
     assert estimate_attenuation(view, VOXEL).max_gain > 5.0
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_a_region_with_steps_is_the_whole_fields_strided_crop(rng, monkeypatch, factor):
+    view = attenuate(specimen(rng), 1, True, rate=0.08)
+    monkeypatch.setattr(module, "WORKING_VOXELS", view.size // factor**3)
+    field = estimate_attenuation(view, VOXEL)
+    assert field.factors == (factor,) * 3
+    whole = field.region((slice(None),) * 3)
+    strided = (slice(1, 20, 3), slice(None, None, 2), slice(90, 10, -4))
+    np.testing.assert_allclose(field.region(strided), whole[strided], rtol=1e-6)
+    with pytest.raises(TypeError, match="three slices"):
+        field.region((3, slice(None)))
+    with pytest.raises(TypeError, match="three slices"):
+        field.region((slice(None),) * 4)
+    with pytest.raises(ValueError, match="read-only"):
+        field.coarse[0, 0, 0] = 5.0  # every core reads the same grid

@@ -190,4 +190,8 @@ def test_the_attenuation_correction_multiplies_the_gated_output(rng):
         with pytest.raises(ValueError, match="attenuation field"):
             gated_fields_torch(torch.from_numpy(fields), corrected)
     assert INPUT_ONLY.keeps_input and not INPUT_ONLY.replace(correct_attenuation=True).keeps_input
-    assert GateConfig.from_dict(INPUT_ONLY.to_dict()).correct_attenuation is False  # old manifests: off
+    old_manifest = INPUT_ONLY.to_dict()
+    old_manifest.pop("correct_attenuation")  # written before the correction existed
+    assert GateConfig.from_dict(old_manifest).correct_attenuation is False
+    assert GateConfig(blend=0.0, fallback_sigma=0.5, correct_attenuation=True).needs_prediction is False
+    assert GateConfig(blend=0.25).needs_prediction

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import beer_lambert, blob_specimen
 from scipy import ndimage
 
 from fusecare.constants import UNCERTAINTY_UNIT
@@ -813,36 +814,37 @@ def test_a_cpu_case_with_a_smoothing_gate_defers_it(tmp_path, rng, monkeypatch):
 def _dimmed_volume(rng: np.random.Generator, shape=(24, 48, 64)) -> np.ndarray:
     """Bright blobs in a box, dimmed along X from the start by Beer-Lambert through the specimen
     (about 4x at the far side): a field worth correcting."""
-    from fusecare.optics import path_length_um
-
-    signal = ndimage.gaussian_filter(rng.random(shape), (1, 2, 2))
-    signal = np.clip((signal - signal.mean()) / signal.std(), 0, None)
-    signal[:2], signal[-2:], signal[:, :4], signal[:, -4:], signal[:, :, :4], signal[:, :, -4:] = 0, 0, 0, 0, 0, 0
-    density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
-    dimming = np.exp(-0.1 * path_length_um(density, 2, True, 0.5))
-    return (1000 + 8000 * signal * dimming).astype(np.uint16)
+    return (1000 + 8000 * beer_lambert(blob_specimen(rng, shape, (2, 4, 4)), 2, True, 0.1, 0.5)).astype(np.uint16)
 
 
 CORRECTING_GATE = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0, prediction_sigma=0.5,
                              consistency_scale=0.05, correct_attenuation=True)
 
 
-@pytest.mark.parametrize(("tile", "gate_slab"), [((24, 48, 64), None), ((16, 24, 32), None), ((16, 24, 32), 5)],
-                         ids=["whole", "per-core", "deferred"])
-def test_the_attenuation_correction_is_the_whole_volume_field_on_every_tiling(rng, tile, gate_slab):
+@pytest.mark.parametrize(("tile", "gate_slab", "coarse"),
+                         [((24, 48, 64), None, False), ((16, 24, 32), None, False), ((16, 24, 32), 5, False),
+                          ((16, 24, 32), None, True), ((16, 24, 32), 5, True)],
+                         ids=["whole", "per-core", "deferred", "per-core-coarse-field", "deferred-coarse-field"])
+def test_the_attenuation_correction_is_the_whole_volume_field_on_every_tiling(rng, monkeypatch, tile, gate_slab,
+                                                                               coarse):
     """Per core, deferred to z-slabs or in one tile, the output is the documented formula: the
     gate of the whole volume times the field estimated on the whole volume (with the voxel size
-    given), mapped back to uint16; the field brightens the dimmed far side."""
+    given), mapped back to uint16; the field brightens the dimmed far side. With a working grid
+    2x coarser than the volume, each core's field is interpolated from it."""
+    from fusecare.restoration import attenuation
     from fusecare.restoration.attenuation import estimate_attenuation
     from fusecare.restoration.gate import gate_fields, gated_fields
 
     volume, voxel = _dimmed_volume(rng), (1.0, 0.5, 0.5)
+    if coarse:
+        monkeypatch.setattr(attenuation, "WORKING_VOXELS", volume.size // 8)
     restored = restore_volume(volume, _shifted_with_spread, tile=tile, margin=4, align=4, gate=CORRECTING_GATE,
                               gate_slab=gate_slab, voxel_size_zyx=voxel)
     norm = PercentileNorm.fit(volume)
     x = norm.forward(volume)
     field = estimate_attenuation(volume, voxel, norm.forward)
     assert field.illumination == "x start" and field.max_gain > 2
+    assert field.factors == ((2, 2, 2) if coarse else (1, 1, 1))
     expected_values = gated_fields(gate_fields(CORRECTING_GATE, x, *_shifted_with_spread(x)), CORRECTING_GATE,
                                    field.region((slice(None),) * 3))
     low, high = float(volume.min()), float(volume.max())
@@ -881,3 +883,41 @@ def test_an_undimmed_view_skips_the_field_and_equals_the_gate_alone(rng, monkeyp
                            gate=CORRECTING_GATE.replace(correct_attenuation=False))
     assert calls == []
     np.testing.assert_array_equal(corrected.output, plain.output)
+
+
+@pytest.mark.parametrize("gate_slab", [None, 3], ids=["per-core", "deferred"])
+def test_cores_written_as_the_input_stay_the_input_under_the_attenuation_correction(rng, gate_slab):
+    """The field multiplies gated cores only: cores the time budget wrote as the input itself are
+    the input, exactly, while the predicted core is corrected."""
+    volume = _dimmed_volume(rng)
+    clock = FakeClock()
+    gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=1.0, correct_attenuation=True)  # short reach
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, gate=gate, gate_slab=gate_slab,
+                              deadline=Deadline.after(25.0, clock), voxel_size_zyx=(1.0, 0.5, 0.5))
+    from fusecare.restoration.pipeline import gated_tiling
+
+    tile, margin = (TILING["tile"], TILING["margin"]) if gate_slab else gated_tiling(
+        TILING["tile"], TILING["margin"], TILING["align"], gate)
+    grid = tile_grid(volume.shape, tile, (margin,) * 3, TILING["align"])
+    assert len(grid) >= 3 and restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
+    predicted = np.zeros(volume.shape, bool)
+    predicted[grid[0].core] = True
+    as_input, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(volume.astype(np.float32))
+    difference = np.abs(restored.output.astype(int) - as_input.astype(int))
+    assert difference[~predicted].max() <= 1  # the input's round trip through the normalisation
+    assert (difference[predicted] > 1).mean() > 0.2  # its specimen voxels (the background stays)
+
+
+def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, caplog):
+    """Every tile will be the input itself, which the field never touches: no whole-volume pass."""
+    from fusecare.restoration import pipeline
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the field was estimated")
+
+    monkeypatch.setattr(pipeline, "estimate_attenuation", fail)
+    clock = FakeClock()
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE,
+                              deadline=Deadline.after(-1.0, clock))
+    np.testing.assert_array_equal(restored.output, volume)
+    assert "before the attenuation estimate" in caplog.text
