@@ -684,7 +684,8 @@ def restore_volume(
     if gate is not None and gate.correct_attenuation:
         with phase("attenuation estimate", volume.size):
             attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
-        log.info("%s: attenuation correction: %s", name, attenuation.describe())
+        log.log(logging.WARNING if attenuation.rejected else logging.INFO, "%s: attenuation correction: %s",
+                name, attenuation.describe())
         if attenuation.is_identity:  # a field of ones: nothing to interpolate per core
             gate, attenuation = gate.replace(correct_attenuation=False), None
     output = np.empty(volume.shape, dtype=np.uint16)

@@ -43,6 +43,7 @@ def test_the_entry_face_and_rate_are_found_and_the_far_side_is_brightened_back(r
     field = estimate_attenuation(view, VOXEL)
     assert field.illumination == f"{'zyx'[axis]} {'start' if from_start else 'end'}"
     assert 0.04 < field.illumination_rate < 0.15
+    assert not field.rejected and field.brightest_gain < module.GUARD_RATIO
     corrected = view * field.region((slice(None),) * 3)
     assert 0.65 < trend(corrected, axis) < 1.5  # the trend is mostly gone, not reversed
     assert abs(np.corrcoef(corrected.ravel(), clean.ravel())[0, 1]) > 0.95
@@ -128,3 +129,19 @@ def test_a_region_with_steps_is_the_whole_fields_strided_crop(rng, monkeypatch, 
         field.region((slice(None),) * 4)
     with pytest.raises(ValueError, match="read-only"):
         field.coarse[0, 0, 0] = 5.0  # every core reads the same grid
+
+
+def test_a_field_from_the_wrong_face_is_rejected_and_said_so(rng, monkeypatch):
+    """The guard: the right field of a view dimmed from the start of X passes; the same field
+    mirrored (what an estimate naming the opposite face gives) would brighten the bright near
+    side most, so it is rejected and the view left uncorrected, and ``describe`` says why."""
+    view = attenuate(specimen(rng), 2, True, rate=0.1)
+    right = module.estimate_on_grid(view, VOXEL)
+    assert module.brightest_gain(view, right[0], VOXEL) < 1.0 < module.GUARD_RATIO
+    wrong = (np.flip(right[0], axis=2).copy(), "x end", *right[2:])
+    assert module.brightest_gain(view, wrong[0], VOXEL) > 1.5
+    monkeypatch.setattr(module, "estimate_on_grid", lambda grid, voxel: wrong)
+    field = estimate_attenuation(view, VOXEL)
+    assert field.rejected and field.is_identity and field.max_gain == 1.0
+    assert field.brightest_gain > module.GUARD_RATIO
+    assert field.describe().startswith("REJECTED, no correction") and "x end" in field.describe()

@@ -921,3 +921,16 @@ def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, capl
                               deadline=Deadline.after(-1.0, clock))
     np.testing.assert_array_equal(restored.output, volume)
     assert "before the attenuation estimate" in caplog.text
+
+
+def test_a_rejected_field_leaves_the_gate_alone_and_is_logged_as_a_warning(rng, monkeypatch, caplog):
+    from fusecare.restoration import attenuation
+
+    monkeypatch.setattr(attenuation, "GUARD_RATIO", 0.5)  # every field fails the guard
+    volume = _dimmed_volume(rng)
+    corrected = restore_volume(volume, _shifted_with_spread, **TILING, gate=CORRECTING_GATE, name="a.tif")
+    plain = restore_volume(volume, _shifted_with_spread, **TILING,
+                           gate=CORRECTING_GATE.replace(correct_attenuation=False))
+    np.testing.assert_array_equal(corrected.output, plain.output)
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith("a.tif: attenuation correction: REJECTED, no correction")
