@@ -62,16 +62,22 @@ class Case:
     voxel_size_zyx: tuple[float, float, float]
 
 
-def pair_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int, target: str
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(single view, target) number ``seed`` of a clean volume (physical default simulator); the
-    illumination axis and side cycle with the seed, so a few views cover both axes and both sides.
-    ``target`` is ``SimulatorConfig.target``: the clean volume, or its simulated dual-view fusion."""
+def pair_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int, target: str,
+            config: SimulatorConfig = SimulatorConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """(single view, target) number ``seed`` of a clean volume (the physical default simulator,
+    or ``config``'s ranges); the illumination axis and side cycle with the seed (``entry_face``),
+    so a few views cover both axes and both sides. ``target`` is ``SimulatorConfig.target``: the
+    clean volume, or its simulated dual-view fusion."""
     rng = np.random.default_rng(seed)
-    k = seed % 4
-    params = SimulatorConfig().sample(rng).replace(illumination_axis="yx"[k % 2],
-                                                   illumination_from_start=k < 2)
+    axis, from_start = entry_face(seed)
+    params = config.sample(rng).replace(illumination_axis=axis, illumination_from_start=from_start)
     return render_pair(clean, voxel_size, params, rng, target=target)
+
+
+def entry_face(seed: int) -> tuple[str, bool]:
+    """The illumination axis and side of view ``seed`` (``pair_of``): y start, x start, y end, x end."""
+    k = seed % 4
+    return "yx"[k % 2], k < 2
 
 
 def volume_cases(files: list[Path], group: str, seeds: range, target: str) -> list[Case]:

@@ -105,13 +105,14 @@ than this many times the specimen as a whole (geometric means, bright objects le
 fit; ``brightest_gain``) is rejected and the view is left uncorrected. Light is lost on its way
 into the specimen, so the brightest structure of a single view lies near the entry face, where
 a right field is about 1 and a wrong one (the opposite face named: under strong attenuation the
-bright near side can pass for bright objects) is largest. Chosen on 40 views of the training
-and validation volumes and phantoms (plain, with bright objects, 4-um planes, strong
-attenuation): the estimated fields reached at most 1.03 (none rejected, Gaussian x field
+bright near side can pass for bright objects) is largest. Chosen with ``bench/attenuation.py`` on
+its 40 views of the training and validation volumes and phantoms (plain, with bright objects,
+4-um planes, strong attenuation): the estimated fields reached at most 1.03 (none rejected, Gaussian x field
 N-SSIM 0.627 unchanged), the same fields mirrored along their axis (wrong-face estimates) 0.94
 to 2.5; guarded at 1.1 those scored 0.102 (worst -1.11) against -0.577 (worst -2.57) unguarded.
 Without leaving bright objects out, correct fields reached 1.13 and guarded wrong-face ones
-scored 0.016 (worst -2.57) at 1.15."""
+scored 0.016 (worst -2.57) at 1.15. A wrong *axis* is not caught: there the bright near side
+spans the field's whole axis."""
 
 Region = tuple[slice, ...]
 
