@@ -10,6 +10,10 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 NUCLEUS, MEMBRANE = "nucleus", "membrane"
 CHANNELS = (NUCLEUS, MEMBRANE)
 
+ILLUMINATION_FACES = ("y start", "y end", "x start", "x end")
+"""Where a light sheet may enter a volume: the start (index 0) or end of its Y or X axis
+(``fusecare predict --light-from``, ``restoration.attenuation``)."""
+
 DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
 """Tile (Z, Y, X) per device type, the one default (``fusecare predict``, the restoration pipeline
 and training's validation and calibration read it from here). On CPU, cases choose a larger one

@@ -360,3 +360,25 @@ def test_a_gate_without_prediction_skips_the_network(tmp_path, tiny_weights, cap
     assert main([*args, "-o", str(tmp_path / "off"), "--no-attenuation-correction"]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "off" / "a.tif"), dimmed)
     assert "uses no prediction, and its attenuation correction is switched off" in caplog.text
+
+
+def test_light_from_names_the_entry_face_the_correction_fits(tmp_path, tiny_weights, caplog):
+    """``--light-from`` reaches the estimate (the log names that face, whatever the view suggests);
+    a face that does not exist is a usage error."""
+    from fusecare.cli import main
+    from fusecare.restoration.ensemble import read_manifest, write_manifest
+    from fusecare.restoration.gate import GateConfig
+
+    dimmed = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4)),
+                                         2, True, 0.5, 0.2)).astype(np.uint16)
+    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed, channel="membrane")
+    ensemble = tiny_weights / "membrane"
+    write_manifest(ensemble, read_manifest(ensemble)["channel"],
+                   gate=GateConfig(spread_scale=10.0, blend=1.0, correct_attenuation=True))
+    args = ["predict", str(tmp_path / "in"), "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    with caplog.at_level("INFO", logger="fusecare"):
+        assert main([*args, "-o", str(tmp_path / "told"), "--light-from", "y-end"]) == 0
+    assert "attenuation correction: light from y end" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "-o", str(tmp_path / "bad"), "--light-from", "left"])
+    assert exit_info.value.code == 2

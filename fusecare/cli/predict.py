@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fusecare.cli import add_logging_arguments, configure_logging, new_parser, number
-from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, TIFF_SUFFIXES
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, ILLUMINATION_FACES, TIFF_SUFFIXES
 from fusecare.errors import FuseCareError, UsageError
 from fusecare.restoration.weights import WEIGHTS_ENV, find_weights
 
@@ -79,6 +79,10 @@ def add_model_and_hardware_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-attenuation-correction", dest="attenuation_correction", action="store_false",
                        help="keep the gate but not its attenuation correction (which brightens the single "
                        "view's dimmed far side as a fused volume is): for views that are not dimmed")
+    model.add_argument("--light-from", choices=[f.replace(" ", "-") for f in ILLUMINATION_FACES],
+                       help="the face the light sheet entered from, when you know it (y-start: the top "
+                       "rows of each plane, x-start: its left columns): the attenuation correction then "
+                       "fits that face only instead of choosing one from each view")
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     hardware.add_argument("--tile", type=tile_size,
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         options = RestoreOptions(
             tile=args.tile, device=args.device, fp16=args.fp16, gate=args.gate,
             attenuation_correction=args.attenuation_correction,
+            light_from=args.light_from.replace("-", " ") if args.light_from else None,
             uncertainty_dir=args.uncertainty, progress=not args.quiet,
             time_budget=args.time_budget or None, imagej=getattr(args, "imagej", False),
             memory_limit=int(args.max_memory_gb * 1e9) if args.max_memory_gb is not None else None,

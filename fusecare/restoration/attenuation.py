@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from fusecare.constants import ILLUMINATION_FACES
 from fusecare.optics import VoxelSizeZYX, block_mean, path_length_um, resample_linear, smooth_um
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,10 @@ def _faces(axis: int) -> tuple[tuple[str, bool], ...]:
     return ((f"{name} start", True), (f"{name} end", False))
 
 
-def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX) -> tuple[np.ndarray, str, float, str, float]:
-    """The field for a (normalised) view on its own grid, with the chosen faces and rates."""
+def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX, faces: Sequence[str] = ILLUMINATION_FACES
+                     ) -> tuple[np.ndarray, str, float, str, float]:
+    """The field for a (normalised) view on its own grid, with the chosen faces and rates; the
+    light's entry face is chosen among ``faces``."""
     positive = np.clip(view, 0.0, None).astype(np.float32, copy=False)
     smooth = np.maximum(smooth_um(positive, DENSITY_SIGMA_UM, voxel_size_zyx), 0.0)
     coarse = smooth_um(positive, MASK_SIGMA_UM, voxel_size_zyx)
@@ -233,6 +236,8 @@ def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX) -> tuple[np
         best = None
         for axis in (1, 2):
             for face, from_start in _faces(axis):
+                if face not in faces:
+                    continue
                 path = path_length_um(density, axis, from_start, voxel_size_zyx[axis])
                 rate, explained = _fit_rate(fine, mask, path, EDGE_PATH_UM)
                 if best is None or explained > best[0]:
@@ -274,16 +279,24 @@ def brightest_gain(view: np.ndarray, field: np.ndarray, voxel_size_zyx: VoxelSiz
 
 
 def estimate_attenuation(volume: np.ndarray, voxel_size_zyx: VoxelSizeZYX,
-                         transform: Callable[[np.ndarray], np.ndarray] | None = None) -> AttenuationField:
+                         transform: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                         light_from: str | None = None) -> AttenuationField:
     """Estimate the attenuation field of a single view (any size; ``transform`` normalises the raw
-    slabs it reads, e.g. ``PercentileNorm.forward``)."""
+    slabs it reads, e.g. ``PercentileNorm.forward``). ``light_from`` (one of
+    ``ILLUMINATION_FACES``) names the face the light sheet entered from, when the microscope's
+    user knows it: the estimate then fits that face's rate only, and cannot name the wrong axis or
+    side (from the view alone, a specimen filling the frame with a brightness gradient of its own
+    is ambiguous). The guard (``GUARD_RATIO``) still applies."""
     shape = tuple(int(n) for n in volume.shape)
     if len(shape) != 3:
         raise ValueError(f"expected a 3-D ZYX volume, got shape {shape}")
+    if light_from is not None and light_from not in ILLUMINATION_FACES:
+        raise ValueError(f"light_from must be one of {ILLUMINATION_FACES}, got {light_from!r}")
+    faces = ILLUMINATION_FACES if light_from is None else (light_from,)
     factors = working_factors(shape)
     grid = block_mean(volume, factors, transform)
     grid_voxel = tuple(float(v) * f for v, f in zip(voxel_size_zyx, factors))
-    field, face, rate, detection_face, detection_rate = estimate_on_grid(grid, grid_voxel)  # type: ignore[arg-type]
+    field, face, rate, detection_face, detection_rate = estimate_on_grid(grid, grid_voxel, faces)  # type: ignore[arg-type]
     ratio = brightest_gain(grid, field, grid_voxel)  # type: ignore[arg-type]
     rejected = ratio > GUARD_RATIO
     if rejected:

@@ -321,6 +321,9 @@ class RestoreOptions(Config):
     attenuation_correction: bool = True
     """Apply the calibrated gate's attenuation correction where it has one (off: the gate alone,
     for views whose far side is not dimmed, or whose dimming the target keeps)."""
+    light_from: str | None = None
+    """The face the light sheet entered every case from (``attenuation.ILLUMINATION_FACES``, e.g.
+    ``"x start"``), when the microscope's user knows it; None: estimated from each view."""
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
@@ -642,6 +645,7 @@ def restore_volume(
     device: torch.device | None = None,
     gate_slab: int | None = None,
     voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    light_from: str | None = None,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
@@ -683,7 +687,7 @@ def restore_volume(
         gate = gate.replace(correct_attenuation=False)
     if gate is not None and gate.correct_attenuation:
         with phase("attenuation estimate", volume.size):
-            attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
+            attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward, light_from=light_from)
         log.log(logging.WARNING if attenuation.rejected else logging.INFO, "%s: attenuation correction: %s",
                 name, attenuation.describe())
         if attenuation.is_identity:  # a field of ones: nothing to interpolate per core
@@ -1027,6 +1031,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
         gate_slab=None if on_device else plan.gate_slab, voxel_size_zyx=meta.voxel_size.zyx,
+        light_from=options.light_from,
     )
 
 

@@ -140,8 +140,20 @@ def test_a_field_from_the_wrong_face_is_rejected_and_said_so(rng, monkeypatch):
     assert module.brightest_gain(view, right[0], VOXEL) < 1.0 < module.GUARD_RATIO
     wrong = (np.flip(right[0], axis=2).copy(), "x end", *right[2:])
     assert module.brightest_gain(view, wrong[0], VOXEL) > 1.5
-    monkeypatch.setattr(module, "estimate_on_grid", lambda grid, voxel: wrong)
+    monkeypatch.setattr(module, "estimate_on_grid", lambda grid, voxel, faces: wrong)
     field = estimate_attenuation(view, VOXEL)
     assert field.rejected and field.is_identity and field.max_gain == 1.0
     assert field.brightest_gain > module.GUARD_RATIO
     assert field.describe().startswith("REJECTED, no correction") and "x end" in field.describe()
+
+
+def test_a_named_entry_face_is_the_only_one_fitted(rng):
+    """A view dimmed from the start of X: estimated, X start wins; told the light came from the
+    end of Y, the estimate fits that face alone (and finds little dimming there). A name that is
+    not a face is refused."""
+    view = attenuate(specimen(rng), 2, True, rate=0.1)
+    assert estimate_attenuation(view, VOXEL, light_from="x start").illumination == "x start"
+    told = estimate_attenuation(view, VOXEL, light_from="y end")
+    assert told.illumination == "y end" and told.illumination_rate < 0.03
+    with pytest.raises(ValueError, match="light_from must be one of"):
+        estimate_attenuation(view, VOXEL, light_from="left")

@@ -870,7 +870,7 @@ def test_an_undimmed_view_skips_the_field_and_equals_the_gate_alone(rng, monkeyp
     output is the same gate's without the correction."""
     from fusecare.restoration import attenuation, pipeline
 
-    def no_dimming(volume, voxel_size_zyx, transform=None):
+    def no_dimming(volume, voxel_size_zyx, transform=None, light_from=None):
         return attenuation.AttenuationField(np.ones(volume.shape, np.float32), (1, 1, 1), volume.shape,
                                             "y start", 0.0, "z start", 0.0)
 
