@@ -140,6 +140,21 @@ def summary(rows: list[dict], label: str) -> str:
             f"{max(r['ratio'] for r in rows):>7.2f}")
 
 
+THRESHOLDS = (1.05, 1.1, 1.15, 1.2, 1.25)
+
+
+def guard_table(rows: list[dict]) -> list[str]:
+    """What each guard threshold would do to the estimated and the mirrored fields of ``rows``
+    (from their stored ratios: a rejected field scores as the Gaussian alone)."""
+    lines = [f"{'threshold':>10}{'estimates rejected':>20}{'estimated, guarded':>22}{'mirrored, guarded':>22}"]
+    for threshold in THRESHOLDS:
+        kept = [r["unguarded"] if r["ratio"] <= threshold else r["gaussian"] for r in rows]
+        mirrored = [r["mirrored"] if r["mirrored_ratio"] <= threshold else r["gaussian"] for r in rows]
+        lines.append(f"{threshold:>10.2f}{sum(r['ratio'] > threshold for r in rows):>20}"
+                     f"{np.mean(kept):>15.3f} ({min(kept):+.2f}){np.mean(mirrored):>15.3f} ({min(mirrored):+.2f})")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -166,6 +181,8 @@ def main() -> None:
     if no_gradient and len(no_gradient) < len(rows):
         print(summary(no_gradient, "all but gradient"))
     print(summary(rows, "all"))
+    print(f"\nthe guard's threshold (shipped: {attenuation.GUARD_RATIO}), on the views without a content gradient")
+    print("\n".join(guard_table(no_gradient or rows)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"guard_ratio": attenuation.GUARD_RATIO, "rows": rows}, indent=1,

@@ -37,7 +37,8 @@ def restore(volume: np.ndarray, channel: str = "membrane", voxel_size: Sequence[
 
     Returns uint16 of the volume's shape, on the input's intensity scale (the command line's
     dtype policy); with ``uncertainty=True`` a pair (output, members' spread as uint16 in units of
-    1e-4 normalised intensity). Further keywords (``gate``, ``tile``, ``progress``) go to
+    1e-4 normalised intensity). Further keywords (``gate``, ``tile``, ``progress``,
+    ``attenuation_correction``, ``light_from``: e.g. ``"x start"``, the light sheet's entry face) go to
     ``fusecare.restoration.pipeline.restore_array``. An ensemble whose calibrated gate is input-only
     returns the input as uint16, with one ERROR line; other failures raise
     ``fusecare.errors.FuseCareError`` subclasses.

@@ -293,6 +293,15 @@ def test_number_types_refuse_what_would_refuse_every_case(kind, minimum, strict,
             parse(text)
 
 
+def _write_dimmed_case(path: Path) -> np.ndarray:
+    """A membrane case of bright blobs dimmed from the start of X (about 4x at the far side):
+    a view the attenuation correction has something to do on; returns the volume written."""
+    dimmed = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4)),
+                                         2, True, 0.5, 0.2)).astype(np.uint16)
+    write_fmc_tif(path, dimmed, channel="membrane")
+    return dimmed
+
+
 def test_no_attenuation_correction_keeps_the_gate_without_its_correction(tmp_path, tiny_weights, caplog):
     """A manifest gate that corrects attenuation: ``predict`` applies it (and logs the field);
     ``--no-attenuation-correction`` writes what the same gate without the correction writes."""
@@ -300,9 +309,7 @@ def test_no_attenuation_correction_keeps_the_gate_without_its_correction(tmp_pat
     from fusecare.restoration.ensemble import read_manifest, write_manifest
     from fusecare.restoration.gate import GateConfig
 
-    signal = blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4))
-    dimmed = 1000 + 8000 * beer_lambert(signal, 2, True, 0.5, 0.2)
-    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed.astype(np.uint16), channel="membrane")
+    _write_dimmed_case(tmp_path / "in" / "a.tif")
     ensemble = tiny_weights / "membrane"
     gate = GateConfig(spread_scale=10.0, blend=1.0)
 
@@ -339,9 +346,7 @@ def test_a_gate_without_prediction_skips_the_network(tmp_path, tiny_weights, cap
         raise AssertionError("a member ran")
 
     monkeypatch.setattr(Ensemble, "predict_tensor", no_network)
-    dimmed = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4)),
-                                         2, True, 0.5, 0.2)).astype(np.uint16)
-    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed, channel="membrane")
+    dimmed = _write_dimmed_case(tmp_path / "in" / "a.tif")
     ensemble = tiny_weights / "membrane"
     gate = GateConfig(blend=0.0, fallback_sigma=0.5, correct_attenuation=True)
     write_manifest(ensemble, read_manifest(ensemble)["channel"], gate=gate)
@@ -369,9 +374,7 @@ def test_light_from_names_the_entry_face_the_correction_fits(tmp_path, tiny_weig
     from fusecare.restoration.ensemble import read_manifest, write_manifest
     from fusecare.restoration.gate import GateConfig
 
-    dimmed = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(5), (16, 48, 64), (0, 4, 4)),
-                                         2, True, 0.5, 0.2)).astype(np.uint16)
-    write_fmc_tif(tmp_path / "in" / "a.tif", dimmed, channel="membrane")
+    _write_dimmed_case(tmp_path / "in" / "a.tif")
     ensemble = tiny_weights / "membrane"
     write_manifest(ensemble, read_manifest(ensemble)["channel"],
                    gate=GateConfig(spread_scale=10.0, blend=1.0, correct_attenuation=True))
@@ -382,3 +385,33 @@ def test_light_from_names_the_entry_face_the_correction_fits(tmp_path, tiny_weig
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "-o", str(tmp_path / "bad"), "--light-from", "left"])
     assert exit_info.value.code == 2
+    for off in ("--no-gate", "--no-attenuation-correction"):  # nothing would use the face: said, not ignored
+        caplog.clear()
+        assert main([*args, "-o", str(tmp_path / "off"), "--light-from", "y-end", off]) == 2
+        assert f"which {off} turns off" in caplog.text
+    assert not (tmp_path / "off").exists()
+
+
+def test_the_python_api_takes_the_light_sheets_face(tmp_path, tiny_weights, caplog):
+    """``fusecare.restore(..., light_from=...)`` reaches the estimate as the command line's flag
+    does; a face that does not exist is refused when the options are built, before any case."""
+    import fusecare
+    from fusecare.errors import ConfigError
+    from fusecare.restoration.ensemble import read_manifest, write_manifest
+    from fusecare.restoration.gate import GateConfig
+    from fusecare.restoration.pipeline import RestoreOptions
+
+    dimmed = _write_dimmed_case(tmp_path / "a.tif")
+    ensemble = tiny_weights / "membrane"
+    write_manifest(ensemble, read_manifest(ensemble)["channel"],
+                   gate=GateConfig(spread_scale=10.0, blend=1.0, correct_attenuation=True))
+    with caplog.at_level("INFO", logger="fusecare"):
+        fusecare.restore(dimmed, weights=tiny_weights, device="cpu", light_from="y end")
+    assert "attenuation correction: light from y end" in caplog.text
+    caplog.clear()
+    fusecare.restore(dimmed, weights=tiny_weights, device="cpu", light_from="y end", attenuation_correction=False)
+    assert "light from y end ignored: the membrane gate has no attenuation correction" in caplog.text
+    with pytest.raises(ConfigError, match="light_from"):
+        RestoreOptions(light_from="left")
+    with pytest.raises(ConfigError, match="light_from"):
+        fusecare.restore(dimmed, weights=tiny_weights, device="cpu", light_from="left")

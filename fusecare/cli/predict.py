@@ -82,7 +82,8 @@ def add_model_and_hardware_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--light-from", choices=[f.replace(" ", "-") for f in ILLUMINATION_FACES],
                        help="the face the light sheet entered from, when you know it (y-start: the top "
                        "rows of each plane, x-start: its left columns): the attenuation correction then "
-                       "fits that face only instead of choosing one from each view")
+                       "fits that face only instead of choosing one from each view (used by a gate "
+                       "that corrects attenuation, as both shipped ones do)")
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     hardware.add_argument("--tile", type=tile_size,
@@ -165,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "weights_given", False) and not args.weights.is_dir():
             raise UsageError(f"--weights {args.weights}: no such folder (without --weights the default is used)")
+        if args.light_from and not (args.gate and args.attenuation_correction):
+            raise UsageError("--light-from names the face for the attenuation correction, which "
+                             f"{'--no-gate' if not args.gate else '--no-attenuation-correction'} turns off")
         check_inputs(inputs)
         from tqdm.contrib.logging import logging_redirect_tqdm
 

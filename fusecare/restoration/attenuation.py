@@ -109,10 +109,13 @@ a right field is about 1 and a wrong one (the opposite face named: under strong 
 bright near side can pass for bright objects) is largest. Chosen with ``bench/attenuation.py`` on
 its 40 views of the training and validation volumes and phantoms (plain, with bright objects,
 4-um planes, strong attenuation): the estimated fields reached at most 1.03 (none rejected, Gaussian x field
-N-SSIM 0.627 unchanged), the same fields mirrored along their axis (wrong-face estimates) 0.94
-to 2.5; guarded at 1.1 those scored 0.102 (worst -1.11) against -0.577 (worst -2.57) unguarded.
-Without leaving bright objects out, correct fields reached 1.13 and guarded wrong-face ones
-scored 0.016 (worst -2.57) at 1.15. A wrong *axis* is not caught: there the bright near side
+N-SSIM 0.627 unchanged), the same fields mirrored along their axis (wrong-face estimates) 0.97
+to 2.02; guarded at 1.1 those scored 0.102 (worst -1.11) against -0.577 (worst -2.57) unguarded.
+The specimen mask here is the uncorrected view's (``fit_mask``), so under strong attenuation a
+near side over ``BRIGHT_OBJECT_LEVEL`` times the median is left out of it, where a wrong field
+is largest: the guard is weaker there than it could be (kept as chosen; the mask of the
+corrected view is a candidate to measure).
+A wrong *axis* is not caught: there the bright near side
 spans the field's whole axis."""
 
 Region = tuple[slice, ...]
@@ -148,7 +151,8 @@ class AttenuationField:
         return self.rejected or (self.illumination_rate == 0.0 and self.detection_rate == 0.0)
 
     def __post_init__(self) -> None:
-        self.coarse.flags.writeable = False  # shared by every core's region; never edited in place
+        # the field takes the array over: shared by every core's region, it is never edited in place
+        self.coarse.flags.writeable = False
 
     def region(self, region: Region) -> np.ndarray:
         """The field over ``region`` of the full-resolution volume (float32, linear interpolation
@@ -159,7 +163,7 @@ class AttenuationField:
             raise TypeError(f"a region is up to three slices (Z, Y, X), got {region!r}")
         region = region + (slice(None),) * (3 - len(region))
         if self.factors == (1, 1, 1):
-            return self.coarse[region]
+            return self.coarse[region].copy()  # writable, as the interpolated regions are
         coords = [(np.arange(*s.indices(n)) + 0.5) / f - 0.5
                   for s, n, f in zip(region, self.shape, self.factors)]
         return resample_linear(self.coarse, coords)
@@ -219,13 +223,15 @@ def _faces(axis: int) -> tuple[tuple[str, bool], ...]:
 def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX, faces: Sequence[str] = ILLUMINATION_FACES
                      ) -> tuple[np.ndarray, str, float, str, float]:
     """The field for a (normalised) view on its own grid, with the chosen faces and rates; the
-    light's entry face is chosen among ``faces``."""
+    light's entry face is chosen among ``faces`` (not empty)."""
+    if not faces:
+        raise ValueError("no illumination face to choose from")
     positive = np.clip(view, 0.0, None).astype(np.float32, copy=False)
     smooth = np.maximum(smooth_um(positive, DENSITY_SIGMA_UM, voxel_size_zyx), 0.0)
     coarse = smooth_um(positive, MASK_SIGMA_UM, voxel_size_zyx)
     fine = ndimage.gaussian_filter(positive, FIT_SIGMA_VOXELS, mode="nearest")
     field = np.ones_like(smooth)
-    choice = ("y start", 0.0, "z start", 0.0)
+    choice = (faces[0], 0.0, "z start", 0.0)
     for _ in range(ITERATIONS):
         corrected = smooth * field
         level = float(np.percentile(corrected, 95))
@@ -267,8 +273,9 @@ def fit_mask(coarse: np.ndarray) -> np.ndarray:
 
 def brightest_gain(view: np.ndarray, field: np.ndarray, voxel_size_zyx: VoxelSizeZYX) -> float:
     """The geometric mean of ``field`` over the specimen's brightest tenth (of the coarse view,
-    within ``fit_mask``) over its geometric mean over the whole mask: about 1 or below for a field
-    from the right face, above for one that brightens the already bright near side."""
+    within ``fit_mask`` of the view as it is, uncorrected) over its geometric mean over the whole
+    mask: about 1 or below for a field from the right face, above for one that brightens the
+    already bright near side."""
     coarse = smooth_um(np.clip(view, 0.0, None).astype(np.float32, copy=False), MASK_SIGMA_UM, voxel_size_zyx)
     mask = fit_mask(coarse)
     if mask.sum() < 10:

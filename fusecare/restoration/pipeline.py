@@ -24,8 +24,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fusecare.config import Config
-from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, UNCERTAINTY_UNIT
+from fusecare.config import Config, param
+from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, ILLUMINATION_FACES, UNCERTAINTY_UNIT
 from fusecare.device import inference_device, to_device
 from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.io import (
@@ -321,9 +321,10 @@ class RestoreOptions(Config):
     attenuation_correction: bool = True
     """Apply the calibrated gate's attenuation correction where it has one (off: the gate alone,
     for views whose far side is not dimmed, or whose dimming the target keeps)."""
-    light_from: str | None = None
-    """The face the light sheet entered every case from (``attenuation.ILLUMINATION_FACES``, e.g.
-    ``"x start"``), when the microscope's user knows it; None: estimated from each view."""
+    light_from: str | None = param(None, choices=ILLUMINATION_FACES, doc=(
+        "The face the light sheet entered every case from (``fusecare.constants.ILLUMINATION_FACES``, "
+        "e.g. ``\"x start\"``), when the microscope's user knows it; None: estimated from each view. "
+        "Used only by a gate that corrects attenuation."))
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
@@ -670,8 +671,8 @@ def restore_volume(
 
     A gate that corrects attenuation (``GateConfig.correct_attenuation``) first reads the whole
     volume once more for the field (``estimate_attenuation``, on a coarse grid, with the physical
-    ``voxel_size_zyx``), then multiplies every gated core by it; cores written as the input
-    itself stay the input.
+    ``voxel_size_zyx``; ``light_from`` names the light's entry face when known), then multiplies
+    every gated core by it; cores written as the input itself stay the input.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     with phase("percentiles", volume.size):
@@ -681,7 +682,9 @@ def restore_volume(
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
     to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
     attenuation = None
-    if gate is not None and gate.correct_attenuation and deadline is not None and deadline.remaining() <= 0:
+    reserve = DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size if gate_slab is not None else 0.0
+    if (gate is not None and gate.correct_attenuation and deadline is not None
+            and deadline.remaining() - reserve <= 0):
         # every tile will be written as the input itself, which the field never touches
         log.warning("%s: time budget spent before the attenuation estimate: skipped", name)
         gate = gate.replace(correct_attenuation=False)
@@ -784,7 +787,7 @@ def restore_volume(
 
     def input_fields(block: np.ndarray) -> np.ndarray | torch.Tensor:
         """The block itself as the mean, spread 0, and no block to gate with: the sink writes it as it is."""
-        layers = np.stack([block, np.zeros_like(block)])
+        layers = no_prediction(block)
         return layers if device is None else to_device(layers, device)
 
     modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
@@ -1006,6 +1009,9 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     gate = ensemble.gate if options.gate else None
     if gate is not None and gate.correct_attenuation and not options.attenuation_correction:
         gate = gate.replace(correct_attenuation=False)
+    if options.light_from is not None and (gate is None or not gate.correct_attenuation):
+        log.warning("%s: light from %s ignored: the %s gate %s no attenuation correction", name,
+                    options.light_from, meta.channel, "is off, so" if gate is None else "has")
     uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
     plan = default_plan(ensemble, volume.shape, gate=gate, tile=options.tile,
                         held_bytes_per_voxel=volume.dtype.itemsize + 2 + (2 if uncertain else 0))
@@ -1116,6 +1122,7 @@ def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
                   voxel_size: Sequence[float] | None = None, weights: str | Path | None = None,
                   device: str = "auto", uncertainty: bool = False, gate: bool = True,
                   tile: tuple[int, int, int] | None = None, progress: bool = False,
+                  attenuation_correction: bool = True, light_from: str | None = None,
                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """One ZYX volume restored as the command line restores a file (``fusecare.restore``).
 
@@ -1126,7 +1133,8 @@ def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
     since a caller holding an array can decide better than a blanket fallback. ``voxel_size``
     (z, y, x) in um is checked and logged: the network works in voxels, trained at the
     challenge's sampling. With ``uncertainty`` the members' own spread (uint16, unit
-    ``UNCERTAINTY_UNIT``) comes second.
+    ``UNCERTAINTY_UNIT``) comes second. ``attenuation_correction`` and ``light_from`` are
+    ``RestoreOptions``' (``--no-attenuation-correction``, ``--light-from``).
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
@@ -1142,7 +1150,8 @@ def restore_array(volume: np.ndarray, *, channel: str = MEMBRANE,
     from fusecare.restoration.weights import find_weights
 
     ensembles = EnsembleCache(find_weights(weights), inference_device(device))
-    options = RestoreOptions(tile=tile, device=device, gate=gate, progress=progress, time_budget=None)
+    options = RestoreOptions(tile=tile, device=device, gate=gate, progress=progress, time_budget=None,
+                             attenuation_correction=attenuation_correction, light_from=light_from)
     volume = rescale_float(replace_non_finite(volume, "volume"), "volume")
     meta = CaseMeta(voxel_size=size, channel=channel)
     try:

@@ -908,8 +908,10 @@ def test_cores_written_as_the_input_stay_the_input_under_the_attenuation_correct
     assert (difference[predicted] > 1).mean() > 0.2  # its specimen voxels (the background stays)
 
 
-def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, caplog):
-    """Every tile will be the input itself, which the field never touches: no whole-volume pass."""
+@pytest.mark.parametrize("gate_slab", [None, 3], ids=["per-core", "deferred"])
+def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, caplog, gate_slab):
+    """Every tile will be the input itself, which the field never touches: no whole-volume pass.
+    Deferred, the budget is spent once what is left would not cover the gate's reserved time."""
     from fusecare.restoration import pipeline
 
     def fail(*args, **kwargs):
@@ -917,8 +919,9 @@ def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, capl
 
     monkeypatch.setattr(pipeline, "estimate_attenuation", fail)
     clock = FakeClock()
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE,
-                              deadline=Deadline.after(-1.0, clock))
+    left = -1.0 if gate_slab is None else 0.5 * pipeline.DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE, gate_slab=gate_slab,
+                              deadline=Deadline.after(left, clock))
     np.testing.assert_array_equal(restored.output, volume)
     assert "before the attenuation estimate" in caplog.text
 
