@@ -43,7 +43,6 @@ from quality import REPO, entry_face, pair_of  # noqa: E402
 
 from fusecare.io import read_case  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
-from fusecare.optics import smooth_um  # noqa: E402
 from fusecare.restoration import attenuation  # noqa: E402
 from fusecare.restoration.gate import smooth  # noqa: E402
 from fusecare.scoring.metrics import fmc_ssim, n_ssim  # noqa: E402
@@ -134,20 +133,19 @@ def score_view(voxel, view: np.ndarray, target: np.ndarray, seed: int) -> dict:
         prediction = smoothed if field is None else smoothed * field
         return n_ssim(fmc_ssim(target, prediction, target_norm=target_norm), ssim_input)
 
-    shipped = attenuation.estimate_attenuation(x, voxel)
-    if shipped.factors != (1, 1, 1):
+    if attenuation.working_factors(x.shape) != (1, 1, 1):
         raise ValueError("bench views are estimated at full resolution; this one needs a coarse grid")
-    unguarded, face, *_ = attenuation.estimate_on_grid(x, voxel)
-    axis = "zyx".index(face[0])
-    mirrored = np.flip(unguarded, axis=axis)
-    mirrored_ratio = attenuation.brightest_gain(x, mirrored, voxel)
+    coarse = attenuation.coarse_view(x, voxel)
+    unguarded, face, *_ = attenuation.estimate_on_grid(x, voxel, coarse=coarse)
+    field, ratio, rejected = attenuation.guard(coarse, unguarded)  # as estimate_attenuation applies it
+    mirrored = np.flip(unguarded, axis="zyx".index(face[0]))
+    mirrored_ratio = attenuation.brightest_gain(coarse, mirrored)
     axis_name, from_start = entry_face(seed)
-    mask = attenuation.fit_mask(smooth_um(np.clip(x, 0.0, None), attenuation.MASK_SIGMA_UM, voxel))
-    fill = min(float(face.mean()) for face in (mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]))
-    field = shipped.region((slice(None),) * 3)
+    mask = attenuation.fit_mask(coarse)
+    fill = min(float(side.mean()) for side in (mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]))
     return {"truth": f"{axis_name} {'start' if from_start else 'end'}", "face": face,
             "wrong_axis": unguarded.max() > 1.0 and face[0] != axis_name,
-            "ratio": shipped.brightest_gain, "mirrored_ratio": mirrored_ratio, "rejected": shipped.rejected,
+            "ratio": ratio, "mirrored_ratio": mirrored_ratio, "rejected": rejected,
             "mirrored_rejected": mirrored_ratio > attenuation.GUARD_RATIO,
             "gaussian": score(None), "unguarded": score(unguarded),
             "shipped": score(field), "shipped_sqrt": score(np.sqrt(field)), "fill": fill,

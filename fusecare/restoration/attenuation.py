@@ -220,15 +220,23 @@ def _faces(axis: int) -> tuple[tuple[str, bool], ...]:
     return ((f"{name} start", True), (f"{name} end", False))
 
 
-def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX, faces: Sequence[str] = ILLUMINATION_FACES
-                     ) -> tuple[np.ndarray, str, float, str, float]:
+def coarse_view(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX) -> np.ndarray:
+    """The view (negative values clipped) smoothed by ``MASK_SIGMA_UM``: what the specimen mask
+    (``fit_mask``) and the guard (``brightest_gain``) read."""
+    return smooth_um(np.clip(view, 0.0, None).astype(np.float32, copy=False), MASK_SIGMA_UM, voxel_size_zyx)
+
+
+def estimate_on_grid(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX, faces: Sequence[str] = ILLUMINATION_FACES,
+                     *, coarse: np.ndarray | None = None) -> tuple[np.ndarray, str, float, str, float]:
     """The field for a (normalised) view on its own grid, with the chosen faces and rates; the
-    light's entry face is chosen among ``faces`` (not empty)."""
+    light's entry face is chosen among ``faces`` (not empty). ``coarse`` is the view's
+    ``coarse_view`` when the caller already has it."""
     if not faces:
         raise ValueError("no illumination face to choose from")
     positive = np.clip(view, 0.0, None).astype(np.float32, copy=False)
     smooth = np.maximum(smooth_um(positive, DENSITY_SIGMA_UM, voxel_size_zyx), 0.0)
-    coarse = smooth_um(positive, MASK_SIGMA_UM, voxel_size_zyx)
+    if coarse is None:
+        coarse = coarse_view(view, voxel_size_zyx)
     fine = ndimage.gaussian_filter(positive, FIT_SIGMA_VOXELS, mode="nearest")
     field = np.ones_like(smooth)
     choice = (faces[0], 0.0, "z start", 0.0)
@@ -271,18 +279,25 @@ def fit_mask(coarse: np.ndarray) -> np.ndarray:
     return mask
 
 
-def brightest_gain(view: np.ndarray, field: np.ndarray, voxel_size_zyx: VoxelSizeZYX) -> float:
-    """The geometric mean of ``field`` over the specimen's brightest tenth (of the coarse view,
-    within ``fit_mask`` of the view as it is, uncorrected) over its geometric mean over the whole
-    mask: about 1 or below for a field from the right face, above for one that brightens the
-    already bright near side."""
-    coarse = smooth_um(np.clip(view, 0.0, None).astype(np.float32, copy=False), MASK_SIGMA_UM, voxel_size_zyx)
+def brightest_gain(coarse: np.ndarray, field: np.ndarray) -> float:
+    """The geometric mean of ``field`` over the specimen's brightest tenth (of the view's
+    ``coarse_view``, within ``fit_mask`` of the view as it is, uncorrected) over its geometric mean
+    over the whole mask: about 1 or below for a field from the right face, above for one that
+    brightens the already bright near side."""
     mask = fit_mask(coarse)
     if mask.sum() < 10:
         return 1.0
     top = mask & (coarse >= np.percentile(coarse[mask], 90))
     log_field = np.log(np.maximum(field, np.float32(1e-6)))
     return float(np.exp(log_field[top].mean() - log_field[mask].mean()))
+
+
+def guard(coarse: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    """The field as used (ones when rejected), its ``brightest_gain`` and whether it exceeded
+    ``GUARD_RATIO``; ``coarse`` is the view's ``coarse_view``."""
+    ratio = brightest_gain(coarse, field)
+    rejected = ratio > GUARD_RATIO
+    return (np.ones_like(field) if rejected else field), ratio, rejected
 
 
 def estimate_attenuation(volume: np.ndarray, voxel_size_zyx: VoxelSizeZYX,
@@ -303,11 +318,10 @@ def estimate_attenuation(volume: np.ndarray, voxel_size_zyx: VoxelSizeZYX,
     factors = working_factors(shape)
     grid = block_mean(volume, factors, transform)
     grid_voxel = tuple(float(v) * f for v, f in zip(voxel_size_zyx, factors))
-    field, face, rate, detection_face, detection_rate = estimate_on_grid(grid, grid_voxel, faces)  # type: ignore[arg-type]
-    ratio = brightest_gain(grid, field, grid_voxel)  # type: ignore[arg-type]
-    rejected = ratio > GUARD_RATIO
-    if rejected:
-        field = np.ones_like(field)
+    coarse = coarse_view(grid, grid_voxel)  # type: ignore[arg-type]
+    field, face, rate, detection_face, detection_rate = estimate_on_grid(grid, grid_voxel, faces,  # type: ignore[arg-type]
+                                                                         coarse=coarse)
+    field, ratio, rejected = guard(coarse, field)
     result = AttenuationField(field, factors, shape, face, rate, detection_face, detection_rate,  # type: ignore[arg-type]
                               ratio, rejected)
     log.debug("attenuation: %s (estimated on a %s grid)", result.describe(), "x".join(map(str, grid.shape)))

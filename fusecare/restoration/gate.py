@@ -76,7 +76,7 @@ class GateConfig(Config):
     @property
     def keeps_input(self) -> bool:
         """The output is the input itself: predicting would change nothing."""
-        return self.blend == 0.0 and self.fallback_sigma == 0.0 and not self.correct_attenuation
+        return not self.needs_prediction and self.fallback_sigma == 0.0 and not self.correct_attenuation
 
     @property
     def needs_prediction(self) -> bool:

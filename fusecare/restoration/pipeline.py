@@ -682,9 +682,12 @@ def restore_volume(
         raise ConstantVolumeError(f"constant volume (p2 == p99.8 == {norm.low:g}): nothing to restore")
     to_uint16 = Uint16Map.for_input(minimum_value, maximum_value)
     attenuation = None
-    reserve = DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size if gate_slab is not None else 0.0
-    if (gate is not None and gate.correct_attenuation and deadline is not None
-            and deadline.remaining() - reserve <= 0):
+    defer = gate is not None and gate_slab is not None
+    if defer and device is not None:
+        raise ValueError("the deferred gate runs on the host only: no gate_slab with a device")
+    if defer and deadline is not None:  # the tiles must leave time for the gate that follows them
+        deadline = Deadline(deadline.at - DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size, deadline.clock)
+    if gate is not None and gate.correct_attenuation and deadline is not None and deadline.remaining() <= 0:
         # every tile will be written as the input itself, which the field never touches
         log.warning("%s: time budget spent before the attenuation estimate: skipped", name)
         gate = gate.replace(correct_attenuation=False)
@@ -699,9 +702,6 @@ def restore_volume(
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
 
-    defer = gate is not None and gate_slab is not None
-    if defer and device is not None:
-        raise ValueError("the deferred gate runs on the host only: no gate_slab with a device")
     if gate_slab is not None and gate_slab < 1:
         raise ValueError(f"gate_slab must be at least 1 plane, got {gate_slab}")
     # Gated per core, the sink gets the members' mean and spread (and the normalised block) over
@@ -756,9 +756,9 @@ def restore_volume(
         if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
-            field = field_over(attenuation, region)
-            if field is not None:  # copied: the coarse grid is read-only, shared by every core
-                field = torch.tensor(field, device=prediction.device)
+            field = field_over(attenuation, region)  # a fresh array: no copy needed to hand it to torch
+            if field is not None:
+                field = torch.from_numpy(field).to(prediction.device)
             mean = gated_fields_torch(fields[(slice(None), *core)], gate, field)
         else:
             mean = prediction[0][core]
@@ -794,8 +794,6 @@ def restore_volume(
     if cheaper is not None:
         modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
     modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
-    if defer and deadline is not None:  # the tiles must leave time for the gate that follows them
-        deadline = Deadline(deadline.at - DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size, deadline.clock)
     pacer = Pacer(modes, deadline, name)
     feasible = feasible_tile(tile, volume.shape, margin, align)
     if feasible != tile:

@@ -137,10 +137,11 @@ def test_a_field_from_the_wrong_face_is_rejected_and_said_so(rng, monkeypatch):
     side most, so it is rejected and the view left uncorrected, and ``describe`` says why."""
     view = attenuate(specimen(rng), 2, True, rate=0.1)
     right = module.estimate_on_grid(view, VOXEL)
-    assert module.brightest_gain(view, right[0], VOXEL) < 1.0 < module.GUARD_RATIO
+    coarse = module.coarse_view(view, VOXEL)
+    assert module.brightest_gain(coarse, right[0]) < 1.0 < module.GUARD_RATIO
     wrong = (np.flip(right[0], axis=2).copy(), "x end", *right[2:])
-    assert module.brightest_gain(view, wrong[0], VOXEL) > 1.5
-    monkeypatch.setattr(module, "estimate_on_grid", lambda grid, voxel, faces: wrong)
+    assert module.brightest_gain(coarse, wrong[0]) > 1.5
+    monkeypatch.setattr(module, "estimate_on_grid", lambda grid, voxel, faces, coarse=None: wrong)
     field = estimate_attenuation(view, VOXEL)
     assert field.rejected and field.is_identity and field.max_gain == 1.0
     assert field.brightest_gain > module.GUARD_RATIO
