@@ -23,7 +23,7 @@ named axis is wrong, and how often the guard rejected the estimate or the mirror
 the share of the least-covered lateral face inside the specimen mask (1: the specimen fills
 the frame).
 
-    python bench/attenuation.py                       # all 132 views, about 3 minutes on 2 CPU cores
+    python bench/attenuation.py                       # all 132 views, about 2 minutes on 2 CPU cores
     python bench/attenuation.py --groups plain gradient --json out/attenuation.json
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from quality import REPO, entry_face, pair_of  # noqa: E402
+from quality import REPO, entry_face, face_name, pair_of  # noqa: E402
 
 from fusecare.io import read_case  # noqa: E402
 from fusecare.normalize import PercentileNorm  # noqa: E402
@@ -140,11 +140,10 @@ def score_view(voxel, view: np.ndarray, target: np.ndarray, seed: int) -> dict:
     field, ratio, rejected = attenuation.guard(coarse, unguarded)  # as estimate_attenuation applies it
     mirrored = np.flip(unguarded, axis="zyx".index(face[0]))
     mirrored_ratio = attenuation.brightest_gain(coarse, mirrored)
-    axis_name, from_start = entry_face(seed)
+    truth = face_name(seed)
     mask = attenuation.fit_mask(coarse)
     fill = min(float(side.mean()) for side in (mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]))
-    return {"truth": f"{axis_name} {'start' if from_start else 'end'}", "face": face,
-            "wrong_axis": unguarded.max() > 1.0 and face[0] != axis_name,
+    return {"truth": truth, "face": face, "wrong_axis": unguarded.max() > 1.0 and face[0] != truth[0],
             "ratio": ratio, "mirrored_ratio": mirrored_ratio, "rejected": rejected,
             "mirrored_rejected": mirrored_ratio > attenuation.GUARD_RATIO,
             "gaussian": score(None), "unguarded": score(unguarded),

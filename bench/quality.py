@@ -17,6 +17,13 @@ Columns: identity (copying the input: 0 by construction), gaussian (tuned sigma)
 runs it), gaussian_corrected (the tuned Gaussian with the attenuation correction alone, no
 network: how much of the gated column the correction gives by itself). Targets (issue 9,
 held-out rows, gated): mean >= 0.15 and >= 1.5x the Gaussian's, no case below 0.
+
+Each row also says where the view's light entered (``light``) and which face the attenuation
+estimate named (``named``: a face, ``rejected`` by the field's guard, or ``none``). A table then
+gives each real volume's own light loss: the same estimator run on the clean volume itself. The
+clean volumes are real single acquisitions, so some carry their own one-sided light loss; a
+simulated target keeps it, and a view whose estimate names that loss instead of the simulated
+one is scored as harmed where a real fused target, lit from both sides, would not keep it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.io import read_case  # noqa: E402
+from fusecare.normalize import PercentileNorm  # noqa: E402
+from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation  # noqa: E402
 from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.training.calibration import (  # noqa: E402
@@ -60,6 +69,8 @@ class Case:
     source: np.ndarray
     target: np.ndarray
     voxel_size_zyx: tuple[float, float, float]
+    light: str
+    """The face the view's light sheet entered from (``entry_face``), e.g. ``"y start"``."""
 
 
 def pair_of(clean: np.ndarray, voxel_size: tuple[float, float, float], seed: int, target: str,
@@ -80,6 +91,34 @@ def entry_face(seed: int) -> tuple[str, bool]:
     return "yx"[k % 2], k < 2
 
 
+def face_name(seed: int) -> str:
+    """``entry_face`` as the attenuation estimate names faces: ``"y start"``, ``"x end"``, ..."""
+    axis, from_start = entry_face(seed)
+    return f"{axis} {'start' if from_start else 'end'}"
+
+
+def named_face(field: AttenuationField) -> str:
+    """The face an estimate names, ``rejected`` when the field's guard turned it down, ``none``
+    when it found no light loss along Y or X."""
+    if field.rejected:
+        return "rejected"
+    return field.illumination if field.illumination_rate > 0 else "none"
+
+
+def own_light_loss(files: list[Path]) -> dict[str, dict]:
+    """The attenuation estimate on each clean volume itself: the light loss of its own
+    acquisition, which a simulated target keeps."""
+    losses = {}
+    for file in files:
+        case = read_case(file)
+        volume = case.volume.astype(np.float32)
+        field = estimate_attenuation(PercentileNorm.fit(volume).forward(volume), case.meta.voxel_size.zyx)
+        losses[file.name] = {"named": named_face(field), "rate": field.illumination_rate,
+                             "detection": field.detection, "detection_rate": field.detection_rate,
+                             "max_gain": field.max_gain}
+    return losses
+
+
 def volume_cases(files: list[Path], group: str, seeds: range, target: str) -> list[Case]:
     cases = []
     for file in files:
@@ -87,7 +126,8 @@ def volume_cases(files: list[Path], group: str, seeds: range, target: str) -> li
         volume = clean.volume.astype(np.float32)
         for seed in seeds:
             cases.append(Case(f"{file.name} view {seed}", group,
-                              *pair_of(volume, clean.meta.voxel_size.zyx, seed, target), clean.meta.voxel_size.zyx))
+                              *pair_of(volume, clean.meta.voxel_size.zyx, seed, target), clean.meta.voxel_size.zyx,
+                              face_name(seed)))
     return cases
 
 
@@ -97,7 +137,8 @@ def phantom_cases(channel: str, count: int, target: str) -> list[Case]:
     for k in range(count):
         clean = make((48, 128, 128), rng=np.random.default_rng(PHANTOM_SEED + k))
         cases.append(Case(f"phantom {PHANTOM_SEED + k}", "phantom",
-                          *pair_of(clean, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k, target), PHANTOM_VOXEL_SIZE_ZYX))
+                          *pair_of(clean, PHANTOM_VOXEL_SIZE_ZYX, PHANTOM_SEED + k, target), PHANTOM_VOXEL_SIZE_ZYX,
+                          face_name(PHANTOM_SEED + k)))
     return cases
 
 
@@ -129,10 +170,15 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
         candidates = baselines + ([gate] if gate else [])
         ungated, identity, smoothed, corrected, *with_gate = evaluate_candidates([prediction], candidates)
         scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0], corrected)]
-        rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores))})
+        x = PercentileNorm.fit(case.source).forward(case.source)
+        named = named_face(estimate_attenuation(x, case.voxel_size_zyx))
+        rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores)),
+                     "light": case.light, "named": named})
         print(f"{channel:<9}{case.name:<46}{GROUPS[case.group][:9]:<10}"
-              + "".join(f"{v:>{_width(c)}.3f}" for c, v in zip(COLUMNS, scores)), flush=True)
-    return {"channel": channel, "sigma": sigma, "gate": gate.to_dict() if gate else None, "rows": rows}
+              + "".join(f"{v:>{_width(c)}.3f}" for c, v in zip(COLUMNS, scores))
+              + f"  {case.light:<9}{named}", flush=True)
+    return {"channel": channel, "sigma": sigma, "gate": gate.to_dict() if gate else None, "rows": rows,
+            "own_light_loss": own_light_loss(split["test"] + split["train"])}
 
 
 def _width(column: str) -> int:
@@ -175,12 +221,18 @@ def main() -> None:
     if not (args.data / "README.md").is_file():
         sys.exit(f"real volumes not found in {args.data}")
     split = load_split(args.split, args.data)
-    print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>{_width(c)}}" for c in COLUMNS))
+    print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>{_width(c)}}" for c in COLUMNS)
+          + f"  {'light':<9}named")
     results = [score_channel(channel, split[channel], args) for channel in args.channels]
     print("\nsummary: mean N-SSIM (worst case in brackets)")
     print(f"{'channel':<9}{'content':<24}{'n':>4}" + "".join(f"{c:>16}" for c in COLUMNS))
     for result in results:
         print("\n".join(summarise(result)))
+    print("\neach real volume's own light loss (the estimate on the clean volume; its simulated targets keep it)")
+    for result in results:
+        for name, loss in result["own_light_loss"].items():
+            print(f"{result['channel']:<9}{name:<36}light from {loss['named']:<9}{loss['rate']:.3f}/um, detection from "
+                  f"{loss['detection']} {loss['detection_rate']:.3f}/um, largest gain {loss['max_gain']:.2f}")
     for result in results:
         h = result["heldout"]
         ratio = f"{h['ratio']:.2f}x" if h["ratio"] is not None else "n/a (Gaussian <= 0)"

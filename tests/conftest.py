@@ -113,6 +113,7 @@ LEVELS: dict[str, str] = {
     "test_calibration": "integration", "test_pairs": "integration", "test_ensemble": "integration",
     "test_evaluate": "integration", "test_bioimageio": "integration", "test_report": "integration",
     "test_pipeline": "integration", "test_segment": "integration", "test_training": "integration",
+    "test_benchmarks": "integration",
 }
 """Test module (file name, unique across folders) -> level; every other module is ``unit`` (one
 module, small arrays, no subprocess). Folders mirror the package (``tests/restoration/`` tests
