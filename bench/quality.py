@@ -185,6 +185,15 @@ def _width(column: str) -> int:
     return max(9, len(column) + 1)
 
 
+def _summary_width(column: str) -> int:
+    """A summary cell's width: ``mean (worst)`` or the column's name, and a space between cells."""
+    return max(len(column), len("-0.000 (-0.00)")) + 2
+
+
+def summary_header() -> str:
+    return f"{'channel':<9}{'content':<24}{'n':>4}" + "".join(f"{c:>{_summary_width(c)}}" for c in COLUMNS)
+
+
 def summarise(result: dict) -> list[str]:
     lines = []
     for group, label in GROUPS.items():
@@ -192,7 +201,8 @@ def summarise(result: dict) -> list[str]:
         if not rows:
             continue
         table = np.array([[r[c] for c in COLUMNS] for r in rows])
-        cells = "".join(f"{m:>8.3f} ({w:>5.2f})" for m, w in zip(table.mean(0), table.min(0)))
+        cells = "".join(f"{f'{m:.3f} ({w:.2f})':>{_summary_width(c)}}"
+                        for c, m, w in zip(COLUMNS, table.mean(0), table.min(0)))
         lines.append(f"{result['channel']:<9}{label:<24}{len(rows):>4}{cells}")
         if group == "test":
             gated_mean, gauss_mean, worst = table[:, 3].mean(), table[:, 1].mean(), table[:, 3].min()
@@ -225,7 +235,7 @@ def main() -> None:
           + f"  {'light':<9}named")
     results = [score_channel(channel, split[channel], args) for channel in args.channels]
     print("\nsummary: mean N-SSIM (worst case in brackets)")
-    print(f"{'channel':<9}{'content':<24}{'n':>4}" + "".join(f"{c:>16}" for c in COLUMNS))
+    print(summary_header())
     for result in results:
         print("\n".join(summarise(result)))
     print("\neach real volume's own light loss (the estimate on the clean volume; its simulated targets keep it)")

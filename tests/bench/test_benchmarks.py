@@ -78,3 +78,19 @@ def test_bench_finds_the_right_field_helps_and_its_mirror_harms(strong_view_row)
     assert row["shipped"] > row["gaussian"] + 0.1
     assert row["mirrored"] < row["gaussian"]
     assert row["shipped_sqrt"] < row["shipped"]  # half the correction recovers less of a right field
+
+
+def test_summary_gives_held_out_mean_worst_and_ratio_under_aligned_headers():
+    rows = [{"case": f"v{k}", "group": "test", "identity": 0.0, "gaussian": g, "ensemble": 0.1, "gated": s,
+             "gaussian_corrected": 0.2} for k, (g, s) in enumerate([(0.2, 0.5), (0.2, -0.1)])]
+    rows.append({"case": "p", "group": "phantom", **dict.fromkeys(quality.COLUMNS, 0.0)})
+    result = {"channel": "membrane", "rows": rows}
+    lines = quality.summarise(result)
+    assert len(lines) == 2  # held-out and phantoms; no seen rows, no line
+    h = result["heldout"]
+    assert h["gated_mean"] == pytest.approx(0.2) and h["worst"] == pytest.approx(-0.1)
+    assert h["ratio"] == pytest.approx(1.0) and h["n"] == 2
+    assert quality.summary_header().index("gaussian_corrected") + len("gaussian_corrected") == len(lines[0])
+    result["rows"] = [dict(r, gaussian=-0.1) for r in rows]
+    quality.summarise(result)
+    assert result["heldout"]["ratio"] is None  # no ratio to a baseline <= 0
