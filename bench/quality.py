@@ -21,9 +21,10 @@ held-out rows, gated): mean >= 0.15 and >= 1.5x the Gaussian's, no case below 0.
 Each row also says where the view's light entered (``light``) and which face the attenuation
 estimate named (``named``: a face, ``rejected`` by the field's guard, or ``none``). A table then
 gives each real volume's own light loss: the same estimator run on the clean volume itself. The
-clean volumes are real single acquisitions, so some carry their own one-sided light loss; a
-simulated target keeps it, and a view whose estimate names that loss instead of the simulated
-one is scored as harmed where a real fused target, lit from both sides, would not keep it.
+clean volumes are real single acquisitions, so some carry their own one-sided light loss (along
+the light sheet or along detection); a simulated target keeps it, and a view whose estimate
+corrects that loss is scored as harmed where a real fused target, which carries no loss over
+from one acquisition, would not keep it.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def named_face(field: AttenuationField) -> str:
     return field.illumination if field.illumination_rate > 0 else "none"
 
 
+def estimated_face(case: Case) -> str:
+    """The face the attenuation estimate names on the case's single view (its input, as inference
+    sees it; never its target)."""
+    x = PercentileNorm.fit(case.source).forward(case.source)
+    return named_face(estimate_attenuation(x, case.voxel_size_zyx))
+
+
 def own_light_loss(files: list[Path]) -> dict[str, dict]:
     """The attenuation estimate on each clean volume itself: the light loss of its own
     acquisition, which a simulated target keeps."""
@@ -170,8 +178,7 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
         candidates = baselines + ([gate] if gate else [])
         ungated, identity, smoothed, corrected, *with_gate = evaluate_candidates([prediction], candidates)
         scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0], corrected)]
-        x = PercentileNorm.fit(case.source).forward(case.source)
-        named = named_face(estimate_attenuation(x, case.voxel_size_zyx))
+        named = estimated_face(case)
         rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores)),
                      "light": case.light, "named": named})
         print(f"{channel:<9}{case.name:<46}{GROUPS[case.group][:9]:<10}"

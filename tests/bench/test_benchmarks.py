@@ -1,7 +1,8 @@
 """The benchmarks' own parts (``bench/``): how they name faces, read an estimate and score a view.
 
-The benchmarks themselves need ``../shared/data`` and minutes; these parts run on synthetic
-specimens and phantoms, so a change that mislabels a row or scores the wrong field fails here.
+The benchmarks themselves need ``../shared/data`` and minutes; these parts run on small synthetic
+specimens and phantoms: each row's ``light`` and ``named`` labels, the clean volumes' own light
+loss, the summary's cells, and the attenuation bench's scoring of a view and of its mirror.
 """
 
 from __future__ import annotations
@@ -27,9 +28,33 @@ VOXEL = (1.0, 0.5, 0.5)
 
 def test_face_names_follow_the_views_entry_faces():
     assert [quality.face_name(seed) for seed in range(20_000, 20_004)] == ["y start", "x start", "y end", "x end"]
-    for seed in range(8):
-        axis, from_start = quality.entry_face(seed)
-        assert quality.face_name(seed) == f"{axis} {'start' if from_start else 'end'}"
+    assert [quality.entry_face(seed) for seed in range(20_000, 20_004)] == [
+        ("y", True), ("x", True), ("y", False), ("x", False)]
+
+
+def _write(path: Path, volume: np.ndarray) -> Path:
+    return write_fmc_tif(path, (1000 * volume).astype(np.uint16), PhysicalSizeZ=VOXEL[0], PhysicalSizeY=VOXEL[1],
+                         PhysicalSizeX=VOXEL[2])
+
+
+def test_each_case_carries_its_own_views_light(tmp_path, rng):
+    file = _write(tmp_path / "even.tif", blob_specimen(rng, (16, 48, 48), (2, 4, 4)))
+    cases = quality.volume_cases([file], "test", range(20_001, 20_004), "fused")
+    assert [(c.name, c.group, c.light) for c in cases] == [
+        (f"even.tif view {seed}", "test", quality.face_name(seed)) for seed in range(20_001, 20_004)]
+    assert all(c.source.shape == c.target.shape == (16, 48, 48) for c in cases)
+    phantoms = quality.phantom_cases("membrane", 2, "fused")
+    assert [(c.name, c.light) for c in phantoms] == [
+        (f"phantom {quality.PHANTOM_SEED + k}", quality.face_name(quality.PHANTOM_SEED + k)) for k in range(2)]
+
+
+def test_named_face_is_estimated_on_the_view_not_the_target(rng):
+    signal = blob_specimen(rng)
+    dimmed = beer_lambert(signal, 2, True, 0.05, VOXEL[2])
+    as_view = quality.Case("v", "test", dimmed, signal, VOXEL, "x start")
+    as_target = quality.Case("t", "test", signal, dimmed, VOXEL, "x start")
+    assert quality.estimated_face(as_view) == "x start"
+    assert quality.estimated_face(as_target) != "x start"
 
 
 def _field(rate: float, *, rejected: bool = False) -> AttenuationField:
@@ -50,7 +75,8 @@ def test_own_light_loss_names_the_face_a_clean_volume_was_dimmed_from(tmp_path, 
     even = write_fmc_tif(tmp_path / "even.tif", (1000 * signal).astype(np.uint16),
                          PhysicalSizeZ=1.0, PhysicalSizeY=0.5, PhysicalSizeX=0.5)
     losses = quality.own_light_loss([dimmed, even])
-    assert losses["dimmed.tif"]["named"] == "x start" and losses["dimmed.tif"]["rate"] > 0.02
+    assert losses["dimmed.tif"]["named"] == "x start"
+    assert losses["dimmed.tif"]["rate"] == pytest.approx(0.05, rel=0.3)
     assert losses["dimmed.tif"]["max_gain"] > 1.5
     assert losses["even.tif"]["max_gain"] < losses["dimmed.tif"]["max_gain"]
 
@@ -90,7 +116,34 @@ def test_summary_gives_held_out_mean_worst_and_ratio_under_aligned_headers():
     h = result["heldout"]
     assert h["gated_mean"] == pytest.approx(0.2) and h["worst"] == pytest.approx(-0.1)
     assert h["ratio"] == pytest.approx(1.0) and h["n"] == 2
-    assert quality.summary_header().index("gaussian_corrected") + len("gaussian_corrected") == len(lines[0])
+    header, edge = quality.summary_header(), len(f"{'channel':<9}{'content':<24}{'n':>4}")
+    expected = {"identity": "0.000 (0.00)", "gaussian": "0.200 (0.20)", "ensemble": "0.100 (0.10)",
+                "gated": "0.200 (-0.10)", "gaussian_corrected": "0.200 (0.20)"}
+    for column in quality.COLUMNS:  # each cell ends where its column's name ends
+        edge += quality._summary_width(column)
+        assert header[:edge].endswith(" " + column) and lines[0][:edge].endswith(" " + expected[column])
+    assert edge == len(lines[0]) == len(header)
     result["rows"] = [dict(r, gaussian=-0.1) for r in rows]
     quality.summarise(result)
     assert result["heldout"]["ratio"] is None  # no ratio to a baseline <= 0
+
+
+def test_score_channel_labels_every_row_and_reads_own_loss_of_test_and_train(tmp_path, rng, capsys):
+    """The whole channel loop on two tiny volumes with the shipped weights: every row names its
+    view's light and the estimate's face, and the own-light-loss table covers test and train."""
+    import argparse
+
+    signal = blob_specimen(rng)
+    split = {"test": [_write(tmp_path / "held.tif", beer_lambert(signal, 2, True, 0.05, VOXEL[2]))],
+             "train": [_write(tmp_path / "seen.tif", signal)]}
+    args = argparse.Namespace(weights=Path(__file__).resolve().parents[2] / "model_weights", device="cpu",
+                              views=2, seen_views=1, phantoms=0, target="fused")
+    result = quality.score_channel("membrane", split, args)
+    rows = result["rows"]
+    assert [(r["case"], r["group"], r["light"]) for r in rows] == [
+        ("held.tif view 20000", "test", "y start"), ("held.tif view 20001", "test", "x start"),
+        ("seen.tif view 20000", "train", "y start")]
+    assert all(r["named"] in {*estimator.ILLUMINATION_FACES, "rejected", "none"} for r in rows)
+    assert all(r["identity"] == 0.0 and np.isfinite([r[c] for c in quality.COLUMNS]).all() for r in rows)
+    assert set(result["own_light_loss"]) == {"held.tif", "seen.tif"}
+    assert result["own_light_loss"]["held.tif"]["named"] == "x start"
