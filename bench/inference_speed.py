@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             tile = args.tile or DEFAULT_TILE[ensemble.device.type]
             restore_volume(volume, ensemble.predict_block, tile=tile, margin=ensemble.margin,
-                           align=ensemble.alignment)
+                           align=ensemble.alignment, corrected_input=ensemble.corrected_input)
         if ensemble.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

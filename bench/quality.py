@@ -30,6 +30,7 @@ from one acquisition, would not keep it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
     rows = []
     for case in cases:
         prediction = predict_validation(case.name, case.source, case.target,
-                                        lambda v: predict_ensemble_volume(ensemble, v), case.voxel_size_zyx)
+                                        functools.partial(predict_ensemble_volume, ensemble),
+                                        case.voxel_size_zyx)
         # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one; the
         # last column is that Gaussian with the attenuation correction: what the correction
         # alone does, without the networks

@@ -135,3 +135,7 @@ class PercentileNorm:
 def normalize(volume: np.ndarray, qs: tuple[float, float] = FMC_PERCENTILES) -> np.ndarray:
     """The challenge's normalisation of a whole volume, as float32."""
     return PercentileNorm.fit(volume, qs).forward(volume)
+
+
+NORMALISED = PercentileNorm(low=0.0, high=1.0)
+"""The identity map: for volumes already on the normalised scale."""

@@ -96,7 +96,7 @@ def forced_oom(weights: Path, device: torch.device, shape: tuple[int, int, int],
     volume = np.random.default_rng(1).integers(100, 4000, shape).astype(np.uint16)
     try:
         restored = restore_volume(volume, predict, tile=tile, margin=ensemble.margin, align=ensemble.alignment,
-                                  gate=ensemble.gate)
+                                  gate=ensemble.gate, corrected_input=ensemble.corrected_input)
     except torch.cuda.OutOfMemoryError:
         return {"raised_on": list(first[0]), "retry_tile": None, "note": "no smaller core possible: case falls back"}
     return {"raised_on": list(first[0]), "retry_tile": list(restored.tile or ())}
@@ -114,7 +114,7 @@ def end_to_end(weights: Path, device: torch.device, shape: tuple[int, int, int],
     restored = restore_volume(volume, ensemble.predict_tensor if on_device else ensemble.predict_block,
                               tile=tile, margin=ensemble.margin, align=ensemble.alignment, gate=ensemble.gate,
                               deadline=Deadline.after(budget), device=device if on_device else None,
-                              name="gpu_check")
+                              name="gpu_check", corrected_input=ensemble.corrected_input)
     _sync(device)
     done = time.perf_counter()
     return {"shape": list(shape), "tile": list(restored.tile or ()), "modes": restored.modes,

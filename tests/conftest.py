@@ -63,7 +63,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilistic: bool = False,
-                       first_filters: int = 4, gate_scale: float | None = None) -> Path:
+                       first_filters: int = 4, gate_scale: float | None = None,
+                       corrected_input: bool = False) -> Path:
     """A randomly initialised ensemble folder (fast, for wiring tests; not a trained model)."""
     import torch
 
@@ -74,7 +75,8 @@ def make_tiny_ensemble(root: Path, channel: str, *, members: int = 2, probabilis
     folder = root / channel
     for k in range(members):
         torch.manual_seed(k)
-        model = CareUNet(ModelConfig(first_filters=first_filters, probabilistic=probabilistic))
+        model = CareUNet(ModelConfig(first_filters=first_filters, probabilistic=probabilistic,
+                                     corrected_input=corrected_input))
         save_member(folder / f"member_{k}", model)
     gate = GateConfig(spread_scale=gate_scale) if gate_scale is not None else None
     write_manifest(folder, channel, gate=gate)

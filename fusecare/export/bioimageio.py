@@ -80,6 +80,10 @@ def member_kwargs(config: ModelConfig, name: str = "member") -> dict[str, Any]:
     fields = config.to_dict()
     if fields.get("axes", "ZYX") != "ZYX":
         raise ExportError(f"{name}: axes {fields['axes']!r} cannot be expressed in the package (only ZYX)")
+    if fields.pop("corrected_input", False):
+        raise ExportError(f"{name}: reads the view times its attenuation field (config field 'corrected_input'), "
+                          "which fusecare estimates on the whole view; a model-zoo runner would feed it the view "
+                          "itself: run it with fusecare predict instead")
     extra = sorted(set(fields) - set(EXPRESSIBLE_FIELDS) - {"axes"})
     if extra:
         raise ExportError(f"{name}: config field {extra[0]!r} cannot be expressed in the package "

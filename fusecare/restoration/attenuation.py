@@ -178,6 +178,26 @@ class AttenuationField:
         return f"{estimate}, largest gain {self.max_gain:.2f}"
 
 
+class CorrectedView:
+    """A single view with its attenuation field applied, read region by region (a memory map
+    stays one): what members with ``ModelConfig.corrected_input`` read. Values stay raw
+    intensities, ``low + (x - low) * field``, so that the view's challenge normalisation (``low``
+    its p2) maps them to the normalised view times the field, the product training feeds them.
+    Indexing takes up to three slices, as ``AttenuationField.region`` does."""
+
+    def __init__(self, volume: np.ndarray, field: AttenuationField, low: float) -> None:
+        if tuple(volume.shape) != field.shape:
+            raise ValueError(f"the field covers {field.shape}, the view is {tuple(volume.shape)}")
+        self.volume, self.field, self.low = volume, field, np.float32(low)
+        self.shape, self.ndim, self.dtype = field.shape, 3, np.dtype(np.float32)
+
+    def __getitem__(self, region: Region) -> np.ndarray:
+        out = np.asarray(self.volume[region], dtype=np.float32) - self.low
+        out *= self.field.region(region)
+        out += self.low
+        return out
+
+
 def working_factors(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """Block sizes (Z, Y, X) bringing ``shape`` to about ``WORKING_VOXELS``: one factor for all axes,
     each capped so that no axis shrinks below 8 voxels (a capped axis, often Z on thin stacks, leaves
@@ -205,9 +225,9 @@ def _fit_rate(view: np.ndarray, mask: np.ndarray, path: np.ndarray, edge_um: flo
         if level > 0:
             xs.append(lengths[chosen].mean())
             ys.append(math.log(level))
-    if len(xs) < 3:
-        return 0.0, 0.0
     x, y = np.asarray(xs), np.asarray(ys)
+    if len(xs) < 3 or np.ptp(y) == 0:  # a flat trend is no loss, not a least-squares slope of 1e-17
+        return 0.0, 0.0
     rate = min(max(-float(np.polyfit(x, y, 1)[0]), 0.0), MAX_RATE)
     centre = float(np.median(y + rate * x))
     flat = float(np.sum(np.abs(y - np.median(y))))

@@ -154,6 +154,12 @@ class Ensemble:
         return max(m.config.alignment for m in self.members)
 
     @property
+    def corrected_input(self) -> bool:
+        """The members read the view times its attenuation field (``ModelConfig.corrected_input``;
+        ``load_ensemble`` refuses members that disagree)."""
+        return any(getattr(m, "config", None) is not None and m.config.corrected_input for m in self.members)
+
+    @property
     def receptive_field_radius(self) -> int:
         return max(m.config.receptive_field_radius for m in self.members)
 
@@ -258,6 +264,9 @@ def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu
     members = [load_member(ensemble_dir / m, device) for m in manifest["members"]]
     if not members:
         raise WeightsError(f"{ensemble_dir / MANIFEST} lists no member")
+    if len({m.config.corrected_input for m in members}) > 1:
+        raise WeightsError(f"{ensemble_dir}: some members read the corrected view (config field "
+                           "'corrected_input'), others the view itself; an ensemble's members must agree")
     gate = None
     if manifest.get("gate"):
         try:

@@ -46,6 +46,12 @@ class ModelConfig(Config):
                               "init_zero_head) the net is then a light denoiser that already beats copying the "
                               "input on most volumes, instead of the identity.", ge=0.0, le=4.0)
     probabilistic: bool = param(False, doc="Second head: per-voxel Laplace scale (probabilistic CARE).")
+    corrected_input: bool = param(
+        False, doc="The member reads the normalised view times its attenuation field (estimated once on the "
+        "whole view, fusecare.restoration.attenuation), so it spends its capacity on detail, not on undoing "
+        "the dimming the field already undoes. Training and inference both apply the field; the ensemble "
+        "returns such a member's prediction divided by it, in the view's own brightness, so that the gate "
+        "treats every member alike.")
 
     def validate(self) -> None:
         if self.kernel_size % 2 == 0:

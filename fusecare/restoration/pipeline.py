@@ -42,7 +42,7 @@ from fusecare.io import (
 )
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.profiling import phase
-from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation
+from fusecare.restoration.attenuation import AttenuationField, CorrectedView, estimate_attenuation
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import (
     FIELDS,
@@ -319,12 +319,14 @@ class RestoreOptions(Config):
     1e-3 of float32 on the shipped members, and a block that overflows is redone in float32."""
     gate: bool = True
     attenuation_correction: bool = True
-    """Apply the calibrated gate's attenuation correction where it has one (off: the gate alone,
-    for views whose far side is not dimmed, or whose dimming the target keeps)."""
+    """Apply the calibrated gate's attenuation correction where it has one, and feed members trained
+    on corrected views (``ModelConfig.corrected_input``) the corrected view (off: the gate alone,
+    and such members read the view itself; for views whose far side is not dimmed, or whose
+    dimming the target keeps)."""
     light_from: str | None = param(None, choices=ILLUMINATION_FACES, doc=(
         "The face the light sheet entered every case from (``fusecare.constants.ILLUMINATION_FACES``, "
         "e.g. ``\"x start\"``), when the microscope's user knows it; None: estimated from each view. "
-        "Used only by a gate that corrects attenuation."))
+        "Used only by a gate that corrects attenuation, or members that read the corrected view."))
     uncertainty_dir: Path | None = None
     memory_limit: int | None = None
     progress: bool = True
@@ -586,6 +588,13 @@ def default_plan(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig
                     align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel, tile=tile)
 
 
+def covered(core: Region, core_within: Region, shape: tuple[int, ...]) -> Region:
+    """The volume region a sink's prediction of ``shape`` covers: the core region ``core``
+    widened as ``core_within`` (the core's slices within the prediction) says."""
+    starts = [c.start - (w.start or 0) for c, w in zip(core, core_within)]
+    return tuple(slice(s, s + n) for s, n in zip(starts, shape))
+
+
 def field_over(attenuation: AttenuationField | None, region: Region) -> np.ndarray | None:
     """The attenuation field over ``region``, or None without a correction (the gate's default)."""
     return None if attenuation is None else attenuation.region(region)
@@ -647,6 +656,7 @@ def restore_volume(
     gate_slab: int | None = None,
     voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0),
     light_from: str | None = None,
+    corrected_input: bool = False,
 ) -> Restored:
     """Predict ``volume`` (any dtype) with ``predict_block`` (normalised block -> mean, spread).
 
@@ -673,6 +683,13 @@ def restore_volume(
     volume once more for the field (``estimate_attenuation``, on a coarse grid, with the physical
     ``voxel_size_zyx``; ``light_from`` names the light's entry face when known), then multiplies
     every gated core by it; cores written as the input itself stay the input.
+
+    With ``corrected_input`` (members trained on corrected views, ``Ensemble.corrected_input``)
+    the field is estimated whatever the gate, the tiles are read from the view times it
+    (``CorrectedView``), and every prediction reaching a sink (mean, spread, and the block the
+    gate falls back to) is divided by the field first: the gate and the time budget's input mode
+    then see the view's own brightness, as for any ensemble (and calibration, which divides
+    alike). A field of ones (none found, or rejected by its guard) leaves the view as it is.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     with phase("percentiles", volume.size):
@@ -687,17 +704,20 @@ def restore_volume(
         raise ValueError("the deferred gate runs on the host only: no gate_slab with a device")
     if defer and deadline is not None:  # the tiles must leave time for the gate that follows them
         deadline = Deadline(deadline.at - DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size, deadline.clock)
-    if gate is not None and gate.correct_attenuation and deadline is not None and deadline.remaining() <= 0:
+    correcting_gate = gate is not None and gate.correct_attenuation
+    if (correcting_gate or corrected_input) and deadline is not None and deadline.remaining() <= 0:
         # every tile will be written as the input itself, which the field never touches
         log.warning("%s: time budget spent before the attenuation estimate: skipped", name)
-        gate = gate.replace(correct_attenuation=False)
-    if gate is not None and gate.correct_attenuation:
+        gate, corrected_input = (gate.replace(correct_attenuation=False) if gate else None), False
+    if (gate is not None and gate.correct_attenuation) or corrected_input:
         with phase("attenuation estimate", volume.size):
             attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward, light_from=light_from)
-        log.log(logging.WARNING if attenuation.rejected else logging.INFO, "%s: attenuation correction: %s",
-                name, attenuation.describe())
+        log.log(logging.WARNING if attenuation.rejected else logging.INFO, "%s: attenuation correction: %s%s",
+                name, attenuation.describe(), " (the members read the corrected view)" if corrected_input else "")
         if attenuation.is_identity:  # a field of ones: nothing to interpolate per core
-            gate, attenuation = gate.replace(correct_attenuation=False), None
+            gate, attenuation = (gate.replace(correct_attenuation=False) if gate else None), None
+    divide = corrected_input and attenuation is not None
+    source = CorrectedView(volume, attenuation, norm.low) if divide else volume  # type: ignore[arg-type]
     output = np.empty(volume.shape, dtype=np.uint16)
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
@@ -717,6 +737,12 @@ def restore_volume(
 
     def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
+        field = None
+        if divide:  # to the view's own brightness, as the gate expects
+            wide = attenuation.region(covered(region, core, prediction.shape[-3:]))  # type: ignore[union-attr]
+            prediction, field = prediction / wide, wide[core]
+        elif len(prediction) == 3:
+            field = field_over(attenuation, region)
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
@@ -724,8 +750,7 @@ def restore_volume(
             with phase("gate smoothing", mean.size):
                 fields = gate_fields(gate, prediction[2], mean, spread)
             with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
-                mean = gated_fields(fields[(slice(None), *core)], gate,
-                                    field_over(attenuation, region))
+                mean = gated_fields(fields[(slice(None), *core)], gate, field)
         else:
             mean = mean[core]
         with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -736,6 +761,8 @@ def restore_volume(
 
     def sink_deferred(region: Region, prediction: np.ndarray) -> None:
         """The members' mean and spread of a core kept for the gate after the last tile."""
+        if divide:
+            prediction = prediction / field_over(attenuation, region)  # type: ignore[operator]
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
@@ -751,14 +778,18 @@ def restore_volume(
     def sink_tensor(region: Region, prediction: torch.Tensor, core: Region = WHOLE) -> None:
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
         nonlocal clipped
+        field = None  # fresh arrays from the field: no copy needed to hand them to torch
+        if divide:  # to the view's own brightness, as the gate expects
+            wide = torch.from_numpy(attenuation.region(  # type: ignore[union-attr]
+                covered(region, core, prediction.shape[-3:]))).to(prediction.device)
+            prediction, field = prediction / wide, wide[core]
+        elif len(prediction) == 3 and attenuation is not None:
+            field = torch.from_numpy(attenuation.region(region)).to(prediction.device)
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
         if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
-            field = field_over(attenuation, region)  # a fresh array: no copy needed to hand it to torch
-            if field is not None:
-                field = torch.from_numpy(field).to(prediction.device)
             mean = gated_fields_torch(fields[(slice(None), *core)], gate, field)
         else:
             mean = prediction[0][core]
@@ -805,7 +836,7 @@ def restore_volume(
         try:
             pacer.start(len(Splitter(tile, margin, align).tiles(volume.shape)))
             input_cores.clear()
-            predict_normalised(volume, pacer, tile=tile, margin=margin, align=align, norm=norm,
+            predict_normalised(source, pacer, tile=tile, margin=margin, align=align, norm=norm,
                                sink=host_sink if device is None else sink_tensor, sink_context=gate_reach,
                                overlap=device is not None, progress=progress)
             break
@@ -1007,7 +1038,10 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     gate = ensemble.gate if options.gate else None
     if gate is not None and gate.correct_attenuation and not options.attenuation_correction:
         gate = gate.replace(correct_attenuation=False)
-    if options.light_from is not None and (gate is None or not gate.correct_attenuation):
+    # members trained on corrected views read the view itself when the correction is off, as
+    # where no field was found
+    corrected_input = ensemble.corrected_input and options.attenuation_correction
+    if options.light_from is not None and (gate is None or not gate.correct_attenuation) and not corrected_input:
         log.warning("%s: light from %s ignored: the %s gate %s no attenuation correction", name,
                     options.light_from, meta.channel, "is off, so" if gate is None else "has")
     uncertain = options.uncertainty_dir is not None if with_uncertainty is None else with_uncertainty
@@ -1035,7 +1069,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
         with_uncertainty=uncertain, progress=name if options.progress else None,
         deadline=deadline, cheaper=cheaper, name=name, device=ensemble.device if on_device else None,
         gate_slab=None if on_device else plan.gate_slab, voxel_size_zyx=meta.voxel_size.zyx,
-        light_from=options.light_from,
+        light_from=options.light_from, corrected_input=corrected_input,
     )
 
 

@@ -21,6 +21,7 @@ manifest, so inference reads the gate with the members.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from fusecare.config import strict_json
 from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
-from fusecare.restoration.attenuation import estimate_attenuation
+from fusecare.restoration.attenuation import CorrectedView, estimate_attenuation
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
@@ -236,10 +237,11 @@ def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[G
 
 
 def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
-                       predict_volume: Callable[[np.ndarray], np.ndarray],
+                       predict_volume: Callable[[np.ndarray, tuple[float, float, float]], np.ndarray],
                        voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> ValidationPrediction:
-    """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` for calibration."""
-    mean, spread = predict_volume(source)
+    """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` (``predict_volume``
+    gets the volume and its voxel size, e.g. ``predict_ensemble_volume``) for calibration."""
+    mean, spread = predict_volume(source, voxel_size_zyx)
     return ValidationPrediction(name, source, target, mean, spread, voxel_size_zyx)
 
 
@@ -311,10 +313,20 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
     return calibration.gate
 
 
-def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray) -> np.ndarray:
-    """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume."""
-    return predict_normalised(volume, ensemble.predict_block, margin=ensemble.margin,  # type: ignore[return-value]
-                              align=ensemble.alignment, device_type=ensemble.device.type)
+def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray,
+                            voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume, in the view's
+    own brightness: members that read the corrected view (``Ensemble.corrected_input``) are fed
+    it (the field estimated as inference estimates it, with the physical ``voxel_size_zyx``), and
+    their mean and spread are divided by the field, as inference does before the gate."""
+    norm = PercentileNorm.fit(volume)
+    source, field = volume, None
+    if ensemble.corrected_input:
+        attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
+        source, field = CorrectedView(volume, attenuation, norm.low), attenuation.region((slice(None),) * 3)
+    prediction = predict_normalised(source, ensemble.predict_block, margin=ensemble.margin, norm=norm,
+                                    align=ensemble.alignment, device_type=ensemble.device.type)
+    return prediction if field is None else prediction / field  # type: ignore[operator]
 
 
 def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, device: str = "cpu",
@@ -322,7 +334,7 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
     """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
     ensemble = load_ensemble(folder, device=device)
     predictions = [predict_validation(c.name, c.source, c.target,
-                                      lambda v: predict_ensemble_volume(ensemble, v), c.voxel_size_zyx)
+                                      functools.partial(predict_ensemble_volume, ensemble), c.voxel_size_zyx)
                    for c in cases]
     calibration = calibrate_gate(predictions, progress=progress)
     ungated = calibration.table[0]

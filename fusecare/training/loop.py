@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fusecare.device import resolve_device
 from fusecare.errors import ConfigError, InputError
+from fusecare.normalize import NORMALISED
 from fusecare.restoration.model import CareUNet, ModelConfig
 from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import score_ssim
@@ -64,16 +65,22 @@ def _rank_rng(config: TrainConfig, rank: int, saved: Sequence[Any] | None, step:
     return np.random.default_rng([config.seed, rank] + ([step] if step else []))
 
 
-def _predict_volume(model: CareUNet, volume: np.ndarray, device: torch.device) -> np.ndarray:
-    """One member's normalised prediction of a validation volume."""
+def _predict_volume(model: CareUNet, case: ValidationCase, device: torch.device) -> np.ndarray:
+    """One member's normalised prediction of a validation volume: of its view, or of its
+    ``member_input`` (already normalised, the field applied) for a member that reads corrected views."""
     config = model.config
+    volume, norm = case.source, None
+    if config.corrected_input:
+        if case.member_input is None:
+            raise ValueError(f"validation case {case.name}: a corrected-input member needs its member_input")
+        volume, norm = case.member_input, NORMALISED
 
     @torch.inference_mode()
     def predict(block: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(block)[None, None].to(device))[0, 0].float().cpu().numpy()
 
     return predict_normalised(volume, predict, margin=config.tiling_margin, align=config.alignment,
-                              device_type=device.type)  # type: ignore[return-value]
+                              device_type=device.type, norm=norm)  # type: ignore[return-value]
 
 
 def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor], cases: Sequence[ValidationCase],
@@ -87,7 +94,7 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
         out = model(x)
         result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
                   "val_mae": float((out[:, :1] - y).abs().mean())}
-    scores = [score_ssim(c.target, _predict_volume(model, c.source, device), c.source).n_ssim for c in cases]
+    scores = [score_ssim(c.target, _predict_volume(model, c, device), c.source).n_ssim for c in cases]
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
         if phantom_share is not None:
@@ -252,6 +259,8 @@ def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
         saved = ModelConfig.load(member_config)
         if config.init_zero_head:  # the base is not a weight; with the head zeroed it starts afresh
             saved = saved.replace(base_sigma=config.model.base_sigma)
+        # what the member reads (the view, or the view times its field) is not a weight either
+        saved = saved.replace(corrected_input=config.model.corrected_input)
         if saved != config.model:
             raise ConfigError(f"init_weights {config.init_weights}: its model {saved.to_dict()} differs "
                               f"from the config's {config.model.to_dict()}")

@@ -28,6 +28,7 @@ from fusecare.config import Config
 from fusecare.errors import InputError
 from fusecare.io import CHANNELS, CaseInfo, inspect_case, tiff_files
 from fusecare.normalize import percentiles
+from fusecare.restoration.attenuation import AttenuationField
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,16 @@ class PatchSettings(Config):
 class PairPatches:
     """Random normalised, augmented patches of one (input, target) volume pair."""
 
-    def __init__(self, source: np.ndarray, target: np.ndarray, settings: PatchSettings) -> None:
+    def __init__(self, source: np.ndarray, target: np.ndarray, settings: PatchSettings,
+                 source_field: AttenuationField | None = None) -> None:
+        """``source_field``: the view's attenuation field (``ModelConfig.corrected_input``); each
+        normalised input patch is multiplied by it, as inference multiplies the normalised view."""
         if source.shape != target.shape:
             raise InputError(f"input {source.shape} and target {target.shape} differ in shape")
+        if source_field is not None and source_field.shape != source.shape:
+            raise ValueError(f"the field covers {source_field.shape}, the input is {source.shape}")
         self.source, self.target, self.settings = source, target, settings
+        self.source_field = source_field
         self.patch = tuple(min(p, n) for p, n in zip(settings.patch, source.shape))
         self._block = tuple(max(1, p // 2) for p in self.patch)
         # Whole-volume percentiles at the jitter range's ends, interpolated per draw (not needed
@@ -199,6 +206,8 @@ class PairPatches:
             low, high = self._levels(q, block, lo, hi)
             block -= np.float32(low)
             block *= np.float32(1.0 / max(high - low, 1e-6))
+        if self.source_field is not None:
+            x *= self.source_field.region(region)
         return augment(x, y, rng)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,8 @@ import torch
 from fusecare.constants import NUCLEUS
 from fusecare.errors import InputError
 from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
+from fusecare.normalize import PercentileNorm
+from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation
 from fusecare.training.config import TrainConfig
 from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
@@ -50,6 +52,13 @@ class RealPairs:
         return self.patches.sample(rng)
 
 
+def view_field(view: np.ndarray, voxel_size_zyx: tuple[float, float, float]) -> AttenuationField:
+    """The attenuation field of a whole single view, estimated as inference estimates it (on the
+    view's challenge-normalised values): what members with ``ModelConfig.corrected_input`` read
+    their input through."""
+    return estimate_attenuation(view, voxel_size_zyx, PercentileNorm.fit(view).forward)
+
+
 class SimulatedPairs:
     """Patches of single views simulated from one clean volume, re-simulated every N draws."""
 
@@ -67,7 +76,8 @@ class SimulatedPairs:
             clean = (randomise_content(clean, self.voxel_size, simulator, rng)
                      if simulator.randomises_content else clean)
             view, target, _ = simulate_pair(clean, self.voxel_size, config=simulator, seed=rng)
-            self._patches = PairPatches(view, target, self.config.patch_settings())
+            field = view_field(view, self.voxel_size) if self.config.model.corrected_input else None
+            self._patches = PairPatches(view, target, self.config.patch_settings(), field)
         self._draws += 1
         return self._patches.sample(rng)
 
@@ -83,6 +93,16 @@ class ValidationCase:
     """Simulated from a phantom, not from a real volume (``validation_score`` weighs the two)."""
     voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """Physical voxel size (um): the attenuation correction smooths in um."""
+    member_input: np.ndarray | None = None
+    """What members with ``ModelConfig.corrected_input`` read: the challenge-normalised ``source``
+    times its attenuation field (``with_member_input``); None for members that read the view."""
+
+
+def with_member_input(case: ValidationCase) -> ValidationCase:
+    """``case`` with its ``member_input``: its normalised view times the view's own field."""
+    norm = PercentileNorm.fit(case.source)
+    field = estimate_attenuation(case.source, case.voxel_size_zyx, norm.forward)
+    return replace(case, member_input=norm.forward(case.source) * field.region((slice(None),) * 3))
 
 
 def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -142,9 +162,10 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
         train, held = split_by_study(pairs, config.validation_studies)
         for p in [] if validation_only else train:
+            view = open_volume(p.angle.path, info=p.angle, memmap=True)
+            field = view_field(view, p.angle.meta.voxel_size.zyx) if config.model.corrected_input else None
             sources.append(RealPairs(p.angle.path.name, PairPatches(
-                open_volume(p.angle.path, info=p.angle, memmap=True),
-                open_volume(p.fused.path, info=p.fused, memmap=True), settings)))
+                view, open_volume(p.fused.path, info=p.fused, memmap=True), settings, field)))
         for p in held:
             validation.append(ValidationCase(p.angle.path.name, _validation_crop(p.angle), _validation_crop(p.fused),
                                              voxel_size_zyx=p.angle.meta.voxel_size.zyx))
@@ -193,6 +214,8 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         raise InputError("no validation case in the config: name validation studies, clean volumes or phantoms")
     if not sources and not validation_only:
         raise InputError("no training source could be built from the config")
+    if config.model.corrected_input:
+        validation = [with_member_input(case) for case in validation]
     return sources, validation
 
 

@@ -169,6 +169,18 @@ def test_member_config_not_expressible_is_one_line(tmp_path, caplog, monkeypatch
     assert list((tmp_path / "out").iterdir()) == []  # no zip, no partial zip
 
 
+def test_members_that_read_the_corrected_view_are_refused_in_one_line(tmp_path, caplog):
+    """A model-zoo runner feeds the view itself; such members need fusecare's field first."""
+    make_tiny_ensemble(tmp_path / "w", "membrane", corrected_input=True)
+    (tmp_path / "out").mkdir()
+    code = export_command(["bioimageio", "--channel", "membrane", "-o", str(tmp_path / "out"),
+                        "--weights", str(tmp_path / "w")])
+    assert code == 2
+    [message] = _errors(caplog)
+    assert message.startswith("member_0: reads the view times its attenuation field") and "\n" not in message
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_non_empty_output_folder_needs_overwrite(tmp_path, caplog):
     make_tiny_ensemble(tmp_path / "w", "membrane")
     out = tmp_path / "out"

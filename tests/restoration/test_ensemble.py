@@ -255,3 +255,15 @@ def test_non_finite_float16_blocks_are_redone_in_float32(tmp_path, rng, fake_cud
     fp16 = load_ensemble(folder, device="auto", fp16=True).predict_block(block)
     np.testing.assert_array_equal(fp16, fp32)
     assert caplog.text.count("redone in float32") == 2  # one per member
+
+
+def test_members_that_disagree_on_reading_the_corrected_view_are_refused(tmp_path):
+    folder = make_tiny_ensemble(tmp_path, "membrane")
+    config = json.loads((folder / "member_1" / "config.json").read_text())
+    (folder / "member_1" / "config.json").write_text(json.dumps({**config, "corrected_input": True}))
+    write_manifest(folder, "membrane")
+    with pytest.raises(WeightsError, match="'corrected_input'"):
+        load_ensemble(folder)
+    (folder / "member_0" / "config.json").write_text(json.dumps({**config, "corrected_input": True}))
+    write_manifest(folder, "membrane")
+    assert load_ensemble(folder).corrected_input

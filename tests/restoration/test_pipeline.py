@@ -937,3 +937,65 @@ def test_a_rejected_field_leaves_the_gate_alone_and_is_logged_as_a_warning(rng, 
     np.testing.assert_array_equal(corrected.output, plain.output)
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert line.startswith("a.tif: attenuation correction: REJECTED, no correction")
+
+
+# --------------------------------------------------------------------------- members that read the corrected view
+
+
+def _squared_with_spread(x):
+    """A pointwise member that is not linear (so reading ``x * field`` and dividing by the field
+    after differs from reading ``x``), with a spread that varies voxel to voxel."""
+    if isinstance(x, torch.Tensor):
+        return torch.stack([x * x, 0.05 * torch.abs(torch.cos(5 * x))])
+    return np.stack([x * x, 0.05 * np.abs(np.cos(5 * x))]).astype(np.float32)
+
+
+@pytest.mark.parametrize(("gate", "gate_slab", "device"), [
+    (None, None, None), (CORRECTING_GATE, None, None), (CORRECTING_GATE, 5, None),
+    (CORRECTING_GATE.replace(correct_attenuation=False), None, None), (CORRECTING_GATE, None, "cpu")],
+    ids=["ungated", "per-core", "deferred", "gate-without-correction", "device"])
+def test_corrected_input_members_read_the_view_times_its_field_and_the_gate_sees_the_views_brightness(
+        rng, gate, gate_slab, device):
+    """The documented formula on every path: members read ``x * field`` (field of the whole
+    view); their mean and spread, and the gate's fallback, are divided by the field before the
+    gate, which multiplies by it again only if it corrects attenuation."""
+    from fusecare.restoration.attenuation import estimate_attenuation
+    from fusecare.restoration.gate import gate_fields, gated_fields
+
+    volume, voxel = _dimmed_volume(rng), (1.0, 0.5, 0.5)
+    restored = restore_volume(volume, _squared_with_spread, tile=(16, 24, 32), margin=4, align=4, gate=gate,
+                              gate_slab=gate_slab, voxel_size_zyx=voxel, corrected_input=True,
+                              device=None if device is None else torch.device(device))
+    norm = PercentileNorm.fit(volume)
+    x = norm.forward(volume)
+    field = estimate_attenuation(volume, voxel, norm.forward).region((slice(None),) * 3)
+    mean, spread = _squared_with_spread(x * field) / field
+    expected_values = mean if gate is None else gated_fields(gate_fields(gate, x, mean, spread), gate, field)
+    expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(expected_values))
+    difference = np.abs(restored.output.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * volume.size
+    plain, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(x * x))
+    assert np.abs(restored.output.astype(int) - plain.astype(int)).max() > 100  # the field did reach the member
+
+
+def test_corrected_input_without_a_field_reads_the_view_itself(rng, monkeypatch):
+    """A rejected field (ones) leaves the members reading the view, as in training."""
+    from fusecare.restoration import attenuation
+
+    monkeypatch.setattr(attenuation, "GUARD_RATIO", 0.5)  # every field fails the guard
+    volume = _dimmed_volume(rng)
+    corrected = restore_volume(volume, _squared_with_spread, **TILING, corrected_input=True)
+    plain = restore_volume(volume, _squared_with_spread, **TILING)
+    np.testing.assert_array_equal(corrected.output, plain.output)
+
+
+def test_corrected_input_cores_written_as_the_input_stay_the_input(rng):
+    """The time budget's input mode divides the corrected block by the field: the view again."""
+    volume = _dimmed_volume(rng)
+    clock = FakeClock()
+    restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, deadline=Deadline.after(25.0, clock),
+                              voxel_size_zyx=(1.0, 0.5, 0.5), corrected_input=True)
+    grid = tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"])
+    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
+    as_input, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(volume.astype(np.float32))
+    assert np.abs(restored.output.astype(int) - as_input.astype(int)).max() <= 1  # the identity member too

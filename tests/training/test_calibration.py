@@ -186,3 +186,37 @@ def test_calibration_corrects_attenuation_where_the_target_is_not_dimmed(rng):
         np.float32), target, x, np.zeros_like(x), (1.0, 0.5, 0.5))
     flat = evaluate_candidates([plain], [smoothed, smoothed.replace(correct_attenuation=True)])
     assert flat[2].n_ssim[0] > flat[1].n_ssim[0] - 0.05
+
+
+@pytest.mark.parametrize("gate", [None, GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=2.0,
+                                                   prediction_sigma=0.5, correct_attenuation=True)],
+                         ids=["ungated", "correcting-gate"])
+def test_calibration_predicts_a_corrected_input_ensemble_as_inference_does(tmp_path, rng, gate):
+    """Members that read the corrected view: calibration's whole-volume prediction (in the view's
+    own brightness), gated as calibration scores it, equals what inference writes, tile by tile."""
+    from conftest import beer_lambert, blob_specimen, make_tiny_ensemble
+
+    from fusecare.restoration.attenuation import estimate_attenuation
+    from fusecare.restoration.ensemble import load_ensemble
+    from fusecare.restoration.gate import gate_fields, gated_fields
+    from fusecare.restoration.pipeline import Uint16Map, restore_volume
+    from fusecare.training.calibration import predict_ensemble_volume
+
+    voxel = (1.0, 0.5, 0.5)
+    volume = (1000 + 8000 * beer_lambert(blob_specimen(rng, (24, 48, 64), (2, 4, 4)), 2, True, 0.1, 0.5)
+              ).astype(np.uint16)
+    ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "membrane", corrected_input=True))
+    mean, spread = predict_ensemble_volume(ensemble, volume, voxel)
+    norm = PercentileNorm.fit(volume)
+    values = mean
+    if gate is not None:
+        field = estimate_attenuation(norm.forward(volume), voxel).region((slice(None),) * 3)
+        values = gated_fields(gate_fields(gate, norm.forward(volume), mean, spread), gate, field)
+    expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(values))
+    restored = restore_volume(volume, ensemble.predict_block, tile=(16, 32, 32), margin=ensemble.margin,
+                              align=ensemble.alignment, gate=gate, voxel_size_zyx=voxel, corrected_input=True)
+    difference = np.abs(restored.output.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * volume.size
+    plain_mean, _ = predict_ensemble_volume(load_ensemble(make_tiny_ensemble(tmp_path / "plain", "membrane")),
+                                            volume, voxel)
+    assert np.abs(plain_mean - mean).max() > 0.05  # the field reached the members

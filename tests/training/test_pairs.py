@@ -122,6 +122,26 @@ def test_patches_use_jittered_volume_percentiles(rng):
     np.testing.assert_array_equal(x, y)  # the same augmentation on both
 
 
+def test_patches_of_a_view_with_its_field_are_the_normalised_view_times_the_field(rng):
+    """``ModelConfig.corrected_input``: the input patch is normalised with the view's own
+    percentiles, then multiplied by the field over the same region (augmented alike)."""
+    from fusecare.restoration.attenuation import AttenuationField
+
+    source = rng.integers(100, 1100, (8, 32, 32)).astype(np.uint16)
+    ramp = np.broadcast_to(np.exp(np.linspace(0.0, 1.0, 32, dtype=np.float32)), source.shape).copy()
+    field = AttenuationField(ramp, (1, 1, 1), source.shape, "x start", 0.05, "z start", 0.0)
+    # corners drawn anywhere (not from the target's foreground), so both draws read the same region
+    settings = PatchSettings(patch=(8, 16, 16), pmin=(0.0, 0.0), pmax=(100.0, 100.0), foreground_fraction=0.0)
+    seed = 11
+    plain, _ = PairPatches(source, source, settings).sample(np.random.default_rng(seed))
+    corrected, ramp_patch = PairPatches(source, ramp, settings, field).sample(np.random.default_rng(seed))
+    ramp_patch = ramp_patch * (ramp.max() - ramp.min()) + ramp.min()  # the target's normalisation undone
+    np.testing.assert_allclose(corrected, plain * ramp_patch, rtol=1e-5, atol=1e-6)
+    assert ramp_patch.max() / ramp_patch.min() > 1.3  # a region of the field, not a constant
+    with pytest.raises(ValueError, match="the field covers"):
+        PairPatches(source[:4], source[:4], settings, field)
+
+
 def test_augment_applies_the_same_transform_to_both(rng):
     x = rng.random((4, 8, 8)).astype(np.float32)
     seen = set()

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from fusecare.errors import ConfigError, InputError, TrainingError
 from fusecare.io import inspect_case
+from fusecare.normalize import PercentileNorm
 from fusecare.restoration.ensemble import load_ensemble
 from fusecare.restoration.model import ModelConfig
 from fusecare.scoring.metrics import ssim
@@ -608,3 +609,55 @@ def test_cli_members_below_one_is_a_usage_error(members):
     with pytest.raises(SystemExit) as caught:
         _main("--members", members)
     assert caught.value.code == 2
+
+
+# --------------------------------------------------------------------------- members that read the corrected view
+
+
+def test_corrected_input_training_reads_each_view_times_its_own_field(tmp_path):
+    """``model.corrected_input``: every simulated view's patches carry the field estimated on that
+    whole view, every validation case its normalised view times its field, and a member that read
+    views uncorrected may start such a run (the weights are the same shapes)."""
+    from fusecare.restoration.attenuation import estimate_attenuation
+
+    model = TINY["model"] | {"corrected_input": True}
+    sources, validation = build_data(tiny(model=model))
+    [source] = sources
+    source.sample(np.random.default_rng(0))
+    patches = source._patches
+    assert patches.source_field is not None and patches.source_field.shape == patches.source.shape
+    assert validation and all(case.member_input is not None for case in validation)
+    for case in validation:
+        norm = PercentileNorm.fit(case.source)
+        field = estimate_attenuation(case.source, case.voxel_size_zyx, norm.forward).region((slice(None),) * 3)
+        np.testing.assert_allclose(case.member_input, norm.forward(case.source) * field, rtol=1e-6)
+    _, plain_validation = build_data(tiny())
+    assert all(case.member_input is None for case in plain_validation)
+    train_ensemble(tiny(steps=1, validate_every=1), runs_dir=tmp_path / "a", weights_dir=tmp_path / "w",
+                   members=1, progress=False, calibrate=False)
+    result = train_member(tiny(steps=2, validate_every=2, model=model,
+                               init_weights=str(tmp_path / "w" / "nucleus" / "member_0")),
+                          tmp_path / "b", progress=False)
+    assert TrainConfig.load(tmp_path / "b" / "config.json").model.corrected_input is True
+    assert np.isfinite(result.best["val_nssim_mean"])
+
+
+def test_a_corrected_input_member_is_validated_on_its_member_input():
+    """The member predicts ``member_input`` (already normalised) instead of its view: a member
+    that returns its input gives back exactly that."""
+    from fusecare.restoration.model import CareUNet
+    from fusecare.training.loop import _predict_volume
+    from fusecare.training.sources import ValidationCase
+
+    rng = np.random.default_rng(3)
+    source = (100 + 1000 * rng.random((8, 32, 32))).astype(np.float32)
+    member_input = rng.random((8, 32, 32)).astype(np.float32) * 3
+    case = ValidationCase("c", source, source, member_input=member_input)
+    for corrected, expected in ((True, member_input), (False, PercentileNorm.fit(source).forward(source))):
+        model = CareUNet(ModelConfig(first_filters=4, depth=1, corrected_input=corrected))
+        torch.nn.init.zeros_(model.head.weight)
+        torch.nn.init.zeros_(model.head.bias)  # the residual net returns its input
+        np.testing.assert_allclose(_predict_volume(model.eval(), case, torch.device("cpu")), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs its member_input"):
+        _predict_volume(CareUNet(ModelConfig(first_filters=4, depth=1, corrected_input=True)),
+                        ValidationCase("c", source, source), torch.device("cpu"))
