@@ -178,7 +178,8 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
         smoothed_gate = GateConfig(blend=0.0, fallback_sigma=sigma)
         baselines = [INPUT_ONLY, smoothed_gate, smoothed_gate.replace(correct_attenuation=True)]
         candidates = baselines + ([gate] if gate else [])
-        ungated, identity, smoothed, corrected, *with_gate = evaluate_candidates([prediction], candidates)
+        ungated, identity, smoothed, corrected, *with_gate = evaluate_candidates(
+            [prediction], candidates, corrected_input=ensemble.corrected_input)
         scores = [c.n_ssim[0] for c in (identity, smoothed, ungated, (with_gate or [ungated])[0], corrected)]
         named = estimated_face(case)
         rows.append({"case": case.name, "group": case.group, **dict(zip(COLUMNS, scores)),

@@ -164,6 +164,31 @@ def test_restore_an_array_in_memory(tiny_weights):
     assert spread.dtype == np.uint16 and spread.shape == data.shape
 
 
+def test_restore_feeds_corrected_input_members_the_corrected_view_unless_the_correction_is_off(tmp_path):
+    """The API (the command line's path) reads ``corrected_input`` from the members: such an
+    ensemble restores as ``restore_volume(corrected_input=True)`` does; with the correction off,
+    as members that read the view itself."""
+    from conftest import make_tiny_ensemble
+
+    import fusecare
+    from fusecare.restoration.ensemble import load_ensemble
+    from fusecare.restoration.pipeline import restore_volume
+
+    weights = tmp_path / "weights"
+    ensemble = load_ensemble(make_tiny_ensemble(weights, "membrane", corrected_input=True))
+    data = (1000 + 8000 * beer_lambert(blob_specimen(np.random.default_rng(4), (24, 48, 64), (2, 4, 4)),
+                                       2, True, 0.1, 0.5)).astype(np.uint16)
+    voxel = (1.0, 0.5, 0.5)
+    kwargs = {"tile": (24, 48, 64), "margin": ensemble.margin, "align": ensemble.alignment, "voxel_size_zyx": voxel}
+    for correction, expected in ((True, restore_volume(data, ensemble.predict_block, corrected_input=True, **kwargs)),
+                                 (False, restore_volume(data, ensemble.predict_block, **kwargs))):
+        out = fusecare.restore(data, voxel_size=voxel, weights=weights, device="cpu", gate=False,
+                               tile=(24, 48, 64), attenuation_correction=correction)
+        assert np.abs(out.astype(int) - expected.output.astype(int)).max() <= 1, correction
+    assert np.abs(restore_volume(data, ensemble.predict_block, corrected_input=True, **kwargs).output.astype(int)
+                  - restore_volume(data, ensemble.predict_block, **kwargs).output.astype(int)).max() > 100
+
+
 def test_restore_refuses_what_it_cannot_restore(tiny_weights):
     import fusecare
     from fusecare.errors import InputError

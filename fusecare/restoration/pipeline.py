@@ -687,9 +687,12 @@ def restore_volume(
     With ``corrected_input`` (members trained on corrected views, ``Ensemble.corrected_input``)
     the field is estimated whatever the gate, the tiles are read from the view times it
     (``CorrectedView``), and every prediction reaching a sink (mean, spread, and the block the
-    gate falls back to) is divided by the field first: the gate and the time budget's input mode
-    then see the view's own brightness, as for any ensemble (and calibration, which divides
-    alike). A field of ones (none found, or rejected by its guard) leaves the view as it is.
+    gate falls back to) is divided by the field first, so the gate blends in the view's own
+    brightness, as calibration does; the gate then multiplies the field back (it is made to
+    correct attenuation if it did not). Ungated, the output is the members' mean as they predicted
+    it. Cores the time budget writes as the input are the view again (within one count of the
+    uint16 map: the block was multiplied and divided by the field). A field of ones (none found,
+    or rejected by its guard) leaves the view as it is. The uncertainty is the members' own spread.
     """
     # one histogram pass gives the range for the uint16 map and the challenge's percentiles
     with phase("percentiles", volume.size):
@@ -718,6 +721,10 @@ def restore_volume(
             gate, attenuation = (gate.replace(correct_attenuation=False) if gate else None), None
     divide = corrected_input and attenuation is not None
     source = CorrectedView(volume, attenuation, norm.low) if divide else volume  # type: ignore[arg-type]
+    if divide and gate is not None and not gate.correct_attenuation:
+        # the members undid the dimming, so every gate puts the field back on what it blends (as
+        # calibration scores such ensembles' gates)
+        gate = gate.replace(correct_attenuation=True)
     output = np.empty(volume.shape, dtype=np.uint16)
     uncertainty = np.empty(volume.shape, dtype=np.uint16) if with_uncertainty else None
     clipped = 0
@@ -737,7 +744,7 @@ def restore_volume(
 
     def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
-        field = None
+        members, field = prediction, None
         if divide:  # to the view's own brightness, as the gate expects
             wide = attenuation.region(covered(region, core, prediction.shape[-3:]))  # type: ignore[union-attr]
             prediction, field = prediction / wide, wide[core]
@@ -746,7 +753,9 @@ def restore_volume(
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
+        if len(prediction) == 3 and gate is None:  # corrected-input members, ungated: as they predicted
+            mean = members[0][core]
+        elif len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", mean.size):
                 fields = gate_fields(gate, prediction[2], mean, spread)
             with phase("gate blend, uint16 map", math.prod(s.stop - s.start for s in region)):
@@ -757,10 +766,11 @@ def restore_volume(
             output[region], n = to_uint16.apply(norm.inverse(mean))
             clipped += n
             if uncertainty is not None:
-                uncertainty[region] = np.clip(np.rint(spread[core] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+                uncertainty[region] = np.clip(np.rint(members[1][core] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     def sink_deferred(region: Region, prediction: np.ndarray) -> None:
         """The members' mean and spread of a core kept for the gate after the last tile."""
+        members = prediction
         if divide:
             prediction = prediction / field_over(attenuation, region)  # type: ignore[operator]
         mean, spread = prediction[0], prediction[1]
@@ -771,14 +781,14 @@ def restore_volume(
         if pacer.last is modes[-1]:  # the host path predicts and sinks each tile in turn
             input_cores.append(region)
         if uncertainty is not None:
-            uncertainty[region] = np.clip(np.rint(spread / UNCERTAINTY_UNIT), 0, UINT16_MAX)
+            uncertainty[region] = np.clip(np.rint(members[1] / UNCERTAINTY_UNIT), 0, UINT16_MAX)
 
     scale, low = float(np.float32(norm.scale)), float(np.float32(norm.low))
 
     def sink_tensor(region: Region, prediction: torch.Tensor, core: Region = WHOLE) -> None:
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
         nonlocal clipped
-        field = None  # fresh arrays from the field: no copy needed to hand them to torch
+        members, field = prediction, None  # fresh arrays from the field: no copy needed to hand them to torch
         if divide:  # to the view's own brightness, as the gate expects
             wide = torch.from_numpy(attenuation.region(  # type: ignore[union-attr]
                 covered(region, core, prediction.shape[-3:]))).to(prediction.device)
@@ -787,7 +797,9 @@ def restore_volume(
             field = torch.from_numpy(attenuation.region(region)).to(prediction.device)
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if len(prediction) == 3:  # gated (the input mode gives mean and spread only)
+        if len(prediction) == 3 and gate is None:  # corrected-input members, ungated: as they predicted
+            mean = members[0][core]
+        elif len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])
             mean = gated_fields_torch(fields[(slice(None), *core)], gate, field)
@@ -797,19 +809,21 @@ def restore_volume(
             output[region], n = to_uint16.apply_tensor(mean * scale + low)
             clipped += n
             if uncertainty is not None:
-                units = torch.round(prediction[1][core] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
+                units = torch.round(members[1][core] / UNCERTAINTY_UNIT).clamp_(0, UINT16_MAX)
                 uncertainty[region] = units.to(torch.uint16).cpu().numpy()
 
     def fields(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-        """What the sink gets for a whole tile from ``predict``: mean and spread, and, gated, the
-        normalised block the gate falls back to; on ``device``, as a tensor there."""
+        """What the sink gets for a whole tile from ``predict``: mean and spread, and, gated (or
+        with members that read the corrected view, so that the sink tells their tiles from the
+        input mode's), the normalised block the gate falls back to; on ``device``, as a tensor there."""
+        with_fallback = gate is not None or divide
         if device is not None:
             def on_device(block: np.ndarray) -> torch.Tensor:
                 x = to_device(block, device)
                 prediction = predict(x)
-                return prediction if gate is None else torch.cat([prediction, x[None]])
+                return torch.cat([prediction, x[None]]) if with_fallback else prediction
             return on_device
-        if gate is None or defer:
+        if not with_fallback or defer:
             return predict
 
         def with_block(block: np.ndarray) -> np.ndarray:
@@ -1062,7 +1076,7 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
                         cheaper_members(ensemble, on_device=on_device))
     if gate is not None and not gate.needs_prediction and not uncertain:
         log.info("%s: the gate uses no prediction (blend 0): the network is skipped", name)
-        predict, cheaper, on_device = no_prediction, None, False
+        predict, cheaper, on_device, corrected_input = no_prediction, None, False, False
     return restore_volume(
         volume, predict,
         tile=plan.tile, margin=ensemble.margin, align=ensemble.alignment, gate=gate,

@@ -52,6 +52,8 @@ SPREAD_SCALES: tuple[float, ...] = (0.2, 10.0)
 CONSISTENCY_SCALES: tuple[float, ...] = (0.0, 0.05)
 CORRECTIONS: tuple[bool, ...] = (False, True)
 """Without and with the attenuation correction (``GateConfig.correct_attenuation``)."""
+CORRECTING = GateConfig(correct_attenuation=True)
+"""Any gate that corrects attenuation: what asks ``evaluate_candidates`` for a case's field."""
 BLENDS: tuple[float, ...] = (0.5, 1.0)
 """0.5 applies half the gated correction everywhere: a prediction whose mean gain on validation
 is positive but whose worst case is not may be safe half-way (the best public entry weighted its
@@ -128,14 +130,23 @@ def default_candidates() -> list[GateConfig]:
                                                   CONSISTENCY_SCALES, BLENDS)])]
 
 
+def corrected_input_candidates() -> list[GateConfig]:
+    """The candidates for an ensemble whose members read the corrected view: inference puts the
+    field back on whatever such a gate blends (``restore_volume``), so every candidate corrects
+    attenuation, but the input itself (35)."""
+    return [gate for gate in default_candidates() if gate.correct_attenuation or gate.keeps_input]
+
+
 def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
-                        *, progress: bool = False) -> list[GateCandidate]:
+                        *, progress: bool = False, corrected_input: bool = False) -> list[GateCandidate]:
     """N-SSIM of every case without a gate and with each candidate gate.
 
     Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
     spread and the input (and each consistency map) are computed once, not once per candidate,
     with the functions inference uses (``fusecare.restoration.gate``). ``progress`` shows a bar over the
-    candidates.
+    candidates. ``corrected_input``: the members read the corrected view and their mean was
+    divided by the field (``predict_ensemble_volume``); ungated, inference writes the mean as they
+    predicted it, the field multiplied back, and so is it scored.
     """
     candidates = default_candidates() if candidates is None else candidates
     prepared = []
@@ -177,6 +188,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
         for i, (case, (target_norm, ssim_input, x)) in enumerate(zip(cases, prepared)):
             fallback = cached("input", i, fallback_sigma, x)
             mean = cached("mean", i, prediction_sigma, case.mean)
+            if gate is None and corrected_input:
+                mean = mean * attenuation(i, CORRECTING, x)  # type: ignore[operator]
             scores.append(score_gate(case.target, target_norm, ssim_input, fallback, mean,
                                      cached("spread", i, spread_sigma, case.spread), gate,
                                      consistency(i, gate, mean, fallback) if gate else None,
@@ -225,11 +238,12 @@ class Calibration:
 
 
 def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
-                   *, progress: bool = False) -> Calibration:
-    """The calibrated gate with its table and rule (for the model card and the manifest)."""
+                   *, progress: bool = False, corrected_input: bool = False) -> Calibration:
+    """The calibrated gate with its table and rule (for the model card and the manifest);
+    ``corrected_input`` as ``evaluate_candidates``'."""
     if not cases:
         raise ValueError("gate calibration needs at least one validation case")
-    results = evaluate_candidates(cases, candidates, progress=progress)
+    results = evaluate_candidates(cases, candidates, progress=progress, corrected_input=corrected_input)
     rule, estimates = choose_rule([c.name for c in cases], results)
     chosen = rule.choose(results).gate
     assert chosen is not None
@@ -336,7 +350,9 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
     predictions = [predict_validation(c.name, c.source, c.target,
                                       functools.partial(predict_ensemble_volume, ensemble), c.voxel_size_zyx)
                    for c in cases]
-    calibration = calibrate_gate(predictions, progress=progress)
+    corrected = ensemble.corrected_input
+    calibration = calibrate_gate(predictions, corrected_input_candidates() if corrected else None,
+                                 progress=progress, corrected_input=corrected)
     ungated = calibration.table[0]
     chosen = next(c for c in calibration.table if c.gate == calibration.gate)
     log.info("validation N-SSIM ungated: mean %.4f, worst %.4f; gated (%s rule) %s: mean %.4f, worst %.4f",

@@ -99,7 +99,11 @@ class ValidationCase:
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:
-    """``case`` with its ``member_input``: its normalised view times the view's own field."""
+    """``case`` with its ``member_input``: its normalised view times the field estimated on that
+    view, as inference would estimate it given the case (a validation case may be a centre crop,
+    ``VALIDATION_CROP``; calibration and the benchmark estimate on the same case). Training
+    patches carry the field of their whole simulated view, so on a cropped case the two differ
+    by what the crop leaves out."""
     norm = PercentileNorm.fit(case.source)
     field = estimate_attenuation(case.source, case.voxel_size_zyx, norm.forward)
     return replace(case, member_input=norm.forward(case.source) * field.region((slice(None),) * 3))

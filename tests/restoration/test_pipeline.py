@@ -958,7 +958,8 @@ def test_corrected_input_members_read_the_view_times_its_field_and_the_gate_sees
         rng, gate, gate_slab, device):
     """The documented formula on every path: members read ``x * field`` (field of the whole
     view); their mean and spread, and the gate's fallback, are divided by the field before the
-    gate, which multiplies by it again only if it corrects attenuation."""
+    gate, which multiplies by it again (a gate that did not correct attenuation is made to);
+    ungated, the output is the members' mean as they predicted it."""
     from fusecare.restoration.attenuation import estimate_attenuation
     from fusecare.restoration.gate import gate_fields, gated_fields
 
@@ -969,8 +970,10 @@ def test_corrected_input_members_read_the_view_times_its_field_and_the_gate_sees
     norm = PercentileNorm.fit(volume)
     x = norm.forward(volume)
     field = estimate_attenuation(volume, voxel, norm.forward).region((slice(None),) * 3)
-    mean, spread = _squared_with_spread(x * field) / field
-    expected_values = mean if gate is None else gated_fields(gate_fields(gate, x, mean, spread), gate, field)
+    members = _squared_with_spread(x * field)
+    mean, spread = members / field
+    expected_values = members[0] if gate is None else gated_fields(
+        gate_fields(gate, x, mean, spread), gate.replace(correct_attenuation=True), field)
     expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(expected_values))
     difference = np.abs(restored.output.astype(int) - expected.astype(int))
     assert difference.max() <= 1 and np.count_nonzero(difference) < 1e-2 * volume.size
@@ -989,13 +992,23 @@ def test_corrected_input_without_a_field_reads_the_view_itself(rng, monkeypatch)
     np.testing.assert_array_equal(corrected.output, plain.output)
 
 
-def test_corrected_input_cores_written_as_the_input_stay_the_input(rng):
-    """The time budget's input mode divides the corrected block by the field: the view again."""
+@pytest.mark.parametrize("gate", [None, GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=1.0)],
+                         ids=["ungated", "gated"])  # a short reach: the tiles stay several
+def test_corrected_input_cores_written_as_the_input_stay_the_input(rng, gate):
+    """The time budget's input mode divides the corrected block by the field: the view again,
+    while the predicted core (an identity member, which reads the corrected view) is corrected."""
     volume = _dimmed_volume(rng)
     clock = FakeClock()
     restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, deadline=Deadline.after(25.0, clock),
-                              voxel_size_zyx=(1.0, 0.5, 0.5), corrected_input=True)
-    grid = tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"])
-    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
+                              voxel_size_zyx=(1.0, 0.5, 0.5), corrected_input=True, gate=gate)
+    from fusecare.restoration.pipeline import gated_tiling
+
+    tile, margin = gated_tiling(TILING["tile"], TILING["margin"], TILING["align"], gate)
+    grid = tile_grid(volume.shape, tile, (margin,) * 3, TILING["align"])
+    assert len(grid) >= 3 and restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
+    predicted = np.zeros(volume.shape, bool)
+    predicted[grid[0].core] = True
     as_input, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(volume.astype(np.float32))
-    assert np.abs(restored.output.astype(int) - as_input.astype(int)).max() <= 1  # the identity member too
+    difference = np.abs(restored.output.astype(int) - as_input.astype(int))
+    assert difference[~predicted].max() <= 1
+    assert (difference[predicted] > 1).mean() > 0.2

@@ -193,7 +193,8 @@ def test_calibration_corrects_attenuation_where_the_target_is_not_dimmed(rng):
                          ids=["ungated", "correcting-gate"])
 def test_calibration_predicts_a_corrected_input_ensemble_as_inference_does(tmp_path, rng, gate):
     """Members that read the corrected view: calibration's whole-volume prediction (in the view's
-    own brightness), gated as calibration scores it, equals what inference writes, tile by tile."""
+    own brightness; ungated, the field multiplied back), gated as calibration scores it, equals
+    what inference writes, tile by tile; its table scores the same formula."""
     from conftest import beer_lambert, blob_specimen, make_tiny_ensemble
 
     from fusecare.restoration.attenuation import estimate_attenuation
@@ -208,9 +209,9 @@ def test_calibration_predicts_a_corrected_input_ensemble_as_inference_does(tmp_p
     ensemble = load_ensemble(make_tiny_ensemble(tmp_path, "membrane", corrected_input=True))
     mean, spread = predict_ensemble_volume(ensemble, volume, voxel)
     norm = PercentileNorm.fit(volume)
-    values = mean
+    field = estimate_attenuation(norm.forward(volume), voxel).region((slice(None),) * 3)
+    values = mean * field
     if gate is not None:
-        field = estimate_attenuation(norm.forward(volume), voxel).region((slice(None),) * 3)
         values = gated_fields(gate_fields(gate, norm.forward(volume), mean, spread), gate, field)
     expected, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(norm.inverse(values))
     restored = restore_volume(volume, ensemble.predict_block, tile=(16, 32, 32), margin=ensemble.margin,
@@ -220,3 +221,17 @@ def test_calibration_predicts_a_corrected_input_ensemble_as_inference_does(tmp_p
     plain_mean, _ = predict_ensemble_volume(load_ensemble(make_tiny_ensemble(tmp_path / "plain", "membrane")),
                                             volume, voxel)
     assert np.abs(plain_mean - mean).max() > 0.05  # the field reached the members
+    target = (norm.forward(volume) * field).astype(np.float32)  # any target: both sides score the same formula
+    case = ValidationPrediction("c", volume.astype(np.float32), target, mean, spread, voxel)
+    [row] = evaluate_candidates([case], [gate] if gate else [], corrected_input=True)[-1:]
+    from fusecare.scoring.metrics import score_ssim
+
+    assert row.n_ssim[0] == pytest.approx(score_ssim(target, values, volume.astype(np.float32)).n_ssim, abs=2e-3)
+
+
+def test_corrected_input_ensembles_choose_among_gates_that_put_the_field_back():
+    from fusecare.training.calibration import corrected_input_candidates
+
+    candidates = corrected_input_candidates()
+    assert candidates[0] == INPUT_ONLY and len(candidates) == 35
+    assert all(gate.correct_attenuation for gate in candidates[1:])
