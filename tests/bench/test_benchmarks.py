@@ -1,4 +1,4 @@
-"""The benchmarks' own parts (``bench/``): how they name faces, read an estimate and score a view.
+"""The benchmarks' own parts (``bench/``): how they name faces, read an estimate, score a view or a checkpoint.
 
 The benchmarks themselves need ``../shared/data`` and minutes; these parts run on small synthetic
 specimens and phantoms: each row's ``light`` and ``named`` labels, the clean volumes' own light
@@ -147,3 +147,26 @@ def test_score_channel_labels_every_row_and_reads_own_loss_of_test_and_train(tmp
     assert all(r["identity"] == 0.0 and np.isfinite([r[c] for c in quality.COLUMNS]).all() for r in rows)
     assert set(result["own_light_loss"]) == {"held.tif", "seen.tif"}
     assert result["own_light_loss"]["held.tif"]["named"] == "x start"
+
+
+def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path):
+    """``bench/validation_cases.py``: its per-case scores of a checkpoint average to the mean
+    N-SSIM training logged for that step (the same validation, scored the same way)."""
+    import csv
+
+    import validation_cases
+
+    from fusecare.training.config import TrainConfig
+    from fusecare.training.loop import train_member
+
+    config = TrainConfig.from_dict({"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16],
+                                    "batch_size": 2, "phantoms": 1, "phantom_shape": [12, 32, 32],
+                                    "validation_phantoms": 2, "validation_patches": 2, "device": "cpu",
+                                    "steps": 2, "validate_every": 2})
+    train_member(config, tmp_path / "run", progress=False)
+    names, columns = validation_cases.case_scores(config, [tmp_path / "run" / "last.pt"])
+    [(column, scores)] = columns.items()
+    assert column == "run:2" and len(names) == len(scores) == 2
+    with (tmp_path / "run" / "log.csv").open() as log:
+        logged = {row["step"]: float(row["val_nssim_mean"]) for row in csv.DictReader(log)}
+    assert np.mean(scores) == pytest.approx(logged["2"], abs=1e-6)

@@ -894,9 +894,15 @@ def test_cores_written_as_the_input_stay_the_input_under_the_attenuation_correct
     gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=1.0, correct_attenuation=True)  # short reach
     restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, gate=gate, gate_slab=gate_slab,
                               deadline=Deadline.after(25.0, clock), voxel_size_zyx=(1.0, 0.5, 0.5))
+    _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate, deferred=gate_slab is not None)
+
+
+def _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate, *, deferred=False):
+    """The time budget let only the first tile run: every other core is the input (through the
+    normalisation's round trip), the first core's specimen voxels are not."""
     from fusecare.restoration.pipeline import gated_tiling
 
-    tile, margin = (TILING["tile"], TILING["margin"]) if gate_slab else gated_tiling(
+    tile, margin = (TILING["tile"], TILING["margin"]) if deferred else gated_tiling(
         TILING["tile"], TILING["margin"], TILING["align"], gate)
     grid = tile_grid(volume.shape, tile, (margin,) * 3, TILING["align"])
     assert len(grid) >= 3 and restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
@@ -1001,14 +1007,4 @@ def test_corrected_input_cores_written_as_the_input_stay_the_input(rng, gate):
     clock = FakeClock()
     restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, deadline=Deadline.after(25.0, clock),
                               voxel_size_zyx=(1.0, 0.5, 0.5), corrected_input=True, gate=gate)
-    from fusecare.restoration.pipeline import gated_tiling
-
-    tile, margin = gated_tiling(TILING["tile"], TILING["margin"], TILING["align"], gate)
-    grid = tile_grid(volume.shape, tile, (margin,) * 3, TILING["align"])
-    assert len(grid) >= 3 and restored.modes == {FULL_MODE: 1, INPUT_MODE: len(grid) - 1}
-    predicted = np.zeros(volume.shape, bool)
-    predicted[grid[0].core] = True
-    as_input, _ = Uint16Map.for_input(float(volume.min()), float(volume.max())).apply(volume.astype(np.float32))
-    difference = np.abs(restored.output.astype(int) - as_input.astype(int))
-    assert difference[~predicted].max() <= 1
-    assert (difference[predicted] > 1).mean() > 0.2
+    _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate)
