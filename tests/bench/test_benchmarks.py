@@ -170,3 +170,20 @@ def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path
     with (tmp_path / "run" / "log.csv").open() as log:
         logged = {row["step"]: float(row["val_nssim_mean"]) for row in csv.DictReader(log)}
     assert np.mean(scores) == pytest.approx(logged["2"], abs=1e-6)
+
+
+def test_field_parts_split_a_light_sheet_loss_from_detection(rng):
+    """``bench/field_parts.py`` on a specimen dimmed along X only, against the undimmed specimen:
+    the light-sheet part recovers what the full field does, the Z part finds no light-sheet loss
+    and changes little."""
+    import field_parts
+
+    signal = blob_specimen(rng)
+    view = 100 + 1000 * beer_lambert(signal, 2, True, 0.05, VOXEL[2])
+    result = field_parts.field_parts(view, 100 + 1000 * signal, VOXEL)
+    scores = result["scores"]
+    assert list(scores) == ["alone", "x the full field", "x the detection (Z) part", "x the light-sheet part"]
+    assert result["view"].startswith("light from x start") and result["z_part"].startswith("light from x end 0.000")
+    assert scores["x the light-sheet part"] > scores["alone"] + 0.1
+    assert abs(scores["x the light-sheet part"] - scores["x the full field"]) < 0.05
+    assert abs(scores["x the detection (Z) part"] - scores["alone"]) < 0.05
