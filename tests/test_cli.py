@@ -164,7 +164,7 @@ def test_restore_an_array_in_memory(tiny_weights):
     assert spread.dtype == np.uint16 and spread.shape == data.shape
 
 
-def test_restore_feeds_corrected_input_members_the_corrected_view_unless_the_correction_is_off(tmp_path):
+def test_restore_feeds_corrected_input_members_the_corrected_view_unless_the_correction_is_off(tmp_path, caplog):
     """The API (the command line's path) reads ``corrected_input`` from the members: such an
     ensemble restores as ``restore_volume(corrected_input=True)`` does; with the correction off,
     as members that read the view itself."""
@@ -185,6 +185,7 @@ def test_restore_feeds_corrected_input_members_the_corrected_view_unless_the_cor
         out = fusecare.restore(data, voxel_size=voxel, weights=weights, device="cpu", gate=False,
                                tile=(24, 48, 64), attenuation_correction=correction)
         assert np.abs(out.astype(int) - expected.output.astype(int)).max() <= 1, correction
+        assert ("trained on attenuation-corrected views; with the correction off" in caplog.text) != correction
     assert np.abs(restore_volume(data, ensemble.predict_block, corrected_input=True, **kwargs).output.astype(int)
                   - restore_volume(data, ensemble.predict_block, **kwargs).output.astype(int)).max() > 100
 

@@ -1055,6 +1055,9 @@ def _predict_case(volume: np.ndarray, meta: CaseMeta, ensembles: EnsembleCache,
     # members trained on corrected views read the view itself when the correction is off, as
     # where no field was found
     corrected_input = ensemble.corrected_input and options.attenuation_correction
+    if ensemble.corrected_input and not corrected_input:
+        log.warning("%s: the %s members were trained on attenuation-corrected views; with the correction "
+                    "off they read the view itself", name, meta.channel)
     if options.light_from is not None and (gate is None or not gate.correct_attenuation) and not corrected_input:
         log.warning("%s: light from %s ignored: the %s gate %s no attenuation correction", name,
                     options.light_from, meta.channel, "is off, so" if gate is None else "has")
