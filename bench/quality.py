@@ -42,8 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.io import read_case  # noqa: E402
-from fusecare.normalize import PercentileNorm  # noqa: E402
-from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation  # noqa: E402
+from fusecare.restoration.attenuation import AttenuationField, view_field  # noqa: E402
 from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.training.calibration import (  # noqa: E402
@@ -110,8 +109,7 @@ def named_face(field: AttenuationField) -> str:
 def estimated_face(case: Case) -> str:
     """The face the attenuation estimate names on the case's single view (its input, as inference
     sees it; never its target)."""
-    x = PercentileNorm.fit(case.source).forward(case.source)
-    return named_face(estimate_attenuation(x, case.voxel_size_zyx))
+    return named_face(view_field(case.source, case.voxel_size_zyx))
 
 
 def own_light_loss(files: list[Path]) -> dict[str, dict]:
@@ -121,7 +119,7 @@ def own_light_loss(files: list[Path]) -> dict[str, dict]:
     for file in files:
         case = read_case(file)
         volume = case.volume.astype(np.float32)
-        field = estimate_attenuation(PercentileNorm.fit(volume).forward(volume), case.meta.voxel_size.zyx)
+        field = view_field(volume, case.meta.voxel_size.zyx)
         losses[file.name] = {"named": named_face(field), "rate": field.illumination_rate,
                              "detection": field.detection, "detection_rate": field.detection_rate,
                              "max_gain": field.max_gain}

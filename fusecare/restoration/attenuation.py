@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from fusecare.constants import ILLUMINATION_FACES
+from fusecare.normalize import PercentileNorm
 from fusecare.optics import VoxelSizeZYX, block_mean, path_length_um, resample_linear, smooth_um
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,14 @@ class AttenuationField:
                     f"brightest tenth {self.brightest_gain:.2f}x more than the whole (limit {GUARD_RATIO}): "
                     "a field from the wrong face")
         return f"{estimate}, largest gain {self.max_gain:.2f}"
+
+
+def view_field(view: np.ndarray, voxel_size_zyx: VoxelSizeZYX, norm: PercentileNorm | None = None, *,
+               light_from: str | None = None) -> AttenuationField:
+    """The field of a whole single view as inference estimates it: on the view's challenge
+    normalisation (``norm``, fitted here when not given), read slab by slab."""
+    norm = PercentileNorm.fit(view) if norm is None else norm
+    return estimate_attenuation(view, voxel_size_zyx, norm.forward, light_from=light_from)
 
 
 class CorrectedView:

@@ -49,9 +49,9 @@ class ModelConfig(Config):
     corrected_input: bool = param(
         False, doc="The member reads the normalised view times its attenuation field (estimated once on the "
         "whole view, fusecare.restoration.attenuation), so it spends its capacity on detail, not on undoing "
-        "the dimming the field already undoes. Training and inference both apply the field; the ensemble "
-        "returns such a member's prediction divided by it, in the view's own brightness, so that the gate "
-        "treats every member alike.")
+        "the dimming the field already undoes. Training and inference both apply the field. Before the gate, "
+        "inference divides such members' prediction by the field, so the gate blends in the view's own "
+        "brightness, then puts the field back; ungated, the members' prediction is written as it is.")
 
     def validate(self) -> None:
         if self.kernel_size % 2 == 0:

@@ -42,7 +42,7 @@ from fusecare.io import (
 )
 from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
 from fusecare.profiling import phase
-from fusecare.restoration.attenuation import AttenuationField, CorrectedView, estimate_attenuation
+from fusecare.restoration.attenuation import AttenuationField, CorrectedView, view_field
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import (
     FIELDS,
@@ -714,7 +714,7 @@ def restore_volume(
         gate, corrected_input = (gate.replace(correct_attenuation=False) if gate else None), False
     if (gate is not None and gate.correct_attenuation) or corrected_input:
         with phase("attenuation estimate", volume.size):
-            attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward, light_from=light_from)
+            attenuation = view_field(volume, voxel_size_zyx, norm, light_from=light_from)
         log.log(logging.WARNING if attenuation.rejected else logging.INFO, "%s: attenuation correction: %s%s",
                 name, attenuation.describe(), " (the members read the corrected view)" if corrected_input else "")
         if attenuation.is_identity:  # a field of ones: nothing to interpolate per core
@@ -745,16 +745,17 @@ def restore_volume(
     def sink(region: Region, prediction: np.ndarray, core: Region = WHOLE) -> None:
         nonlocal clipped
         members, field = prediction, None
-        if divide:  # to the view's own brightness, as the gate expects
+        ungated_members = divide and gate is None and len(prediction) == 3  # written as they predicted
+        if divide and not ungated_members:  # to the view's own brightness, as the gate expects
             wide = attenuation.region(covered(region, core, prediction.shape[-3:]))  # type: ignore[union-attr]
             prediction, field = prediction / wide, wide[core]
-        elif len(prediction) == 3:
+        elif len(prediction) == 3 and gate is not None:
             field = field_over(attenuation, region)
         mean, spread = prediction[0], prediction[1]
         if not (np.isfinite(mean).all() and np.isfinite(spread).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if len(prediction) == 3 and gate is None:  # corrected-input members, ungated: as they predicted
-            mean = members[0][core]
+        if ungated_members:
+            mean = mean[core]
         elif len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", mean.size):
                 fields = gate_fields(gate, prediction[2], mean, spread)
@@ -789,16 +790,17 @@ def restore_volume(
         """``sink`` on the device: the same arithmetic, in float32, by the gate's torch twins."""
         nonlocal clipped
         members, field = prediction, None  # fresh arrays from the field: no copy needed to hand them to torch
-        if divide:  # to the view's own brightness, as the gate expects
+        ungated_members = divide and gate is None and len(prediction) == 3  # written as they predicted
+        if divide and not ungated_members:  # to the view's own brightness, as the gate expects
             wide = torch.from_numpy(attenuation.region(  # type: ignore[union-attr]
                 covered(region, core, prediction.shape[-3:]))).to(prediction.device)
             prediction, field = prediction / wide, wide[core]
-        elif len(prediction) == 3 and attenuation is not None:
+        elif len(prediction) == 3 and gate is not None and attenuation is not None:
             field = torch.from_numpy(attenuation.region(region)).to(prediction.device)
         if not bool(torch.isfinite(prediction[:2]).all()):
             raise NonFinitePredictionError("the network produced NaN/Inf")
-        if len(prediction) == 3 and gate is None:  # corrected-input members, ungated: as they predicted
-            mean = members[0][core]
+        if ungated_members:
+            mean = prediction[0][core]
         elif len(prediction) == 3:  # gated (the input mode gives mean and spread only)
             with phase("gate smoothing", prediction[0].numel()):
                 fields = gate_fields_torch(gate, prediction[2], prediction[0], prediction[1])

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from fusecare.config import strict_json
 from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
-from fusecare.restoration.attenuation import CorrectedView, estimate_attenuation
+from fusecare.restoration.attenuation import CorrectedView, estimate_attenuation, view_field
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
@@ -52,8 +52,6 @@ SPREAD_SCALES: tuple[float, ...] = (0.2, 10.0)
 CONSISTENCY_SCALES: tuple[float, ...] = (0.0, 0.05)
 CORRECTIONS: tuple[bool, ...] = (False, True)
 """Without and with the attenuation correction (``GateConfig.correct_attenuation``)."""
-CORRECTING = GateConfig(correct_attenuation=True)
-"""Any gate that corrects attenuation: what asks ``evaluate_candidates`` for a case's field."""
 BLENDS: tuple[float, ...] = (0.5, 1.0)
 """0.5 applies half the gated correction everywhere: a prediction whose mean gain on validation
 is positive but whose worst case is not may be safe half-way (the best public entry weighted its
@@ -156,13 +154,15 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
                          PercentileNorm.fit(case.source).forward(case.source)))
     fields: dict[int, np.ndarray] = {}
 
-    def attenuation(i: int, gate: GateConfig | None, x: np.ndarray) -> np.ndarray | None:
-        """The case's attenuation field, estimated once, for the gates that correct it."""
-        if gate is None or not gate.correct_attenuation:
-            return None
+    def field(i: int, x: np.ndarray) -> np.ndarray:
+        """The case's attenuation field, estimated once."""
         if i not in fields:
             fields[i] = estimate_attenuation(x, cases[i].voxel_size_zyx).region((slice(None),) * 3)
         return fields[i]
+
+    def attenuation(i: int, gate: GateConfig | None, x: np.ndarray) -> np.ndarray | None:
+        """The field for the gates that correct it."""
+        return field(i, x) if gate is not None and gate.correct_attenuation else None
     smoothed: dict[tuple[str, int, float], np.ndarray] = {}
 
     def cached(kind: str, i: int, sigma: float, volume: np.ndarray) -> np.ndarray:
@@ -189,7 +189,7 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
             fallback = cached("input", i, fallback_sigma, x)
             mean = cached("mean", i, prediction_sigma, case.mean)
             if gate is None and corrected_input:
-                mean = mean * attenuation(i, CORRECTING, x)  # type: ignore[operator]
+                mean = mean * field(i, x)
             scores.append(score_gate(case.target, target_norm, ssim_input, fallback, mean,
                                      cached("spread", i, spread_sigma, case.spread), gate,
                                      consistency(i, gate, mean, fallback) if gate else None,
@@ -336,7 +336,7 @@ def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray,
     norm = PercentileNorm.fit(volume)
     source, field = volume, None
     if ensemble.corrected_input:
-        attenuation = estimate_attenuation(volume, voxel_size_zyx, norm.forward)
+        attenuation = view_field(volume, voxel_size_zyx, norm)
         source, field = CorrectedView(volume, attenuation, norm.low), attenuation.region((slice(None),) * 3)
     prediction = predict_normalised(source, ensemble.predict_block, margin=ensemble.margin, norm=norm,
                                     align=ensemble.alignment, device_type=ensemble.device.type)

@@ -20,7 +20,7 @@ from fusecare.constants import NUCLEUS
 from fusecare.errors import InputError
 from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
 from fusecare.normalize import PercentileNorm
-from fusecare.restoration.attenuation import AttenuationField, estimate_attenuation
+from fusecare.restoration.attenuation import view_field
 from fusecare.training.config import TrainConfig
 from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
@@ -50,13 +50,6 @@ class RealPairs:
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return self.patches.sample(rng)
-
-
-def view_field(view: np.ndarray, voxel_size_zyx: tuple[float, float, float]) -> AttenuationField:
-    """The attenuation field of a whole single view, estimated as inference estimates it (on the
-    view's challenge-normalised values): what members with ``ModelConfig.corrected_input`` read
-    their input through."""
-    return estimate_attenuation(view, voxel_size_zyx, PercentileNorm.fit(view).forward)
 
 
 class SimulatedPairs:
@@ -105,7 +98,7 @@ def with_member_input(case: ValidationCase) -> ValidationCase:
     patches carry the field of their whole simulated view, so on a cropped case the two differ
     by what the crop leaves out."""
     norm = PercentileNorm.fit(case.source)
-    field = estimate_attenuation(case.source, case.voxel_size_zyx, norm.forward)
+    field = view_field(case.source, case.voxel_size_zyx, norm)
     return replace(case, member_input=norm.forward(case.source) * field.region((slice(None),) * 3))
 
 

@@ -870,12 +870,12 @@ def test_an_undimmed_view_skips_the_field_and_equals_the_gate_alone(rng, monkeyp
     output is the same gate's without the correction."""
     from fusecare.restoration import attenuation, pipeline
 
-    def no_dimming(volume, voxel_size_zyx, transform=None, light_from=None):
+    def no_dimming(volume, voxel_size_zyx, norm=None, light_from=None):
         return attenuation.AttenuationField(np.ones(volume.shape, np.float32), (1, 1, 1), volume.shape,
                                             "y start", 0.0, "z start", 0.0)
 
     calls = []
-    monkeypatch.setattr(pipeline, "estimate_attenuation", no_dimming)
+    monkeypatch.setattr(pipeline, "view_field", no_dimming)
     monkeypatch.setattr(attenuation.AttenuationField, "region", lambda self, region: calls.append(region))
     volume = rng.integers(2000, 5000, size=(20, 50, 40)).astype(np.uint16)
     corrected = restore_volume(volume, _shifted_with_spread, **TILING, gate=CORRECTING_GATE)
@@ -923,7 +923,7 @@ def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, capl
     def fail(*args, **kwargs):
         raise AssertionError("the field was estimated")
 
-    monkeypatch.setattr(pipeline, "estimate_attenuation", fail)
+    monkeypatch.setattr(pipeline, "view_field", fail)
     clock = FakeClock()
     left = -1.0 if gate_slab is None else 0.5 * pipeline.DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size
     restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE, gate_slab=gate_slab,
