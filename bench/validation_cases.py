@@ -3,7 +3,8 @@
 Training logs only the mean and worst case of its validation (``log.csv``); this scores every
 case of the same validation (``build_data`` of the run's config: content never trained on, but
 used to choose checkpoints) with each checkpoint given, as training scores it (one member
-ungated; members that read the corrected view get each case's ``member_input``).
+ungated; members that read the corrected view get each case's ``member_input``), and through the
+config's ``validation_gate`` when it has one (a second column per checkpoint, ``gated``).
 
     run=train/checkpoints/corrected/membrane
     python bench/validation_cases.py train/configs/corrected_membrane.json $run/member_0/best.pt $run/member_0/last.pt
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from fusecare.restoration.model import CareUNet  # noqa: E402
 from fusecare.scoring.metrics import score_ssim  # noqa: E402
 from fusecare.training.config import TrainConfig  # noqa: E402
-from fusecare.training.loop import _predict_volume  # noqa: E402
+from fusecare.training.loop import _predict_volume, gated_validation_scores  # noqa: E402
 from fusecare.training.sources import build_data  # noqa: E402
 
 
@@ -37,8 +38,12 @@ def case_scores(config: TrainConfig, checkpoints: list[Path]) -> tuple[list[str]
         model = CareUNet(config.model)
         model.load_state_dict(state["model"])
         model.eval()
-        columns[f"{path.parent.name}:{state['step']}"] = [
-            score_ssim(c.target, _predict_volume(model, c, torch.device("cpu")), c.source).n_ssim for c in cases]
+        predictions = [_predict_volume(model, c, torch.device("cpu")) for c in cases]
+        name = f"{path.parent.name}:{state['step']}"
+        columns[name] = [score_ssim(c.target, p, c.source).n_ssim for c, p in zip(cases, predictions)]
+        if config.validation_gate is not None:
+            columns[f"{name} gated"] = gated_validation_scores(cases, predictions, config.validation_gate,
+                                                               config.model.corrected_input)
     return [c.name for c in cases], columns
 
 
@@ -48,10 +53,10 @@ def main() -> None:
     parser.add_argument("checkpoints", type=Path, nargs="+", help="best.pt / last.pt files of that run")
     args = parser.parse_args()
     names, columns = case_scores(TrainConfig.load(args.config), args.checkpoints)
-    print(f"{'case':<70}" + "".join(f"{k:>16}" for k in columns))
+    print(f"{'case':<70}" + "".join(f"{k:>22}" for k in columns))
     for i, name in enumerate(names):
-        print(f"{name[:69]:<70}" + "".join(f"{v[i]:>16.3f}" for v in columns.values()))
-    print(f"{'mean':<70}" + "".join(f"{np.mean(v):>16.3f}" for v in columns.values()))
+        print(f"{name[:69]:<70}" + "".join(f"{v[i]:>22.3f}" for v in columns.values()))
+    print(f"{'mean':<70}" + "".join(f"{np.mean(v):>22.3f}" for v in columns.values()))
 
 
 if __name__ == "__main__":

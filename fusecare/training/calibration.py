@@ -97,6 +97,9 @@ class ValidationPrediction:
     mean: np.ndarray
     spread: np.ndarray
     voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    field: np.ndarray | None = None
+    """The view's attenuation field when the caller has it (else ``evaluate_candidates`` estimates
+    it): members that read the corrected view were divided by this very field."""
 
 
 def score_gate(target: np.ndarray, target_norm: PercentileNorm, ssim_input: float, fallback: np.ndarray,
@@ -155,9 +158,11 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
     fields: dict[int, np.ndarray] = {}
 
     def field(i: int, x: np.ndarray) -> np.ndarray:
-        """The case's attenuation field, estimated once."""
+        """The case's attenuation field: its own, or estimated once."""
         if i not in fields:
-            fields[i] = estimate_attenuation(x, cases[i].voxel_size_zyx).region((slice(None),) * 3)
+            given = cases[i].field
+            fields[i] = (estimate_attenuation(x, cases[i].voxel_size_zyx).region((slice(None),) * 3)
+                         if given is None else given)
         return fields[i]
 
     def attenuation(i: int, gate: GateConfig | None, x: np.ndarray) -> np.ndarray | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fusecare.config import Config, param
 from fusecare.constants import CHANNELS, NUCLEUS
 from fusecare.errors import ConfigError
+from fusecare.restoration.gate import GateConfig
 from fusecare.restoration.model import ModelConfig
 from fusecare.training.pairs import PatchSettings
 from fusecare.training.simulate import SimulatorConfig
@@ -43,6 +44,11 @@ class TrainConfig(Config):
     validation_simulator: SimulatorConfig | None = param(
         None, doc="Simulator of the validation views (null = the training simulator). Keep it the "
         "physical default when training on domain-randomised views.")
+    validation_gate: GateConfig | None = param(
+        None, doc="Safety net each member's validation prediction goes through before it is scored, as "
+        "inference would run it (one member: no spread), so that checkpoints are chosen on what ships "
+        "(null = scored ungated). A net whose raw prediction loses on unseen content may still win "
+        "under the gate (half its correction, say): the ungated score would keep its start.")
     init_weights: str = param("", doc="Weights that start training instead of a random initialisation: "
                               "a member folder (config.json + weights.pt), or an ensemble folder whose "
                               "member_<k> starts member k ('' = random). Not read when resuming.")

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 from fusecare.device import resolve_device
 from fusecare.errors import ConfigError, InputError
 from fusecare.normalize import NORMALISED
+from fusecare.restoration.gate import GateConfig
 from fusecare.restoration.model import CareUNet, ModelConfig
 from fusecare.restoration.tiling import predict_normalised
 from fusecare.scoring.metrics import score_ssim
+from fusecare.training.calibration import ValidationPrediction, evaluate_candidates
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, mean_over_ranks, setup_distributed
 from fusecare.training.losses import training_loss
@@ -87,20 +89,44 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
                      config: TrainConfig, device: torch.device, phantom_share: float | None = None
                      ) -> dict[str, float]:
     """Validation loss and MAE on fixed patches, and N-SSIM per validation volume (also weighed by
-    content, ``validation_score``, with the ``phantom_share`` training draws with)."""
+    content, ``validation_score``, with the ``phantom_share`` training draws with), ungated and,
+    with ``config.validation_gate``, through that gate (``gated_validation_scores``)."""
     model.eval()
     with torch.inference_mode():
         x, y = patches[0].to(device), patches[1].to(device)
         out = model(x)
         result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
                   "val_mae": float((out[:, :1] - y).abs().mean())}
-    scores = [score_ssim(c.target, _predict_volume(model, c, device), c.source).n_ssim for c in cases]
+    predictions = [_predict_volume(model, c, device) for c in cases]
+    scores = [score_ssim(c.target, p, c.source).n_ssim for c, p in zip(cases, predictions)]
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
         if phantom_share is not None:
             result["val_nssim_weighted"] = validation_score(cases, scores, phantom_share)
+        if config.validation_gate is not None:
+            gated = gated_validation_scores(cases, predictions, config.validation_gate, config.model.corrected_input)
+            result.update(val_nssim_gated=validation_score(cases, gated, phantom_share),
+                          val_nssim_gated_min=float(np.min(gated)))
     model.train()
     return result
+
+
+def gated_validation_scores(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray], gate: GateConfig,
+                            corrected_input: bool) -> list[float]:
+    """N-SSIM of one member's whole-volume predictions through ``gate``, with the code calibration
+    scores gates with (``evaluate_candidates``): no spread (one member); a member that reads the
+    corrected view is divided by its case's field first, and the gate puts the field back, as
+    inference does (``restore_volume`` makes such a member's gate correct attenuation)."""
+    if corrected_input:
+        gate = gate.replace(correct_attenuation=True)
+    members = []
+    for case, prediction in zip(cases, predictions):
+        if corrected_input and case.field is None:
+            raise ValueError(f"validation case {case.name}: a corrected-input member needs its field")
+        mean = prediction / case.field if corrected_input else prediction
+        members.append(ValidationPrediction(case.name, case.source, case.target, mean, np.zeros_like(mean),
+                                            case.voxel_size_zyx, case.field))
+    return list(evaluate_candidates(members, [gate], corrected_input=corrected_input)[1].n_ssim)
 
 
 CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"
@@ -114,13 +140,23 @@ class MemberResult:
     seconds: float
 
 
-SCORE_METRICS = ("val_nssim_weighted", "val_nssim_mean", "val_loss")
-"""What the best checkpoint is chosen on, the first a validation has: N-SSIM weighed by content
-(training draws phantoms with a share), the mean N-SSIM, minus the loss (no validation volume)."""
+SCORE_METRICS = ("val_nssim_gated", "val_nssim_weighted", "val_nssim_mean", "val_loss")
+"""What the best checkpoint is chosen on, the first a validation has: N-SSIM through the
+``validation_gate`` (weighed as below when training draws phantoms with a share), N-SSIM weighed by
+content, the mean N-SSIM, minus the loss (no validation volume)."""
 
 
 def _score_metric(metrics: dict[str, Any]) -> str:
     return next(name for name in SCORE_METRICS if name in metrics)
+
+
+def _chosen_metric(config: TrainConfig, has_cases: bool, weighted: bool) -> str:
+    """The ``SCORE_METRICS`` entry this run's validation will log first."""
+    if not has_cases:
+        return "val_loss"
+    if config.validation_gate is not None:
+        return "val_nssim_gated"
+    return "val_nssim_weighted" if weighted else "val_nssim_mean"
 
 
 def _score(metrics: dict[str, float]) -> float:
@@ -145,7 +181,7 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
                                                            patience=config.lr_patience)
     probabilities = source_probabilities(sources, config.phantom_share)
     weighting = config.phantom_share if probabilities is not None else None  # validation weighs as training draws
-    score_metric = SCORE_METRICS[0] if cases and weighting is not None else SCORE_METRICS[1 if cases else 2]
+    score_metric = _chosen_metric(config, bool(cases), weighting is not None)
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
                              probabilities)
     start_step, best_score, best = 0, -np.inf, {}
@@ -270,7 +306,8 @@ def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
     new = not path.is_file()
     fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min",
-              *(["val_nssim_weighted"] if "val_nssim_weighted" in row else [])]
+              *(["val_nssim_weighted"] if "val_nssim_weighted" in row else []),
+              *(["val_nssim_gated", "val_nssim_gated_min"] if "val_nssim_gated" in row else [])]
     if not new:  # a resumed log keeps the columns it was started with
         with path.open(newline="") as f:
             fields = next(csv.reader(f), fields)

@@ -89,17 +89,20 @@ class ValidationCase:
     member_input: np.ndarray | None = None
     """What members with ``ModelConfig.corrected_input`` read: the challenge-normalised ``source``
     times its attenuation field (``with_member_input``); None for members that read the view."""
+    field: np.ndarray | None = None
+    """That attenuation field (``with_member_input``): a gated validation (``TrainConfig.validation_gate``)
+    divides such members' prediction by it before the gate, as inference does."""
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:
-    """``case`` with its ``member_input``: its normalised view times the field estimated on that
+    """``case`` with its ``member_input``, its normalised view times the ``field`` estimated on that
     view, as inference would estimate it given the case (a validation case may be a centre crop,
     ``VALIDATION_CROP``; calibration and the benchmark estimate on the same case). Training
     patches carry the field of their whole simulated view, so on a cropped case the two differ
     by what the crop leaves out."""
     norm = PercentileNorm.fit(case.source)
-    field = view_field(case.source, case.voxel_size_zyx, norm)
-    return replace(case, member_input=norm.forward(case.source) * field.region((slice(None),) * 3))
+    field = view_field(case.source, case.voxel_size_zyx, norm).region((slice(None),) * 3)
+    return replace(case, member_input=norm.forward(case.source) * field, field=field)
 
 
 def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -151,7 +151,8 @@ def test_score_channel_labels_every_row_and_reads_own_loss_of_test_and_train(tmp
 
 def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path):
     """``bench/validation_cases.py``: its per-case scores of a checkpoint average to the mean
-    N-SSIM training logged for that step (the same validation, scored the same way)."""
+    N-SSIM training logged for that step (the same validation, scored the same way), ungated and
+    through the config's ``validation_gate``."""
     import csv
 
     import validation_cases
@@ -162,14 +163,16 @@ def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path
     config = TrainConfig.from_dict({"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16],
                                     "batch_size": 2, "phantoms": 1, "phantom_shape": [12, 32, 32],
                                     "validation_phantoms": 2, "validation_patches": 2, "device": "cpu",
-                                    "steps": 2, "validate_every": 2})
+                                    "steps": 2, "validate_every": 2,
+                                    "validation_gate": {"blend": 0.5, "spread_scale": 10.0}})
     train_member(config, tmp_path / "run", progress=False)
     names, columns = validation_cases.case_scores(config, [tmp_path / "run" / "last.pt"])
-    [(column, scores)] = columns.items()
-    assert column == "run:2" and len(names) == len(scores) == 2
+    assert list(columns) == ["run:2", "run:2 gated"]
+    assert len(names) == len(columns["run:2"]) == len(columns["run:2 gated"]) == 2
     with (tmp_path / "run" / "log.csv").open() as log:
-        logged = {row["step"]: float(row["val_nssim_mean"]) for row in csv.DictReader(log)}
-    assert np.mean(scores) == pytest.approx(logged["2"], abs=1e-6)
+        [logged] = [row for row in csv.DictReader(log) if row["step"] == "2"]
+    assert np.mean(columns["run:2"]) == pytest.approx(float(logged["val_nssim_mean"]), abs=1e-6)
+    assert np.mean(columns["run:2 gated"]) == pytest.approx(float(logged["val_nssim_gated"]), abs=1e-6)
 
 
 def test_field_parts_split_a_light_sheet_loss_from_detection(rng):

@@ -631,6 +631,7 @@ def test_corrected_input_training_reads_each_view_times_its_own_field(tmp_path):
         norm = PercentileNorm.fit(case.source)
         field = estimate_attenuation(case.source, case.voxel_size_zyx, norm.forward).region((slice(None),) * 3)
         np.testing.assert_allclose(case.member_input, norm.forward(case.source) * field, rtol=1e-6)
+        np.testing.assert_allclose(case.field, field, rtol=1e-6)
     _, plain_validation = build_data(tiny())
     assert all(case.member_input is None for case in plain_validation)
     train_ensemble(tiny(steps=1, validate_every=1), runs_dir=tmp_path / "a", weights_dir=tmp_path / "w",
@@ -661,3 +662,58 @@ def test_a_corrected_input_member_is_validated_on_its_member_input():
     with pytest.raises(ValueError, match="needs its member_input"):
         _predict_volume(CareUNet(ModelConfig(first_filters=4, depth=1, corrected_input=True)),
                         ValidationCase("c", source, source), torch.device("cpu"))
+
+
+HALF_BLEND = {"spread_scale": 10.0, "fallback_sigma": 0.0, "prediction_sigma": 0.0, "consistency_scale": 0.0,
+              "blend": 0.5}
+
+
+@pytest.mark.parametrize("corrected", [False, True])
+def test_a_gated_validation_scores_what_the_gate_makes_of_the_prediction(corrected):
+    """``gated_validation_scores`` against the gate's formula: half blend of the normalised view
+    and the prediction, and, for a member that reads the corrected view, of the view and the
+    prediction divided by the case's field, the field multiplied back."""
+    from fusecare.restoration.gate import GateConfig
+    from fusecare.scoring.metrics import score_ssim
+    from fusecare.training.loop import gated_validation_scores
+    from fusecare.training.sources import ValidationCase, with_member_input
+
+    rng = np.random.default_rng(4)
+    target = ndimage.gaussian_filter(rng.random((16, 32, 32)), 2).astype(np.float32) * 1000
+    source = (100 + target * np.exp(-0.05 * np.arange(32))[None, None, :] + 20 * rng.random(target.shape))
+    case = with_member_input(ValidationCase("v.tif view 0", source.astype(np.float32), target))
+    x = PercentileNorm.fit(case.source).forward(case.source)
+    prediction = ndimage.gaussian_filter(case.member_input if corrected else x, 1.0)
+    gate = GateConfig.from_dict(HALF_BLEND | {"correct_attenuation": corrected})
+    expected = (0.5 * x + 0.5 * prediction / case.field) * case.field if corrected else 0.5 * x + 0.5 * prediction
+    [score] = gated_validation_scores([case], [prediction], gate, corrected)
+    assert score == pytest.approx(score_ssim(target, expected, source).n_ssim, abs=1e-5)
+    keep_all = gate.replace(blend=1.0)
+    [kept] = gated_validation_scores([case], [prediction], keep_all, corrected)
+    assert kept == pytest.approx(score_ssim(target, prediction, source).n_ssim, abs=1e-5)
+    if corrected:  # as inference, a member that reads the corrected view always gets the field back
+        uncorrecting = gate.replace(correct_attenuation=False)
+        assert gated_validation_scores([case], [prediction], uncorrecting, True) == pytest.approx([score], abs=1e-6)
+        with pytest.raises(ValueError, match="needs its field"):
+            gated_validation_scores([ValidationCase("c", source, target)], [prediction], gate, True)
+
+
+def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_path):
+    """With ``validation_gate`` the log gains the gated columns and the best checkpoint is the
+    best gated score; a run resumed with a gate does not compare it with its ungated best."""
+    assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1, "val_nssim_weighted": 0.3, "val_nssim_gated": 0.2}) == 0.2
+    gate = HALF_BLEND | {"correct_attenuation": False}
+    config = tiny(steps=4, validate_every=2, learning_rate=3e-3, validation_gate=gate)
+    train_member(config, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    gated = {int(r["step"]): float(r["val_nssim_gated"]) for r in rows}
+    assert set(gated) == {0, 2, 4} and all(np.isfinite(v) for v in gated.values())
+    assert all(float(r["val_nssim_gated_min"]) <= float(r["val_nssim_gated"]) for r in rows)
+    assert any(abs(float(r["val_nssim_gated"]) - float(r["val_nssim_mean"])) > 1e-4 for r in rows)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    best_step = max((2, 4), key=gated.get)  # step 0 is never the best from random weights
+    assert state["score_metric"] == "val_nssim_gated" and state["best_score"] == pytest.approx(gated[best_step])
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == best_step
+    train_member(tiny(steps=2, validate_every=2), tmp_path / "plain", progress=False)
+    train_member(config, tmp_path / "plain", resume=True, progress=False)
+    assert torch.load(tmp_path / "plain" / "best.pt", weights_only=False)["step"] == 4
