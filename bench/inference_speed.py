@@ -127,7 +127,7 @@ def main() -> None:
         voxels = math.prod(args.shape)
         for mode in args.modes.split(","):
             if mode == "whole" and args.device == "cpu":
-                from fusecare.restoration.pipeline import available_memory
+                from fusecare.restoration.planning import available_memory
                 need = voxels * WHOLE_BYTES_PER_VOXEL
                 if need > 0.8 * available_memory():
                     print(f"whole: skipped, needs about {need / 1e9:.0f} GB ({WHOLE_BYTES_PER_VOXEL} B/voxel), "

@@ -39,17 +39,15 @@ from fusecare.constants import MEMBRANE  # noqa: E402
 from fusecare.io import CaseMeta, VoxelSize, write_case  # noqa: E402
 from fusecare.profiling import PhaseTimer  # noqa: E402
 from fusecare.restoration.ensemble import Ensemble  # noqa: E402
-from fusecare.restoration.pipeline import (  # noqa: E402
+from fusecare.restoration.pipeline import EnsembleCache, RestoreOptions, restore_case  # noqa: E402
+from fusecare.restoration.planning import (  # noqa: E402
     MODEL_OVERHEAD_BYTES,
     TARGET_BYTES_PER_VOXEL,
-    EnsembleCache,
-    RestoreOptions,
     TilePlan,
     available_memory,
     computed_voxels,
     default_plan,
     gated_tiling,
-    restore_case,
 )
 from fusecare.restoration.tiling import pad_to_multiple, tile_grid  # noqa: E402
 

@@ -17,7 +17,7 @@ ILLUMINATION_FACES = ("y start", "y end", "x start", "x end")
 DEFAULT_TILE = {"cuda": (96, 256, 256), "cpu": (64, 128, 128)}
 """Tile (Z, Y, X) per device type, the one default (``fusecare predict``, the restoration pipeline
 and training's validation and calibration read it from here). On CPU, cases choose a larger one
-where memory allows (``restoration.pipeline.cpu_tile``: 6 B/voxel + 1.5 GB), this one being the
+where memory allows (``restoration.planning.cpu_tile``: 6 B/voxel + 1.5 GB), this one being the
 smallest. The CUDA one awaits a GPU run (scripts/gpu_check.py, README)."""
 
 DEFAULT_TIME_BUDGET = 480.0

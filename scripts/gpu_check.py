@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fusecare.restoration.ensemble import load_ensemble  # noqa: E402
-from fusecare.restoration.pipeline import Deadline, restore_volume  # noqa: E402
+from fusecare.restoration.pacing import Deadline  # noqa: E402
+from fusecare.restoration.pipeline import restore_volume  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 

@@ -114,8 +114,8 @@ LEVELS: dict[str, str] = {
     # integration: several modules together (a case end to end in memory, training, scoring, export)
     "test_calibration": "integration", "test_pairs": "integration", "test_ensemble": "integration",
     "test_evaluate": "integration", "test_bioimageio": "integration", "test_report": "integration",
-    "test_pipeline": "integration", "test_segment": "integration", "test_training": "integration",
-    "test_benchmarks": "integration",
+    "test_pipeline": "integration", "test_pacing": "integration", "test_segment": "integration",
+    "test_training": "integration", "test_benchmarks": "integration",
 }
 """Test module (file name, unique across folders) -> level; every other module is ``unit`` (one
 module, small arrays, no subprocess). Folders mirror the package (``tests/restoration/`` tests
@@ -142,6 +142,24 @@ def beer_lambert(signal: np.ndarray, axis: int, from_start: bool, rate: float, s
 
     density = ndimage.gaussian_filter((signal > 0).astype(np.float32), 2.0)
     return (signal * np.exp(-rate * path_length_um(density, axis, from_start, step_um))).astype(np.float32)
+
+
+class FakeClock:
+    """Time that passes only when a fake predictor says so: budget tests without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def slow_predictor(clock: FakeClock, seconds: float, offset: float):
+    """A predictor (mean ``x + offset``, spread 0) that advances ``clock`` by ``seconds`` per block."""
+    def predict(x: np.ndarray) -> np.ndarray:
+        clock.now += seconds
+        return np.stack([x + offset, np.zeros_like(x)])
+    return predict
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

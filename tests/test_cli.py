@@ -366,7 +366,7 @@ def test_a_gate_without_prediction_skips_the_network(tmp_path, tiny_weights, cap
     from fusecare.restoration.attenuation import estimate_attenuation
     from fusecare.restoration.ensemble import Ensemble, read_manifest, write_manifest
     from fusecare.restoration.gate import GateConfig, smooth
-    from fusecare.restoration.pipeline import Uint16Map
+    from fusecare.restoration.intensities import Uint16Map
 
     def no_network(*args, **kwargs):
         raise AssertionError("a member ran")

@@ -6,6 +6,10 @@ back unchanged, which scores exactly 0 where a missing output scores worse. Each
 is logged as one ERROR line naming the case and the reason; the folder run goes on. A file
 that cannot be read at all (any exception while opening, parsing or decoding it) gets one
 ``FAILED <file>: <reason>`` line and no output; the run goes on with the next case.
+
+This module runs a case in order and falls back; how a case is tiled within the host's memory
+lives in ``planning``, its time budget in ``pacing``, and the map of intensities to uint16 in
+``intensities``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ import numpy as np
 import torch
 
 from fusecare.config import Config, param
-from fusecare.constants import DEFAULT_TILE, DEFAULT_TIME_BUDGET, ILLUMINATION_FACES, UNCERTAINTY_UNIT
+from fusecare.constants import DEFAULT_TIME_BUDGET, ILLUMINATION_FACES, UNCERTAINTY_UNIT
 from fusecare.device import inference_device, to_device
 from fusecare.errors import FuseCareError, InputError, one_line
 from fusecare.io import (
     CHANNELS,
     MEMBRANE,
-    CaseInfo,
     CaseMeta,
     VoxelSize,
     inspect_case,
@@ -40,28 +43,38 @@ from fusecare.io import (
     stale_partials,
     write_case,
 )
-from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles, z_slabs
+from fusecare.normalize import FMC_PERCENTILES, PercentileNorm, percentiles
 from fusecare.profiling import phase
 from fusecare.restoration.attenuation import AttenuationField, CorrectedView, view_field
 from fusecare.restoration.ensemble import Ensemble, load_ensemble
 from fusecare.restoration.gate import (
-    FIELDS,
     GateConfig,
     gate_fields,
     gate_fields_torch,
     gated_fields,
     gated_fields_torch,
 )
-from fusecare.restoration.tiling import Region, Splitter, axis_tiles, predict_normalised
+from fusecare.restoration.intensities import (
+    UINT16_MAX,
+    Uint16Map,
+    input_as_uint16,
+    replace_non_finite,
+    rescale_float,
+)
+from fusecare.restoration.pacing import Cheaper, Deadline, Mode, Pacer
+from fusecare.restoration.planning import (
+    BLEND_CHUNK_VOXELS,
+    OOM_CORE_FLOOR,
+    available_memory,
+    default_plan,
+    feasible_tile,
+    gated_tiling,
+    required_memory,
+    shrink_core,
+)
+from fusecare.restoration.tiling import Region, Splitter, predict_normalised
 
 log = logging.getLogger(__name__)
-
-UINT16_MAX = 65535
-HEADROOM = 0.25
-"""Fraction of the input's intensity span kept free above and below it in the uint16 output."""
-
-MODEL_OVERHEAD_BYTES = 1_500_000_000
-"""Host memory budgeted for torch, the members and one tile, on top of the per-voxel cost."""
 
 
 class ConstantVolumeError(FuseCareError):
@@ -76,237 +89,7 @@ class InputOnlyGateError(FuseCareError):
     """The ensemble's calibrated gate keeps the input: predicting would change nothing."""
 
 
-# --------------------------------------------------------------------------- intensities
-
-
-@dataclass(frozen=True)
-class Uint16Map:
-    """Affine map from raw intensities to uint16: ``round(gain * v + offset)``, clipped.
-
-    The output keeps the input's own scale when the input's range, widened by ``HEADROOM`` on
-    both sides, fits in uint16; otherwise that widened range is stretched over 0..65535. So a
-    prediction that over- or undershoots the input's range is not clipped, and the scale is
-    positive-affine, to which the challenge's percentile normalisation is blind.
-    """
-
-    gain: float = 1.0
-    offset: float = 0.0
-
-    @classmethod
-    def for_input(cls, low: float, high: float) -> Uint16Map:
-        span = max(high - low, 1e-12)
-        lo, hi = low - HEADROOM * span, high + HEADROOM * span
-        if lo >= 0 and hi <= UINT16_MAX:
-            return cls()
-        gain = UINT16_MAX / (hi - lo)
-        return cls(gain=gain, offset=-lo * gain)
-
-    def apply(self, values: np.ndarray) -> tuple[np.ndarray, int]:
-        """uint16 values and the number of voxels that had to be clipped."""
-        scaled = np.asarray(values, dtype=np.float32)
-        if self.gain != 1.0 or self.offset != 0.0:
-            scaled = scaled * np.float32(self.gain) + np.float32(self.offset)
-        rounded = np.rint(scaled)
-        clipped = int(np.count_nonzero((rounded < 0) | (rounded > UINT16_MAX)))
-        return np.clip(rounded, 0, UINT16_MAX).astype(np.uint16), clipped
-
-    def apply_tensor(self, values: torch.Tensor) -> tuple[np.ndarray, int]:
-        """``apply`` on the tensor's device: only the uint16 result crosses to the host."""
-        scaled = values.float()
-        if self.gain != 1.0 or self.offset != 0.0:
-            scaled = scaled * float(np.float32(self.gain)) + float(np.float32(self.offset))
-        rounded = torch.round(scaled)  # half to even, as np.rint
-        clipped = int(((rounded < 0) | (rounded > UINT16_MAX)).sum())
-        return rounded.clamp_(0, UINT16_MAX).to(torch.uint16).cpu().numpy(), clipped
-
-
-def input_as_uint16(volume: np.ndarray) -> np.ndarray:
-    """The input itself as uint16: unchanged values for uint16 (and any non-negative integer
-    that fits); other dtypes through ``Uint16Map`` (positive-affine, so it scores N-SSIM 0)."""
-    if volume.dtype == np.uint16:
-        return volume
-    low, high = float(volume.min()), float(volume.max())  # finite: replace_non_finite ran first
-    if volume.dtype.kind in "ui" and low >= 0 and high <= UINT16_MAX:
-        return volume.astype(np.uint16)
-    out, _ = Uint16Map.for_input(low, high).apply(volume)
-    return out
-
-
-FLOAT_COMFORT = (1e-6, 1e9, 1e-4)
-"""A float input is used as it is when its span is at least 1e-6, its largest magnitude at most
-1e9 and its span at least 1e-4 of that magnitude; otherwise float32 arithmetic (normalisation,
-the uint16 map) would overflow, underflow or round it to a constant: see ``rescale_float``."""
-
-RESCALED_MAX = 60000.0
-"""``rescale_float`` maps an input's [min, max] onto [0, RESCALED_MAX]."""
-
-
-def rescale_float(volume: np.ndarray, name: str) -> np.ndarray:
-    """A float volume whose values float32 arithmetic cannot handle, rescaled affinely.
-
-    Inputs near 1e300, subnormal ones, or ones spanning 1e-12 came out constant: float32 casts
-    overflow to Inf, ``1 / scale`` overflows, or the span rounds away. The metric normalises
-    every volume by its own percentiles, so a positive-affine map is invisible to it: the
-    [min, max] of such an input is mapped onto [0, ``RESCALED_MAX``] in float64, slab by slab,
-    with one warning. Other volumes (and constant ones) are returned unchanged.
-    """
-    if volume.dtype.kind != "f" or volume.size == 0:
-        return volume
-    low, high = float(volume.min()), float(volume.max())
-    span, magnitude = high - low, max(abs(low), abs(high))
-    min_span, max_magnitude, min_relative = FLOAT_COMFORT
-    if span == 0 or (span >= min_span and magnitude <= max_magnitude and span >= min_relative * magnitude):
-        return volume
-    if not np.isfinite(span):  # e.g. -1e308 .. 1e308: halve first
-        low, high = low / 2, high / 2
-        span = high - low
-        halve = True
-    else:
-        halve = False
-    out = np.empty(volume.shape, dtype=np.float32)
-    plane = int(np.prod(volume.shape[1:])) if volume.ndim > 1 else 1
-    for z0, z1 in z_slabs(volume.shape[0], plane):
-        slab = np.asarray(volume[z0:z1], dtype=np.float64)
-        if halve:
-            slab = slab / 2
-        out[z0:z1] = (slab - low) / span * RESCALED_MAX
-    log.warning("%s: float input spans [%g, %g], beyond what float32 arithmetic keeps: rescaled "
-                "affinely to [0, %g] (the metric's normalisation is blind to it)", name,
-                float(volume.min()), float(volume.max()), RESCALED_MAX)
-    return out
-
-
-def replace_non_finite(volume: np.ndarray, name: str) -> np.ndarray:
-    """NaN and -Inf -> the lowest finite value, +Inf -> the highest; one warning with counts."""
-    if volume.dtype.kind != "f":
-        return volume
-    finite = np.isfinite(volume)
-    bad = finite.size - int(np.count_nonzero(finite))
-    if not bad:
-        return volume
-    if not finite.any():
-        raise InputError(f"{name}: no finite voxel (all NaN/Inf)")
-    low, high = float(volume[finite].min()), float(volume[finite].max())
-    volume = np.array(volume, copy=True)
-    volume[np.isposinf(volume)] = high
-    volume[~np.isfinite(volume)] = low
-    log.warning("%s: %d non-finite voxel(s) (NaN/Inf) replaced by the finite min/max", name, bad)
-    return volume
-
-
 # --------------------------------------------------------------------------- one volume
-
-
-BUDGET_SAFETY = 1.15
-"""Projected seconds for the remaining tiles are multiplied by this before comparing them with
-the time left: tile times vary with content only a little, but a case over budget is lost."""
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """When a case's processing must be done; ``clock`` is injectable so tests need no sleeping."""
-
-    at: float
-    clock: Callable[[], float] = time.monotonic
-
-    @classmethod
-    def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
-        return cls(clock() + seconds, clock)
-
-    def remaining(self) -> float:
-        return self.at - self.clock()
-
-
-@dataclass(frozen=True)
-class Cheaper:
-    """A cheaper way to predict a block (e.g. fewer members), used when the full one will not
-    finish in time; ``relative_cost`` (per tile, against the full mode) projects it before it ran."""
-
-    description: str
-    predict_block: Callable[[np.ndarray], object]
-    relative_cost: float
-
-
-@dataclass
-class _Mode:
-    description: str
-    predict: Callable[[np.ndarray], object]
-    relative_cost: float
-    seconds: list[float] = field(default_factory=list)
-    tiles: int = 0
-
-
-class Pacer:
-    """Predicts each tile in the best mode whose projected time for the remaining tiles fits.
-
-    Modes go from best to cheapest and the last one, the input itself, costs nothing; the pacer
-    only ever steps down. After every tile (the first one included, so before the case really
-    starts) it projects the remaining tiles at the current mode's measured seconds per tile (an
-    unmeasured mode from its ``relative_cost``) times ``BUDGET_SAFETY``, and steps down to the
-    first mode that fits. Each step is one loud line naming the case and why.
-    """
-
-    def __init__(self, modes: list[_Mode], deadline: Deadline | None, name: str) -> None:
-        self.modes, self.deadline, self.name = modes, deadline, name
-        self.level, self.total, self.done = 0, 0, 0
-        self.last: _Mode | None = None
-        """The mode that predicted the latest tile (the level may have stepped down since)."""
-
-    def start(self, tiles: int) -> None:
-        """A (new) pass over ``tiles`` tiles; an out-of-memory retry starts over with a new grid."""
-        self.total, self.done = tiles, 0
-        for mode in self.modes:
-            mode.tiles = 0
-        if self.deadline is not None and self.deadline.remaining() <= 0:
-            self._step(len(self.modes) - 1, "its time budget was spent before the first tile")
-
-    def __call__(self, block: np.ndarray) -> object:
-        mode = self.modes[self.level]
-        clock = self.deadline.clock if self.deadline is not None else time.monotonic
-        begin = clock()
-        out = mode.predict(block)
-        self.last = mode
-        mode.seconds.append(clock() - begin)
-        mode.tiles += 1
-        self.done += 1
-        self._replan()
-        return out
-
-    def _per_tile(self, level: int) -> float:
-        mode = self.modes[level]
-        if mode.seconds:
-            return float(np.mean(mode.seconds))
-        current = self.modes[self.level]
-        reference = float(np.mean(current.seconds)) / max(current.relative_cost, 1e-9)
-        return reference * mode.relative_cost
-
-    def _replan(self) -> None:
-        left = self.total - self.done
-        if self.deadline is None or left <= 0 or self.level == len(self.modes) - 1:
-            return
-        remaining = self.deadline.remaining()
-        projected = self._per_tile(self.level) * left * BUDGET_SAFETY
-        if projected <= remaining:
-            return
-        level = next(k for k in range(self.level + 1, len(self.modes))
-                     if k == len(self.modes) - 1 or self._per_tile(k) * left * BUDGET_SAFETY <= remaining)
-        self._step(level, f"{left} tile(s) left at {self._per_tile(self.level):.2f} s each project "
-                          f"{projected:.0f} s, {max(remaining, 0):.0f} s of its budget left")
-
-    def _step(self, level: int, why: str) -> None:
-        self.level = level
-        left = self.total - self.done
-        if level == len(self.modes) - 1:
-            log.error("case %s over its time budget: %s; the remaining %d of %d tile(s) are written as "
-                      "the input itself", self.name, why, left, self.total)
-        else:
-            log.warning("case %s over its time budget: %s; the remaining %d of %d tile(s) with %s",
-                        self.name, why, left, self.total, self.modes[level].description)
-
-    @property
-    def summary(self) -> dict[str, int]:
-        """Tiles per mode in the last pass (only modes that ran)."""
-        return {m.description: m.tiles for m in self.modes if m.tiles}
 
 
 class RestoreOptions(Config):
@@ -346,246 +129,15 @@ class Restored:
     """Tiles per prediction mode (``Pacer.summary``): more than one entry when the budget bit."""
 
 
-OOM_CORE_FLOOR = 2
-"""On out-of-memory, cores shrink no further than this many margins per axis: a tile then costs
-at most (1 + 2 / OOM_CORE_FLOOR)**3 = 8 times its core instead of the 46 times that halving the
-widened tile gave (issue 15)."""
-
 MAX_OOM_RETRIES = 4
-
-
-def shrink_core(tile: tuple[int, int, int], shape: tuple[int, ...], *, margin: int,
-                align: int) -> tuple[int, int, int]:
-    """The tile after halving the longest core (the tile less its two context margins) that can
-    still shrink, margins kept; the tile itself when every core is at the floor
-    (``OOM_CORE_FLOOR`` margins, at least ``align``).
-
-    Halving the widened tile instead shrinks the core far faster than the tile (the margins stay),
-    and the number of tiles, each paying its margins again, explodes.
-    """
-    floor = max(align, math.ceil(OOM_CORE_FLOOR * margin / align) * align)
-    cores = []
-    for n, t in zip(shape, tile):
-        padded = math.ceil(n / align) * align
-        cores.append(padded if t >= padded else t - 2 * margin)  # one tile: the whole axis is its core
-    for axis in sorted(range(3), key=lambda k: -cores[k]):
-        if cores[axis] <= floor:
-            break
-        core = max(floor, cores[axis] // 2 // align * align)
-        side = math.ceil((core + 2 * margin) / align) * align
-        if side < min(tile[axis], math.ceil(shape[axis] / align) * align):
-            return tuple(side if k == axis else t for k, t in enumerate(tile))  # type: ignore[return-value]
-    return tile
-
-
-def gated_tiling(tile: tuple[int, int, int], margin: int, align: int,
-                 gate: GateConfig | None) -> tuple[tuple[int, int, int], int]:
-    """The tile the network sees and its context margin, once the gate's reach is added.
-
-    The gate's smoothing reaches further than the network: the context widens so that tiles stay
-    exact, and the tiles with it so that their cores keep their size.
-    """
-    if gate is None:
-        return tile, margin
-    extra = math.ceil(gate.radius / align) * align
-    return tuple(t + 2 * extra for t in tile), margin + extra  # type: ignore[return-value]
-
-
-TARGET_BYTES_PER_VOXEL = 6
-"""Peak host memory per case is kept within this many bytes per voxel plus ``MODEL_OVERHEAD_BYTES``
-(issue 13): the input and output hold 4 of them for uint16; the rest is the CPU tile's."""
-
-TILE_BYTES_PER_FILTER = 15
-"""Peak host bytes per voxel of a CPU network tile and per first-level filter (float32): the
-full-resolution skip held for the decoder, one z-slab of the first encoder and of the last decoder
-(``CareUNet._in_slabs``) and oneDNN's buffers; measured 193-228 B/voxel for 16 filters on 64x280x280
-and 64x168x168 tiles (283-311 before the slabs, 464 before the skips were freed early)."""
-
-TILE_BYTES_PIPELINE = 20
-"""Peak host bytes per tile voxel beside the network while it runs: the block, the members' sums
-(the gate's fields come later, on the smaller core plus its reach, after the network's are freed)."""
-
-PROCESS_BYTES = 400_000_000
-"""torch, its libraries and the members: the process before its first tile."""
-
-CPU_TILE_CHOICES = tuple((z, yx, yx) for z in range(64, 321, 16) for yx in range(128, 385, 16))
-"""Tiles ``cpu_tile`` chooses from (before the gate widens them), in steps of 16: a tile whose
-widened depth just covers a case's (no z margins at all) is often the cheapest, and a coarser
-grid misses it (a 200x1024x1024 case computed 5.5x its volume with z in (64, 96, 128, 160),
-3.5x with this grid)."""
-
-
-DEFERRED_GATE_HELD_BYTES = 8
-"""Host bytes per voxel the deferred gate holds while the tiles run: the members' mean and spread
-of the whole volume, float32 (``restore_volume`` with ``gate_slab``)."""
-
-GATE_SLAB_BYTES_PER_VOXEL = (len(FIELDS) + 2) * 4
-"""Peak host bytes per voxel of a z-slab of the deferred gate, read widened by its reach: the
-``gate_fields`` stack (4 bytes per field), the normalised input and the consistency term's
-smoothing; measured (tracemalloc, ``gate_in_z_slabs``) 24.0 on 40x512x512 in one slab, 24.4 in
-slabs of 8 planes (the rest is the blend's chunk, counted in ``BLEND_CHUNK_BYTES``)."""
 
 DEFERRED_GATE_SECONDS_PER_VOXEL = 3e-7
 """Time reserved per voxel for the deferred gate, which runs after the pacer's last decision:
 about twice the 1.4e-7 s measured on the 2-core development CPU (1.3 s for 64x384x384)."""
 
-BLEND_CHUNK_VOXELS = 1 << 20
-"""Voxels per chunk of the deferred gate's blend and uint16 map (``gate_in_z_slabs``)."""
-
-BLEND_CHUNK_BYTES = 40 * BLEND_CHUNK_VOXELS
-"""Host bytes of one chunk's blend and uint16 map beside the slab's fields (their temporaries:
-about 18 bytes per voxel measured, 40 counted)."""
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """How a case is tiled on the host: the core tile and where the gate runs.
-
-    With ``gate_slab`` the network's tiles carry only its own context margin and the gate runs
-    once over the whole volume, in z-slabs of that many planes, after every tile ran: the gate's
-    reach (16 voxels per side for the shipped membrane gate, beside the network's 24) is not
-    recomputed by the network on every tile, at 8 bytes per voxel held for the members' mean and
-    spread. Without it (``None``) each tile is widened by the gate's reach and its core is gated
-    as it comes (``gated_tiling``): what fits when 8 more bytes per voxel do not (large cases),
-    and the device path.
-    """
-
-    tile: tuple[int, int, int]
-    gate_slab: int | None = None
-
-    @property
-    def defers_gate(self) -> bool:
-        return self.gate_slab is not None
-
-
-def feasible_tile(tile: tuple[int, int, int], shape: tuple[int, ...], margin: int,
-                  align: int) -> tuple[int, int, int]:
-    """``tile`` as the tiling can use it: sides rounded up to multiples of ``align`` and, where one
-    tile does not cover the axis, to room for ``margin`` on both sides (a ``--tile`` that cannot be
-    used is rounded up, not failed)."""
-    minimum = 2 * margin + align
-    aligned = [math.ceil(t / align) * align for t in tile]
-    return tuple(t if math.ceil(n / align) * align <= t else max(minimum, t)  # type: ignore[return-value]
-                 for n, t in zip(shape, aligned))  # one tile: no margin needed
-
-
-def computed_voxels(shape: tuple[int, ...], tile: tuple[int, int, int], margin: int,
-                     align: int) -> tuple[int, int] | None:
-    """(voxels the network computes for ``shape``, voxels of one block) with this network tile and
-    margin; ``None`` when the tile leaves no core."""
-    try:
-        per_axis = [axis_tiles(n, t, margin, align) for n, t in zip(shape, tile)]
-    except ValueError:
-        return None
-    block = math.prod(a[0].stop - a[0].start for a in per_axis)
-    return math.prod(len(a) * (a[0].stop - a[0].start) for a in per_axis), block
-
-
-def _tile_budget(shape: tuple[int, ...], held_bytes_per_voxel: float) -> float:
-    """Host bytes left to one network tile (or to one slab of the deferred gate, which runs after
-    the tiles) by the memory rule, once the volume's held arrays and the process are counted."""
-    voxels = math.prod(shape)
-    return (TARGET_BYTES_PER_VOXEL - held_bytes_per_voxel) * voxels + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
-
-
-def _fewest_computed(shape: tuple[int, ...], *, per_voxel: float, budget: float, margin: int, align: int,
-                     gate: GateConfig | None) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
-    """((computed, block voxels), tile) of the candidate tile computing the fewest voxels whose block
-    fits ``budget`` (``gate`` widens the tiles; ``None`` for none); ``None`` when none fits."""
-    best: tuple[tuple[int, int], tuple[int, int, int]] | None = None
-    for tile in (DEFAULT_TILE["cpu"], *CPU_TILE_CHOICES):
-        network_tile, widened = gated_tiling(tile, margin, align, gate)
-        cost = computed_voxels(shape, network_tile, widened, align)
-        if cost is not None and cost[1] * per_voxel <= budget and (best is None or cost < best[0]):
-            best = (cost, tile)
-    return best
-
-
-def _tile_bytes_per_voxel(filters: int) -> float:
-    return TILE_BYTES_PER_FILTER * filters + TILE_BYTES_PIPELINE
-
-
-def cpu_tile(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
-             held_bytes_per_voxel: float) -> tuple[int, int, int]:
-    """The CPU tile that computes the fewest voxels for ``shape`` within the memory rule, the gate
-    run per core (tiles widened by its reach).
-
-    Every tile recomputes its context margins (24 voxels for the network and 16 for the shipped
-    membrane gate, per side), so on CPU, where the network is nearly all of a case's time, the
-    tile decides the speed: the former fixed (64, 128, 128) computed 3.1x a 64x384x384 volume and
-    19x a 309x1920x1920 one (its z core was 16 voxels). The memory rule is peak RSS <=
-    ``TARGET_BYTES_PER_VOXEL`` per voxel + ``MODEL_OVERHEAD_BYTES``: what the volume and its
-    outputs hold (``held_bytes_per_voxel``) and the process itself leave the rest to one tile.
-    ``DEFAULT_TILE['cpu']`` when nothing larger fits; it also wins ties (small volumes).
-    ``cpu_plan`` weighs this against deferring the gate.
-    """
-    best = _fewest_computed(shape, per_voxel=_tile_bytes_per_voxel(filters),
-                            budget=_tile_budget(shape, held_bytes_per_voxel), margin=margin, align=align, gate=gate)
-    return best[1] if best is not None else DEFAULT_TILE["cpu"]
-
-
-def deferred_gate_slab(shape: tuple[int, ...], gate: GateConfig, budget: float) -> int | None:
-    """Planes per z-slab of the deferred gate whose working memory, the slab read widened by the
-    gate's reach (``GateConfig.radius``) on both sides, fits ``budget`` bytes: the whole depth
-    when it fits at once, else the most planes that fit, provided the reach read around them is
-    at most their number (the gate smooths at most twice the volume); ``None`` otherwise."""
-    depth, plane = shape[0], math.prod(shape[1:]) * GATE_SLAB_BYTES_PER_VOXEL
-    budget -= BLEND_CHUNK_BYTES
-    planes = int(budget // plane) if budget > 0 else 0
-    if planes >= depth:
-        return depth
-    slab = planes - 2 * gate.radius
-    return slab if slab >= max(1, 2 * gate.radius) else None
-
-
-def cpu_plan(shape: tuple[int, ...], *, filters: int, margin: int, align: int, gate: GateConfig | None,
-             held_bytes_per_voxel: float, tile: tuple[int, int, int] | None = None) -> TilePlan:
-    """The CPU plan computing the fewest network voxels within the memory rule: the gate per
-    core in tiles widened by its reach (``cpu_tile``), or deferred (``TilePlan.gate_slab``).
-
-    Deferring holds ``DEFERRED_GATE_HELD_BYTES`` more per voxel, so it fits small and mid-sized
-    cases only (a 64x384x384 uint16 case: 1.36x its volume computed instead of 1.56x) and never a
-    309x1920x1920 one (2 bytes per voxel are left to it, 8 needed): those keep the widened tiles.
-    The one-slab gate and the network tile never coexist (the gate runs after the last tile),
-    so each must fit alone in the memory the held arrays leave. With ``tile`` (``--tile``) only
-    where the gate runs is chosen: deferred when its memory fits that tile. Ties (a gate without
-    smoothing, one tile) keep the gate per core, which holds less.
-    """
-    per_voxel = _tile_bytes_per_voxel(filters)
-    widened_tile = tile or cpu_tile(shape, filters=filters, margin=margin, align=align, gate=gate,
-                                    held_bytes_per_voxel=held_bytes_per_voxel)
-    network_tile, widened_margin = gated_tiling(widened_tile, margin, align, gate)
-    widened_cost = computed_voxels(shape, feasible_tile(network_tile, shape, widened_margin, align),
-                                   widened_margin, align)
-    plan = TilePlan(widened_tile)
-    if gate is None:
-        return plan
-    budget = _tile_budget(shape, held_bytes_per_voxel + DEFERRED_GATE_HELD_BYTES)
-    slab = deferred_gate_slab(shape, gate, budget)
-    if slab is None:
-        return plan
-    if tile is None:
-        deferred = _fewest_computed(shape, per_voxel=per_voxel, budget=budget, margin=margin, align=align, gate=None)
-    else:
-        cost = computed_voxels(shape, feasible_tile(tile, shape, margin, align), margin, align)
-        deferred = (cost, tile) if cost is not None and cost[1] * per_voxel <= budget else None
-    if deferred is not None and (widened_cost is None or deferred[0][0] < widened_cost[0]):
-        return TilePlan(deferred[1], gate_slab=slab)
-    return plan
-
 
 WHOLE: Region = (slice(None),) * 3  # type: ignore[assignment]
 """A sink's core when it gets the core itself (no gate, so no widening)."""
-
-
-def default_plan(ensemble: Ensemble, shape: tuple[int, ...], *, gate: GateConfig | None,
-                 held_bytes_per_voxel: float, tile: tuple[int, int, int] | None = None) -> TilePlan:
-    """The plan a case gets: ``cpu_plan`` on CPU (``tile``, from ``--tile``, kept if given); on a
-    device ``tile`` or ``DEFAULT_TILE`` with the gate per core (the deferred gate is host-only)."""
-    if ensemble.device.type != "cpu":
-        return TilePlan(tile or DEFAULT_TILE[ensemble.device.type])
-    return cpu_plan(shape, filters=max(m.config.first_filters for m in ensemble.members), margin=ensemble.margin,
-                    align=ensemble.alignment, gate=gate, held_bytes_per_voxel=held_bytes_per_voxel, tile=tile)
 
 
 def covered(core: Region, core_within: Region, shape: tuple[int, ...]) -> Region:
@@ -837,10 +389,10 @@ def restore_volume(
         layers = no_prediction(block)
         return layers if device is None else to_device(layers, device)
 
-    modes = [_Mode(FULL_MODE, fields(predict_block), 1.0)]
+    modes = [Mode(FULL_MODE, fields(predict_block), 1.0)]
     if cheaper is not None:
-        modes.append(_Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
-    modes.append(_Mode(INPUT_MODE, input_fields, 0.0))
+        modes.append(Mode(cheaper.description, fields(cheaper.predict_block), cheaper.relative_cost))
+    modes.append(Mode(INPUT_MODE, input_fields, 0.0))
     pacer = Pacer(modes, deadline, name)
     feasible = feasible_tile(tile, volume.shape, margin, align)
     if feasible != tile:
@@ -884,43 +436,6 @@ def restore_volume(
 
 
 # --------------------------------------------------------------------------- cases and folders
-
-
-def available_memory() -> int:
-    """Bytes this process may still allocate: MemAvailable, or the cgroup's limit if lower."""
-    available = math.inf
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            available = min(available, int(limit) - current)
-    except (OSError, ValueError):
-        pass
-    return int(available) if math.isfinite(available) else 1 << 62
-
-
-FLOAT_PERCENTILE_BYTES = 17
-"""Bytes per voxel ``normalize.percentiles`` holds for a float volume: a float64 copy, the
-finiteness mask and the float64 copy of the finite voxels (8 + 1 + 8)."""
-
-
-def required_memory(info: CaseInfo, *, with_uncertainty: bool) -> int:
-    """Peak host bytes to restore a case: input + uint16 output (+ uncertainty) + overhead.
-
-    Float inputs also hold a sanitised copy (NaN/Inf replaced), a float32 rescaled copy
-    (``rescale_float``) and the percentiles' float64 working set (``FLOAT_PERCENTILE_BYTES``).
-    """
-    voxels = math.prod(info.shape)
-    per_voxel = info.dtype.itemsize + 2 + (2 if with_uncertainty else 0)
-    if info.dtype.kind == "f":
-        per_voxel += info.dtype.itemsize + 4 + FLOAT_PERCENTILE_BYTES
-    return voxels * per_voxel + MODEL_OVERHEAD_BYTES
 
 
 CaseStatus = Literal["restored", "fallback", "failed"]

@@ -1,4 +1,6 @@
-"""Restoring one volume: intensities back to uint16, gating, non-finite and OOM handling."""
+"""Restoring volumes and cases (``fusecare/restoration/pipeline.py``): the prediction back on the
+input's scale, the gate per core and deferred to z-slabs, the attenuation correction, the device
+path, non-finite predictions and out-of-memory retries, the plan a case gets."""
 
 from __future__ import annotations
 
@@ -9,32 +11,28 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import beer_lambert, blob_specimen
+from conftest import FakeClock, beer_lambert, blob_specimen, slow_predictor
 from scipy import ndimage
 
 from fusecare.constants import UNCERTAINTY_UNIT
-from fusecare.io import CaseInfo, CaseMeta
 from fusecare.normalize import PercentileNorm
 from fusecare.restoration.gate import GateConfig, gate_weight, gated, smooth
+from fusecare.restoration.intensities import HEADROOM, Uint16Map
+from fusecare.restoration.pacing import Deadline
 from fusecare.restoration.pipeline import (
-    BUDGET_SAFETY,
     FULL_MODE,
-    HEADROOM,
     INPUT_MODE,
-    Cheaper,
     ConstantVolumeError,
-    Deadline,
     NonFinitePredictionError,
-    Uint16Map,
-    input_as_uint16,
-    replace_non_finite,
-    required_memory,
     restore_volume,
-    shrink_core,
 )
 from fusecare.restoration.tiling import tile_grid
 
 TILING = {"tile": (16, 32, 32), "margin": 4, "align": 4}
+
+
+def _tiles(volume) -> int:
+    return len(tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"]))
 
 
 def _with_spread(fn, spread=0.0):
@@ -76,14 +74,6 @@ def test_output_range_keeps_headroom_instead_of_clipping(rng):
     # a positive affine image of the prediction: ranks are kept
     corr = np.corrcoef(restored.output.ravel().astype(float), volume.ravel().astype(float))[0, 1]
     assert corr > 0.9999
-
-
-def test_uint16_map_identity_when_room_else_stretch():
-    assert Uint16Map.for_input(1000, 2000) == Uint16Map()
-    stretched = Uint16Map.for_input(0, 60000)
-    low, high = -HEADROOM * 60000, 60000 * (1 + HEADROOM)
-    out, clipped = stretched.apply(np.array([low, high, high * 1.01]))
-    assert out.tolist()[:2] == [0, 65535] and clipped == 1
 
 
 def test_gate_blends_toward_the_input_where_members_disagree(volume):
@@ -153,41 +143,6 @@ def test_out_of_memory_at_the_floor_raises(volume):
         restore_volume(volume, predict, tile=(16, 48, 48), margin=4, align=4, max_oom_retries=50)
     assert len(calls) <= 6  # cores of 8 per axis reached in a few halvings, then it stops
     assert all(c >= 8 for shape in calls for c, n in zip(_cores(shape, volume.shape), volume.shape) if c < n)
-
-
-def test_shrink_core_bounds_the_overhead_of_the_shipped_tile():
-    tile, shape, margin = (112, 272, 272), (309, 1920, 1920), 28
-    seen = [tile]
-    while (smaller := shrink_core(seen[-1], shape, margin=margin, align=4)) != seen[-1]:
-        seen.append(smaller)
-    assert seen[1] == (112, 164, 272) and seen[-1] == (112, 112, 112)
-    assert all(t - 2 * margin >= 2 * margin for t in seen[-1])  # at most 8x the core computed
-    # z is one tile of 16: not split
-    assert shrink_core((16, 256, 256), (16, 300, 300), margin=4, align=4) == (16, 132, 256)
-
-
-def test_input_as_uint16_keeps_values_or_maps_positively(rng):
-    u16 = rng.integers(0, 65535, size=(3, 8, 8)).astype(np.uint16)
-    assert input_as_uint16(u16) is u16
-    u8 = rng.integers(0, 255, size=(3, 8, 8)).astype(np.uint8)
-    np.testing.assert_array_equal(input_as_uint16(u8), u8)
-    f32 = rng.normal(size=(3, 8, 8)).astype(np.float32)
-    mapped = input_as_uint16(f32)
-    assert mapped.dtype == np.uint16
-    assert np.corrcoef(mapped.ravel(), f32.ravel())[0, 1] > 0.9999
-
-
-def test_non_finite_voxels_are_replaced_with_finite_extremes(caplog):
-    volume = np.array([[[1.0, np.nan, np.inf, -np.inf, 3.0]]], dtype=np.float32)
-    fixed = replace_non_finite(volume, "x.tif")
-    np.testing.assert_array_equal(fixed, [[[1.0, 1.0, 3.0, 1.0, 3.0]]])
-    assert "3 non-finite voxel(s)" in caplog.text
-
-
-def test_required_memory_counts_input_output_and_uncertainty():
-    info = CaseInfo(path=None, shape=(10, 100, 100), dtype=np.dtype(np.uint16), meta=CaseMeta())  # type: ignore[arg-type]
-    base = required_memory(info, with_uncertainty=False)
-    assert required_memory(info, with_uncertainty=True) - base == 2 * 100_000
 
 
 @pytest.mark.parametrize("sigmas", [{"spread_sigma": 2.0}, {"fallback_sigma": 0.8}, {"prediction_sigma": 1.0},
@@ -318,111 +273,6 @@ def test_auto_device_picks_its_default_tile(tmp_path, rng, tiny_weights, monkeyp
     assert DEFAULT_TILE["cuda"] != DEFAULT_TILE["cpu"]
 
 
-def test_memory_budget_of_float32_inputs_covers_the_float_percentiles(tmp_path):
-    """Float percentiles hold a float64 copy, a mask and the finite values: 17 B/voxel more."""
-    from fusecare.restoration.pipeline import MODEL_OVERHEAD_BYTES
-
-    info = CaseInfo(path=tmp_path / "f.tif", shape=(10, 100, 100), dtype=np.dtype(np.float32), meta=CaseMeta())
-    per_voxel = (required_memory(info, with_uncertainty=False) - MODEL_OVERHEAD_BYTES) / 100_000
-    assert per_voxel >= 4 + 2 + 4 + 17
-
-
-@pytest.mark.parametrize(("scale", "offset", "dtype"), [(1e300, 0.0, np.float64), (1e-42, 0.0, np.float32),
-                                                         (1e-12, 0.0, np.float64), (1e-9, 1.0, np.float64),
-                                                         (1e308, -1e308, np.float64)])
-def test_rescale_float_keeps_the_structure_of_extreme_float_inputs(rng, scale, offset, dtype):
-    from fusecare.restoration.pipeline import rescale_float
-
-    base = rng.random((4, 16, 16))
-    volume = (base * scale + offset).astype(dtype)
-    out = rescale_float(volume, "x.tif")
-    assert out.dtype == np.float32 and np.isfinite(out).all()
-    assert np.corrcoef(out.ravel(), base.ravel())[0, 1] > 0.99
-    assert len(np.unique(input_as_uint16(out))) > 500
-
-
-def test_rescale_float_leaves_ordinary_volumes_alone(volume):
-    from fusecare.restoration.pipeline import rescale_float
-
-    floats = volume.astype(np.float32)
-    assert rescale_float(floats, "x") is floats
-    assert rescale_float(volume, "x") is volume
-
-
-# --------------------------------------------------------------------------- the time budget
-
-
-class FakeClock:
-    """Time that passes only when a fake predictor says so: budget tests without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _slow(clock: FakeClock, seconds: float, offset: float):
-    def predict(x: np.ndarray) -> np.ndarray:
-        clock.now += seconds
-        return np.stack([x + offset, np.zeros_like(x)])
-    return predict
-
-
-def _tiles(volume) -> int:
-    return len(tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"]))
-
-
-def test_budget_finishes_in_the_cheaper_mode_within_the_deadline(volume, caplog):
-    clock = FakeClock()
-    n = _tiles(volume)
-    assert n >= 4
-    # all members cannot finish, half of them can
-    deadline = Deadline.after(10.0 * 2 + 5.0 * (n - 2) * BUDGET_SAFETY + 1, clock)
-    cheaper = Cheaper("1 of 2 members", _slow(clock, 5.0, 0.1), 0.5)
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
-                              name="slow.tif")
-    assert clock.now <= deadline.at
-    assert restored.modes == {FULL_MODE: 1, "1 of 2 members": n - 1}  # projected after the first tile
-    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "case slow.tif over its time budget" in line and "1 of 2 members" in line
-    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
-
-
-def test_budget_writes_the_input_for_tiles_that_cannot_fit(volume, caplog):
-    clock = FakeClock()
-    n = _tiles(volume)
-    deadline = Deadline.after(25.0, clock)  # 2 tiles of 10 s, then nothing fits, not even the cheaper mode
-    cheaper = Cheaper("fewer members", _slow(clock, 5.0, 0.1), 0.5)
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, cheaper=cheaper,
-                              name="slow.tif")
-    assert clock.now <= deadline.at
-    assert restored.modes == {FULL_MODE: 1, INPUT_MODE: n - 1}
-    changed = restored.output != volume
-    assert changed.any() and not changed.all()  # the first core restored, the rest is the input itself
-    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert "case slow.tif over its time budget" in line and f"remaining {n - 1} of {n} tile(s)" in line
-
-
-@pytest.mark.parametrize("gate", [None, GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.5)])
-def test_budget_spent_before_the_first_tile_gives_the_input_itself(volume, caplog, gate):
-    clock = FakeClock()
-    deadline = Deadline.after(-1.0, clock)
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, deadline=deadline, gate=gate,
-                              with_uncertainty=True)
-    np.testing.assert_array_equal(restored.output, volume)
-    assert not restored.uncertainty.any() and list(restored.modes) == [INPUT_MODE]
-    assert clock.now == 1000.0 and "before the first tile" in caplog.text
-
-
-def test_within_budget_nothing_changes(volume, caplog):
-    clock = FakeClock()
-    plain = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING)
-    timed = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, deadline=Deadline.after(1e6, clock))
-    np.testing.assert_array_equal(plain.output, timed.output)
-    assert timed.modes == {FULL_MODE: _tiles(volume)} and not caplog.records
-
-
 # --------------------------------------------------------------------------- the gate on the device
 
 
@@ -488,46 +338,6 @@ def test_a_cuda_ensemble_gates_on_its_device(tmp_path, rng, monkeypatch, request
     assert host.status == device.status == "restored" and calls
     a, b = (tifffile.imread(tmp_path / d / "a.tif").astype(np.int64) for d in ("host", "device"))
     assert np.abs(a - b).max() <= 1
-
-
-def test_cpu_tile_computes_fewer_voxels_within_the_memory_rule():
-    """A large case gets a larger CPU tile (the margins are recomputed less often) whose block fits
-    the memory left by the 6 B/voxel + 1.5 GB rule; a small case keeps the default tile."""
-    from fusecare.constants import DEFAULT_TILE
-    from fusecare.restoration.pipeline import (
-        MODEL_OVERHEAD_BYTES,
-        PROCESS_BYTES,
-        TILE_BYTES_PER_FILTER,
-        TILE_BYTES_PIPELINE,
-        cpu_tile,
-        gated_tiling,
-    )
-
-    gate = GateConfig(spread_sigma=2.0, prediction_sigma=0.5, consistency_scale=0.02)
-    kwargs = dict(filters=16, margin=24, align=4, gate=gate, held_bytes_per_voxel=4)
-    assert cpu_tile((8, 32, 32), **kwargs) == DEFAULT_TILE["cpu"]
-    shape = (309, 1920, 1920)
-    tile = cpu_tile(shape, **kwargs)
-    network_tile, margin = gated_tiling(tile, 24, 4, gate)
-    default_tile, _ = gated_tiling(DEFAULT_TILE["cpu"], 24, 4, gate)
-
-    assert np.prod(network_tile) > np.prod(default_tile)
-    budget = 2 * np.prod(shape) + MODEL_OVERHEAD_BYTES - PROCESS_BYTES
-    assert np.prod(network_tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
-    assert len(tile_grid(shape, network_tile, (margin,) * 3, 4)) < len(tile_grid(shape, default_tile, (margin,) * 3, 4))
-
-
-def test_cpu_tile_finds_the_tile_whose_depth_covers_the_case():
-    """No z margins at all is often cheapest: a 200x1024x1024 case gets a tile whose widened depth
-    covers its 200 planes (3.5x the volume computed, where z tiles of 64-160 planes computed 5.5x)."""
-    from fusecare.restoration.pipeline import computed_voxels, cpu_tile, gated_tiling
-
-    gate = GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0)
-    shape = (200, 1024, 1024)
-    tile = cpu_tile(shape, filters=16, margin=24, align=4, gate=gate, held_bytes_per_voxel=4)
-    network_tile, margin = gated_tiling(tile, 24, 4, gate)
-    assert network_tile[0] >= 200
-    assert computed_voxels(shape, network_tile, margin, 4)[0] / np.prod(shape) < 3.6
 
 
 def test_fp16_is_the_default_and_no_fp16_turns_it_off(tmp_path, rng, monkeypatch):
@@ -652,8 +462,8 @@ def test_deferred_gate_keeps_input_mode_cores_the_input_itself(volume, monkeypat
     deadline = Deadline.after(25.0, clock)  # one tile of 10 s, then the input itself
     gate = GateConfig(spread_scale=0.1, spread_sigma=1.0, fallback_sigma=0.8, consistency_scale=0.05,
                       consistency_sigma=1.0)
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=gate, gate_slab=3, deadline=deadline,
-                              with_uncertainty=True)
+    restored = restore_volume(volume, slow_predictor(clock, 10.0, 0.2), **TILING, gate=gate, gate_slab=3,
+                              deadline=deadline, with_uncertainty=True)
     n = _tiles(volume)
     assert restored.modes == {FULL_MODE: 1, INPUT_MODE: n - 1}
     first = tile_grid(volume.shape, TILING["tile"], (TILING["margin"],) * 3, TILING["align"])[0].core
@@ -672,7 +482,7 @@ def test_deferred_gate_time_is_reserved_from_the_budget_and_not_spent_on_input_o
 
     clock = FakeClock()
     monkeypatch.setattr(pipeline, "DEFERRED_GATE_SECONDS_PER_VOXEL", 1e3 / volume.size)  # 1000 s reserved
-    per_core = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE,
+    per_core = restore_volume(volume, slow_predictor(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE,
                               deadline=Deadline.after(500.0, clock))
     assert set(per_core.modes) == {FULL_MODE}  # 500 s is plenty for the tiles alone
 
@@ -680,7 +490,7 @@ def test_deferred_gate_time_is_reserved_from_the_budget_and_not_spent_on_input_o
         raise AssertionError("the gate smoothed a volume that is the input everywhere")
 
     monkeypatch.setattr(pipeline, "gate_in_z_slabs", no_gate)
-    deferred = restore_volume(volume, _slow(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE, gate_slab=4,
+    deferred = restore_volume(volume, slow_predictor(clock, 1.0, 0.2), **TILING, gate=SMOOTHING_GATE, gate_slab=4,
                               deadline=Deadline.after(500.0, clock))
     assert deferred.modes == {INPUT_MODE: _tiles(volume)}  # 500 - 1000 s left for the tiles: none
     np.testing.assert_array_equal(deferred.output, volume)
@@ -696,76 +506,6 @@ def test_deferred_gate_refuses_non_finite_predictions(volume):
 def test_deferred_gate_is_host_only(volume):
     with pytest.raises(ValueError, match="host only"):
         restore_volume(volume, _members_torch, **TILING, gate=SMOOTHING_GATE, gate_slab=4, device=torch.device("cpu"))
-
-
-def test_cpu_plan_defers_the_gate_where_its_memory_fits():
-    """A 64x384x384 uint16 case holds 8 more bytes per voxel and computes 1.36x its volume instead
-    of 1.56x (the shipped gate reaches 16 voxels); a 309x1920x1920 case has 2 bytes per voxel
-    left, not 8, and keeps the widened tiles (the tile ``cpu_tile`` gives); so does a gate that
-    does not smooth (nothing to save)."""
-    from fusecare.restoration.pipeline import (
-        BLEND_CHUNK_BYTES,
-        DEFERRED_GATE_HELD_BYTES,
-        GATE_SLAB_BYTES_PER_VOXEL,
-        MODEL_OVERHEAD_BYTES,
-        PROCESS_BYTES,
-        TARGET_BYTES_PER_VOXEL,
-        TILE_BYTES_PER_FILTER,
-        TILE_BYTES_PIPELINE,
-        cpu_plan,
-        cpu_tile,
-        gated_tiling,
-    )
-
-    gate = GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0)  # the shipped membrane gate
-    kwargs = dict(filters=16, margin=24, align=4, gate=gate, held_bytes_per_voxel=4)
-
-    def computed(shape, tile, margin):
-        return sum(np.prod([s.stop - s.start for s in t.read]) for t in tile_grid(shape, tile, (margin,) * 3, 4))
-
-    shape = (64, 384, 384)
-    plan = cpu_plan(shape, **kwargs)
-    assert plan.defers_gate and plan.gate_slab == 64
-    widened_tile = cpu_tile(shape, **kwargs)
-    widened = computed(shape, *gated_tiling(widened_tile, 24, 4, gate))
-    assert computed(shape, plan.tile, 24) / np.prod(shape) == pytest.approx((448 / 384) ** 2)  # 1.36
-    assert widened / np.prod(shape) == pytest.approx(1.5625)
-    budget = ((TARGET_BYTES_PER_VOXEL - 4 - DEFERRED_GATE_HELD_BYTES) * np.prod(shape) + MODEL_OVERHEAD_BYTES
-              - PROCESS_BYTES)
-    assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
-
-    deeper = (400, 384, 384)  # the whole depth does not fit one slab: the most planes that do, less the reach
-    plan = cpu_plan(deeper, **kwargs)
-    budget = ((TARGET_BYTES_PER_VOXEL - 4 - DEFERRED_GATE_HELD_BYTES) * np.prod(deeper) + MODEL_OVERHEAD_BYTES
-              - PROCESS_BYTES)
-    assert plan.gate_slab == (budget - BLEND_CHUNK_BYTES) // (384 * 384 * GATE_SLAB_BYTES_PER_VOXEL) - 2 * gate.radius
-    assert np.prod(plan.tile) * (16 * TILE_BYTES_PER_FILTER + TILE_BYTES_PIPELINE) <= budget
-
-    big = (309, 1920, 1920)
-    assert cpu_plan(big, **kwargs) == type(plan)(cpu_tile(big, **kwargs))
-    no_smoothing = dict(kwargs, gate=GateConfig())
-    assert not cpu_plan(shape, **no_smoothing).defers_gate
-    assert not cpu_plan(shape, **dict(kwargs, gate=None)).defers_gate
-    # an explicit tile is kept; only where the gate runs is chosen
-    assert cpu_plan(shape, **kwargs, tile=(64, 192, 192)) == type(plan)((64, 192, 192), gate_slab=64)
-    assert not cpu_plan(big, **kwargs, tile=(64, 128, 128)).defers_gate
-
-
-def test_deferred_gate_slab_fits_its_budget():
-    """The whole depth when it fits at once; else the most planes whose slab, read with the gate's
-    reach on both sides, fits; none when the reach would be more than the planes it serves."""
-    from fusecare.restoration.pipeline import BLEND_CHUNK_BYTES, GATE_SLAB_BYTES_PER_VOXEL, deferred_gate_slab
-
-    gate = GateConfig(spread_sigma=2.0)  # radius 8
-    shape = (100, 10, 10)
-    plane = 100 * GATE_SLAB_BYTES_PER_VOXEL
-    assert gate.radius == 8
-    assert deferred_gate_slab(shape, gate, 100 * plane + BLEND_CHUNK_BYTES) == 100
-    assert deferred_gate_slab(shape, gate, 100 * plane) is None  # the blend's chunk counted too
-    assert deferred_gate_slab(shape, gate, 60 * plane + BLEND_CHUNK_BYTES) == 44
-    assert deferred_gate_slab(shape, gate, 32 * plane + BLEND_CHUNK_BYTES) == 16
-    assert deferred_gate_slab(shape, gate, 31 * plane + BLEND_CHUNK_BYTES) is None
-    assert deferred_gate_slab(shape, gate, -1.0) is None
 
 
 def test_gate_radius_covers_each_kernel_as_scipy_truncates_it():
@@ -892,7 +632,7 @@ def test_cores_written_as_the_input_stay_the_input_under_the_attenuation_correct
     volume = _dimmed_volume(rng)
     clock = FakeClock()
     gate = GateConfig(spread_scale=0.2, blend=0.5, spread_sigma=1.0, correct_attenuation=True)  # short reach
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, gate=gate, gate_slab=gate_slab,
+    restored = restore_volume(volume, slow_predictor(clock, 10.0, 0.0), **TILING, gate=gate, gate_slab=gate_slab,
                               deadline=Deadline.after(25.0, clock), voxel_size_zyx=(1.0, 0.5, 0.5))
     _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate, deferred=gate_slab is not None)
 
@@ -900,7 +640,7 @@ def test_cores_written_as_the_input_stay_the_input_under_the_attenuation_correct
 def _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate, *, deferred=False):
     """The time budget let only the first tile run: every other core is the input (through the
     normalisation's round trip), the first core's specimen voxels are not."""
-    from fusecare.restoration.pipeline import gated_tiling
+    from fusecare.restoration.planning import gated_tiling
 
     tile, margin = (TILING["tile"], TILING["margin"]) if deferred else gated_tiling(
         TILING["tile"], TILING["margin"], TILING["align"], gate)
@@ -926,8 +666,8 @@ def test_a_spent_budget_skips_the_attenuation_estimate(volume, monkeypatch, capl
     monkeypatch.setattr(pipeline, "view_field", fail)
     clock = FakeClock()
     left = -1.0 if gate_slab is None else 0.5 * pipeline.DEFERRED_GATE_SECONDS_PER_VOXEL * volume.size
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE, gate_slab=gate_slab,
-                              deadline=Deadline.after(left, clock))
+    restored = restore_volume(volume, slow_predictor(clock, 10.0, 0.2), **TILING, gate=CORRECTING_GATE,
+                              gate_slab=gate_slab, deadline=Deadline.after(left, clock))
     np.testing.assert_array_equal(restored.output, volume)
     assert "before the attenuation estimate" in caplog.text
 
@@ -1005,6 +745,6 @@ def test_corrected_input_cores_written_as_the_input_stay_the_input(rng, gate):
     while the predicted core (an identity member, which reads the corrected view) is corrected."""
     volume = _dimmed_volume(rng)
     clock = FakeClock()
-    restored = restore_volume(volume, _slow(clock, 10.0, 0.0), **TILING, deadline=Deadline.after(25.0, clock),
+    restored = restore_volume(volume, slow_predictor(clock, 10.0, 0.0), **TILING, deadline=Deadline.after(25.0, clock),
                               voxel_size_zyx=(1.0, 0.5, 0.5), corrected_input=True, gate=gate)
     _assert_first_core_predicted_and_the_rest_the_input(volume, restored, gate)

@@ -200,7 +200,8 @@ def test_calibration_predicts_a_corrected_input_ensemble_as_inference_does(tmp_p
     from fusecare.restoration.attenuation import estimate_attenuation
     from fusecare.restoration.ensemble import load_ensemble
     from fusecare.restoration.gate import gate_fields, gated_fields
-    from fusecare.restoration.pipeline import Uint16Map, restore_volume
+    from fusecare.restoration.intensities import Uint16Map
+    from fusecare.restoration.pipeline import restore_volume
     from fusecare.training.calibration import predict_ensemble_volume
 
     voxel = (1.0, 0.5, 0.5)
