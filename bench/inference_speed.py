@@ -29,12 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from profile_inference import (  # noqa: E402
-    TARGET_BYTES_PER_VOXEL,
-    TARGET_OVERHEAD,
-    parse_shape,
-    peak_rss,
-)
+from profile_inference import parse_shape, peak_rss  # noqa: E402
+
+from fusecare.restoration.planning import MODEL_OVERHEAD_BYTES, TARGET_BYTES_PER_VOXEL  # noqa: E402
 
 WHOLE_BYTES_PER_VOXEL = 1100  # measured order of magnitude for the default net on CPU
 
@@ -95,7 +92,7 @@ def worker(args: argparse.Namespace) -> dict:
         "voxels_per_s_per_member": voxels * members / seconds,
         "peak_rss_gb": peak / 1e9, "bytes_per_voxel": peak / voxels,
         "rss_before_predict_gb": baseline / 1e9,
-        "target_ok": peak <= TARGET_BYTES_PER_VOXEL * voxels + TARGET_OVERHEAD if args.worker == "tiled" else None,
+        "target_ok": peak <= TARGET_BYTES_PER_VOXEL * voxels + MODEL_OVERHEAD_BYTES if args.worker == "tiled" else None,
     }
 
 

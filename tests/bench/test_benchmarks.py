@@ -190,3 +190,12 @@ def test_field_parts_split_a_light_sheet_loss_from_detection(rng):
     assert scores["x the light-sheet part"] > scores["alone"] + 0.1
     assert abs(scores["x the light-sheet part"] - scores["x the full field"]) < 0.05
     assert abs(scores["x the detection (Z) part"] - scores["alone"]) < 0.05
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "bench").glob("*.py")))
+def test_every_benchmark_script_imports(script):
+    """A benchmark whose imports broke (a name moved or removed in the package) fails here, not
+    when someone next runs it."""
+    import importlib
+
+    importlib.import_module(script)
