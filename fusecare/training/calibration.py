@@ -2,7 +2,8 @@
 
 A few candidates (the input itself, the Gaussian-smoothed input, and a small grid over how much
 the gate trusts disagreeing members and region-wide intensity shifts), each without and with the
-attenuation correction (the field is estimated once per case, ``estimate_attenuation``), are
+attenuation correction (the field is estimated once per case, ``estimate_attenuation``, unless
+the case brings its own, ``ValidationPrediction.field``), are
 scored on every validation case. Two choice rules pick one of them: ``SAFE`` (among the candidates whose worst
 case is not below 0, the best mean N-SSIM; when none is safe, the best worst case) and ``MEAN``
 (the best mean). ``SAFE`` lets a single validation case veto every candidate that trusts the
@@ -146,7 +147,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
     spread and the input (and each consistency map) are computed once, not once per candidate,
     with the functions inference uses (``fusecare.restoration.gate``). ``progress`` shows a bar over the
     candidates. ``corrected_input``: the members read the corrected view and their mean was
-    divided by the field (``predict_ensemble_volume``); ungated, inference writes the mean as they
+    divided by the field (``predict_ensemble_volume``, or training's gated validation with the
+    case's ``ValidationPrediction.field``); ungated, inference writes the mean as they
     predicted it, the field multiplied back, and so is it scored.
     """
     candidates = default_candidates() if candidates is None else candidates

@@ -48,7 +48,9 @@ class TrainConfig(Config):
         None, doc="Safety net each member's validation prediction goes through before it is scored, as "
         "inference would run it (one member: no spread), so that checkpoints are chosen on what ships "
         "(null = scored ungated). A net whose raw prediction loses on unseen content may still win "
-        "under the gate (half its correction, say): the ungated score would keep its start.")
+        "under the gate (half its correction, say): the ungated score would keep its start. Its spread "
+        "terms do nothing here (one member), and members that read the corrected view always get the "
+        "field back, as at inference. It must use the prediction (blend > 0).")
     init_weights: str = param("", doc="Weights that start training instead of a random initialisation: "
                               "a member folder (config.json + weights.pt), or an ensemble folder whose "
                               "member_<k> starts member k ('' = random). Not read when resuming.")
@@ -96,6 +98,9 @@ class TrainConfig(Config):
             raise ConfigError("no training data: set fmc_dir, clean_dir, clean_files or phantoms")
         if self.loss == "laplace" and not self.model.probabilistic:
             raise ConfigError("loss 'laplace' needs model.probabilistic = true")
+        if self.validation_gate is not None and not self.validation_gate.needs_prediction:
+            raise ConfigError("config field 'validation_gate' ignores the prediction (blend 0): every checkpoint "
+                              "would score the same; set a blend above 0 or leave it null")
         if self.init_zero_head and not self.init_weights:
             raise ConfigError("config field 'init_zero_head' zeroes the head of init_weights: set init_weights")
         align = self.model.alignment

@@ -90,23 +90,28 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
                      ) -> dict[str, float]:
     """Validation loss and MAE on fixed patches, and N-SSIM per validation volume (also weighed by
     content, ``validation_score``, with the ``phantom_share`` training draws with), ungated and,
-    with ``config.validation_gate``, through that gate (``gated_validation_scores``)."""
+    with ``config.validation_gate``, through that gate (``gated_validation_scores``; its mean
+    ``val_nssim_gated`` is weighed by content as ``val_nssim_weighted`` is, when there is a share)."""
     model.eval()
     with torch.inference_mode():
         x, y = patches[0].to(device), patches[1].to(device)
         out = model(x)
         result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
                   "val_mae": float((out[:, :1] - y).abs().mean())}
-    predictions = [_predict_volume(model, c, device) for c in cases]
-    scores = [score_ssim(c.target, p, c.source).n_ssim for c, p in zip(cases, predictions)]
+    scores, gated = [], []
+    for case in cases:  # one whole-volume prediction held at a time
+        prediction = _predict_volume(model, case, device)
+        scores.append(score_ssim(case.target, prediction, case.source).n_ssim)
+        if config.validation_gate is not None:
+            gated += gated_validation_scores([case], [prediction], config.validation_gate,
+                                             config.model.corrected_input)
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
         if phantom_share is not None:
             result["val_nssim_weighted"] = validation_score(cases, scores, phantom_share)
-        if config.validation_gate is not None:
-            gated = gated_validation_scores(cases, predictions, config.validation_gate, config.model.corrected_input)
-            result.update(val_nssim_gated=validation_score(cases, gated, phantom_share),
-                          val_nssim_gated_min=float(np.min(gated)))
+    if gated:
+        result.update(val_nssim_gated=validation_score(cases, gated, phantom_share),
+                      val_nssim_gated_min=float(np.min(gated)))
     model.train()
     return result
 
@@ -126,7 +131,7 @@ def gated_validation_scores(cases: Sequence[ValidationCase], predictions: Sequen
         mean = prediction / case.field if corrected_input else prediction
         members.append(ValidationPrediction(case.name, case.source, case.target, mean, np.zeros_like(mean),
                                             case.voxel_size_zyx, case.field))
-    return list(evaluate_candidates(members, [gate], corrected_input=corrected_input)[1].n_ssim)
+    return list(evaluate_candidates(members, [gate], corrected_input=corrected_input)[-1].n_ssim)
 
 
 CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"
@@ -151,12 +156,18 @@ def _score_metric(metrics: dict[str, Any]) -> str:
 
 
 def _chosen_metric(config: TrainConfig, has_cases: bool, weighted: bool) -> str:
-    """The ``SCORE_METRICS`` entry this run's validation will log first."""
+    """The ``SCORE_METRICS`` entry this run chooses its best checkpoint on."""
     if not has_cases:
         return "val_loss"
     if config.validation_gate is not None:
         return "val_nssim_gated"
     return "val_nssim_weighted" if weighted else "val_nssim_mean"
+
+
+def _described(metric: str, settings: dict[str, Any]) -> str:
+    """A score metric with what it was computed with, for a log line."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    return metric + (f" ({given})" if given else "")
 
 
 def _score(metrics: dict[str, float]) -> float:
@@ -182,6 +193,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
     probabilities = source_probabilities(sources, config.phantom_share)
     weighting = config.phantom_share if probabilities is not None else None  # validation weighs as training draws
     score_metric = _chosen_metric(config, bool(cases), weighting is not None)
+    score_settings = {"validation_gate": config.validation_gate.to_dict() if config.validation_gate else None,
+                      "phantom_share": weighting}
     val_patches = draw_batch(sources, config.validation_patches, np.random.default_rng([config.seed, 99]),
                              probabilities)
     start_step, best_score, best = 0, -np.inf, {}
@@ -194,10 +207,12 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
         scheduler.load_state_dict(state["scheduler"])
         start_step, best_score, best = state["step"], state["best_score"], state["best"]
         saved_metric = state.get("score_metric") or (_score_metric(best) if best else score_metric)
-        if saved_metric != score_metric:
-            log.warning("%s: its best checkpoint so far was chosen on %s, this run chooses on %s (the "
-                        "config changed): the next validated checkpoint becomes the best", run_dir,
-                        saved_metric, score_metric)
+        saved_settings = state.get("score_settings", score_settings)  # unrecorded before the gate existed
+        if saved_metric != score_metric or saved_settings != score_settings:
+            if rank == 0:
+                log.warning("%s: its best checkpoint so far was chosen on %s, this run chooses on %s (the "
+                            "config changed): the next validated checkpoint becomes the best", run_dir,
+                            _described(saved_metric, saved_settings), _described(score_metric, score_settings))
             best_score = -np.inf
         elif best and sorted(state.get("validation_cases") or ()) != sorted(case_names):
             # scores of other validation cases do not compare (a split that gained a volume, say)
@@ -260,7 +275,8 @@ def train_member(config: TrainConfig, run_dir: str | Path, *, resume: bool = Fal
             torch.save({"model": model.state_dict(), "step": done, "metrics": row}, run_dir / CHECKPOINT_BEST)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "best_score": best_score,
-                    "score_metric": score_metric, "validation_cases": case_names,
+                    "score_metric": score_metric, "score_settings": score_settings,
+                    "validation_cases": case_names,
                     "best": best, "rng": states}, last_path)
 
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
@@ -308,12 +324,18 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
     fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min",
               *(["val_nssim_weighted"] if "val_nssim_weighted" in row else []),
               *(["val_nssim_gated", "val_nssim_gated_min"] if "val_nssim_gated" in row else [])]
-    if not new:  # a resumed log keeps the columns it was started with
+    if not new:  # a resumed log keeps its columns and gains the new ones, blank in earlier rows
         with path.open(newline="") as f:
-            fields = next(csv.reader(f), fields)
-        dropped = sorted(set(row) - set(fields))
-        if dropped:
-            log.warning("%s was started without %s: not logged (a new run folder logs them)", path, dropped)
+            rows = list(csv.DictReader(f))
+        logged = list(rows[0]) if rows else fields
+        added = [name for name in fields if name not in logged]
+        fields = logged + added
+        if added:
+            log.info("%s gains the columns %s (blank in its %d earlier rows)", path, added, len(rows))
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

@@ -90,19 +90,25 @@ class ValidationCase:
     """What members with ``ModelConfig.corrected_input`` read: the challenge-normalised ``source``
     times its attenuation field (``with_member_input``); None for members that read the view."""
     field: np.ndarray | None = None
-    """That attenuation field (``with_member_input``): a gated validation (``TrainConfig.validation_gate``)
-    divides such members' prediction by it before the gate, as inference does."""
+    """The view's attenuation field (``with_field``), for members that read the corrected view or a
+    ``TrainConfig.validation_gate`` that corrects attenuation: a gated validation divides the
+    former's prediction by it before the gate, as inference does, and the gate multiplies it back."""
+
+
+def with_field(case: ValidationCase) -> ValidationCase:
+    """``case`` with the attenuation ``field`` estimated on its view, as inference would estimate it
+    given the case (a validation case may be a centre crop, ``VALIDATION_CROP``; calibration and
+    the benchmark estimate on the same case). Training patches carry the field of their whole
+    simulated view, so on a cropped case the two differ by what the crop leaves out."""
+    field = view_field(case.source, case.voxel_size_zyx, PercentileNorm.fit(case.source))
+    return replace(case, field=field.region((slice(None),) * 3))
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:
-    """``case`` with its ``member_input``, its normalised view times the ``field`` estimated on that
-    view, as inference would estimate it given the case (a validation case may be a centre crop,
-    ``VALIDATION_CROP``; calibration and the benchmark estimate on the same case). Training
-    patches carry the field of their whole simulated view, so on a cropped case the two differ
-    by what the crop leaves out."""
-    norm = PercentileNorm.fit(case.source)
-    field = view_field(case.source, case.voxel_size_zyx, norm).region((slice(None),) * 3)
-    return replace(case, member_input=norm.forward(case.source) * field, field=field)
+    """``case`` with its ``field`` (``with_field``) and its ``member_input``, the normalised view
+    times that field."""
+    case = case if case.field is not None else with_field(case)
+    return replace(case, member_input=PercentileNorm.fit(case.source).forward(case.source) * case.field)
 
 
 def _centre_crop(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -216,6 +222,8 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
         raise InputError("no training source could be built from the config")
     if config.model.corrected_input:
         validation = [with_member_input(case) for case in validation]
+    elif config.validation_gate is not None and config.validation_gate.correct_attenuation:
+        validation = [with_field(case) for case in validation]  # estimated once, not at every validation
     return sources, validation
 
 

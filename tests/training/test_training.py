@@ -33,6 +33,11 @@ TINY = {"model": {"first_filters": 4, "depth": 1}, "patch": [8, 16, 16], "batch_
         "device": "cpu"}
 
 
+HALF_BLEND = {"spread_scale": 10.0, "fallback_sigma": 0.0, "prediction_sigma": 0.0, "consistency_scale": 0.0,
+              "blend": 0.5}
+"""A validation gate: half the prediction, half the normalised view, nothing else."""
+
+
 def tiny(**changes) -> TrainConfig:
     return TrainConfig.from_dict({**TINY, **changes})
 
@@ -120,8 +125,15 @@ def test_checkpoints_are_chosen_on_the_content_weighted_score_when_phantoms_have
     with caplog.at_level("WARNING", logger="fusecare"):
         train_member(config.replace(phantom_share=0.5, steps=4), tmp_path / "plain", resume=True, progress=False)
     assert "chosen on val_nssim_mean, this run chooses on val_nssim_weighted" in caplog.text
-    assert "was started without ['val_nssim_weighted']" in caplog.text
     assert torch.load(tmp_path / "plain" / "best.pt", weights_only=False)["step"] == 4
+    rows = list(csv.DictReader((tmp_path / "plain" / "log.csv").open()))  # the log gained the column
+    assert [r["val_nssim_weighted"] == "" for r in rows] == [True, True, False]
+    # through a gate that keeps the whole prediction, the gated score is the weighted one
+    keep_all = HALF_BLEND | {"blend": 1.0}
+    train_member(config.replace(phantom_share=0.5, validation_gate=keep_all), tmp_path / "gated", progress=False)
+    last = list(csv.DictReader((tmp_path / "gated" / "log.csv").open()))[-1]
+    assert float(last["val_nssim_gated"]) == pytest.approx(float(last["val_nssim_weighted"]), abs=1e-5)
+    assert float(last["val_nssim_gated"]) != pytest.approx(float(last["val_nssim_mean"]), abs=1e-6)
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, rng):
@@ -664,9 +676,6 @@ def test_a_corrected_input_member_is_validated_on_its_member_input():
                         ValidationCase("c", source, source), torch.device("cpu"))
 
 
-HALF_BLEND = {"spread_scale": 10.0, "fallback_sigma": 0.0, "prediction_sigma": 0.0, "consistency_scale": 0.0,
-              "blend": 0.5}
-
 
 @pytest.mark.parametrize("corrected", [False, True])
 def test_a_gated_validation_scores_what_the_gate_makes_of_the_prediction(corrected):
@@ -698,7 +707,7 @@ def test_a_gated_validation_scores_what_the_gate_makes_of_the_prediction(correct
             gated_validation_scores([ValidationCase("c", source, target)], [prediction], gate, True)
 
 
-def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_path):
+def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_path, caplog):
     """With ``validation_gate`` the log gains the gated columns and the best checkpoint is the
     best gated score; a run resumed with a gate does not compare it with its ungated best."""
     assert _score({"val_loss": 1.0, "val_nssim_mean": 0.1, "val_nssim_weighted": 0.3, "val_nssim_gated": 0.2}) == 0.2
@@ -717,3 +726,20 @@ def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_pa
     train_member(tiny(steps=2, validate_every=2), tmp_path / "plain", progress=False)
     train_member(config, tmp_path / "plain", resume=True, progress=False)
     assert torch.load(tmp_path / "plain" / "best.pt", weights_only=False)["step"] == 4
+    # scores through another gate do not compare either: resumed with a full blend (which scores this
+    # barely trained net lower than half of it did), the next validated step is the best
+    train_member(config.replace(steps=2), tmp_path / "half", progress=False)
+    with caplog.at_level("WARNING", logger="fusecare"):
+        train_member(config.replace(steps=4, learning_rate=1e-9, validation_gate=gate | {"blend": 1.0}),
+                     tmp_path / "half", resume=True, progress=False)
+    assert "'blend': 1.0" in caplog.text and "the next validated checkpoint becomes the best" in caplog.text
+    assert torch.load(tmp_path / "half" / "best.pt", weights_only=False)["step"] == 4
+
+
+def test_a_validation_gate_must_use_the_prediction_and_a_correcting_one_gets_each_field_once():
+    with pytest.raises(ConfigError, match="validation_gate' ignores the prediction"):
+        tiny(validation_gate={"blend": 0.0})
+    _, cases = build_data(tiny(validation_gate=HALF_BLEND | {"correct_attenuation": True}), validation_only=True)
+    assert cases and all(c.field is not None and c.member_input is None for c in cases)
+    _, cases = build_data(tiny(validation_gate=HALF_BLEND), validation_only=True)
+    assert all(c.field is None for c in cases)
