@@ -3,6 +3,7 @@
     fusecare train --config configs/nucleus.json --members 2 --weights model_weights --runs runs/
     python -m train --channel nucleus --fmc-dir /data/fmc --validation-studies 5 --members 4
     torchrun --nproc_per_node 4 -m train --config configs/nucleus.json        # DDP, one GPU each
+    fusecare train --config configs/nucleus.json --from-checkpoints runs/a/member_0/last.pt runs/b/member_1/best.pt
 
 Command-line options override the config file's values; the merged config is validated before
 any data is read, and saved as runs/<...>/config.json and beside each member's weights.
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", help="continue each member from its last.pt")
     run.add_argument("--calibrate-only", action="store_true",
                      help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
+    run.add_argument("--from-checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
+                     help="no training: write WEIGHTS/<channel>/ from these run checkpoints (best.pt or last.pt; "
+                          "member k = the k-th), its gate calibrated on the config's validation")
     run.add_argument("--init-weights", help="member or ensemble folder to start from (see --describe)")
     run.add_argument("--no-calibrate", action="store_true",
                      help="skip the gate calibration after training (e.g. between training phases)")
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(debug=args.debug)
     from fusecare.training.calibration import recalibrate_gate
     from fusecare.training.config import TrainConfig
-    from fusecare.training.members import train_ensemble
+    from fusecare.training.members import assemble_ensemble, train_ensemble
     from fusecare.training.sources import build_data
 
     if args.describe:
@@ -120,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             gate = recalibrate_gate(args.weights / config.channel, validation, device=config.device,
                                     progress=not args.quiet)
             log.info("gate of %s: %s", args.weights / config.channel, gate.to_dict())
+            return 0
+        if args.from_checkpoints:
+            assemble_ensemble(config, args.from_checkpoints, weights_dir=args.weights, overwrite=args.overwrite,
+                              calibrate=not args.no_calibrate, progress=not args.quiet)
             return 0
         run_dir = args.runs / config.channel
         results = train_ensemble(config, runs_dir=run_dir, weights_dir=args.weights, members=args.members,

@@ -1,13 +1,16 @@
-"""Train K members into the layout inference reads: the ensemble is assembled in a staging folder
-and swapped in only when complete, so a target folder never holds half an ensemble or members
-of two runs."""
+"""Train K members into the layout inference reads (or assemble one from chosen checkpoints): the
+ensemble is assembled in a staging folder and swapped in only when complete, so a target folder
+never holds half an ensemble or members of two runs."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,11 @@ import torch
 from fusecare.config import strict_json
 from fusecare.errors import ConfigError, TrainingError
 from fusecare.restoration.ensemble import save_member, write_manifest
-from fusecare.restoration.model import CareUNet
+from fusecare.restoration.model import CareUNet, ModelConfig
 from fusecare.training.calibration import recalibrate_gate
 from fusecare.training.config import TrainConfig
 from fusecare.training.distributed import barrier, shutdown_distributed
-from fusecare.training.loop import CHECKPOINT_BEST, MemberResult, train_member
+from fusecare.training.loop import CHECKPOINT_BEST, LOG_NAME, MemberResult, train_member
 from fusecare.training.sources import build_data
 
 log = logging.getLogger(__name__)
@@ -68,10 +71,65 @@ def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
     state = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=False)
     check_trained(run_dir, {**state.get("metrics", {}), "step": state.get("step", 0)},
                   warm_started=bool(config.init_weights))
+    _save_checkpoint_member(member_dir, state["model"], config, {"best": strict_json(state["metrics"])})
+
+
+def _save_checkpoint_member(member_dir: Path, weights: dict[str, torch.Tensor], config: TrainConfig,
+                            record: dict[str, Any]) -> None:
     model = CareUNet(config.model)
-    model.load_state_dict(state["model"])
-    save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(),
-                                                                   "best": strict_json(state["metrics"])}})
+    model.load_state_dict(weights)
+    save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(), **record}})
+
+
+def _logged_row(run_dir: Path, step: int) -> dict[str, Any]:
+    """The ``log.csv`` row of ``step`` in a run folder (numbers parsed; blank cells dropped), or {}."""
+    log_path = run_dir / LOG_NAME
+    if not log_path.is_file():
+        return {}
+    with log_path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step") == str(step)]
+    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+
+
+def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) -> None:
+    """Any checkpoint of a run (``best.pt``, ``last.pt``) -> ``member_dir``, its ``training.json``
+    naming the checkpoint, its step and what the run logged at that step, with the run's own
+    config (``config.json`` beside it). ``ConfigError`` when the run's network is not ``model``."""
+    run_dir = checkpoint.parent
+    if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
+        raise ConfigError(f"checkpoint {checkpoint}: not a checkpoint in a run folder (with its config.json)")
+    run_config = TrainConfig.load(run_dir / "config.json")
+    if run_config.model != model:
+        raise ConfigError(f"checkpoint {checkpoint}: its model {run_config.model.to_dict()} differs from the "
+                          f"config's {model.to_dict()}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    step = int(state.get("step", 0))
+    logged = strict_json(state.get("metrics") or _logged_row(run_dir, step))
+    check_trained(run_dir, {**logged, "step": step}, warm_started=bool(run_config.init_weights))
+    _save_checkpoint_member(member_dir, state["model"], run_config,
+                            {"best": logged, "checkpoint": str(checkpoint), "step": step})
+
+
+def assemble_ensemble(config: TrainConfig, checkpoints: Sequence[Path], *, weights_dir: str | Path,
+                      overwrite: bool = False, calibrate: bool = True, progress: bool = True) -> Path:
+    """``weights_dir/<channel>/`` from chosen checkpoints (member k = ``checkpoints[k]``), its gate
+    calibrated on ``config``'s validation: the ensemble training would write if each member's best
+    checkpoint were the one named (a run resumed with another score, say, forgets the best it had
+    before; ``bench/validation_cases.py`` scores any checkpoint on the same validation). Staged and
+    swapped in as ``train_ensemble`` does."""
+    if not checkpoints:
+        raise ConfigError("no checkpoint to assemble an ensemble from")
+    with _staged_ensemble(Path(weights_dir), config.channel, overwrite=overwrite) as staging:
+        for k, checkpoint in enumerate(checkpoints):
+            export_checkpoint(Path(checkpoint), staging / f"member_{k}", config.model)
+        info = strict_json({"members": len(checkpoints), "checkpoints": [str(c) for c in checkpoints]})
+        write_manifest(staging, config.channel, info=info)
+        if calibrate:
+            _, validation = build_data(config, validation_only=True)
+            recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
+    folder = Path(weights_dir) / config.channel
+    log.info("wrote the %d-member %s ensemble to %s", len(checkpoints), config.channel, folder)
+    return folder
 
 
 def check_ensemble_target(folder: Path, *, overwrite: bool) -> None:
@@ -112,6 +170,26 @@ def _remove_stale_staging(weights_dir: Path, channel: str) -> None:
             continue
 
 
+@contextlib.contextmanager
+def _staged_ensemble(weights_dir: Path, channel: str, *, overwrite: bool, writer: bool = True) -> Iterator[Path]:
+    """A staging folder for ``weights_dir/<channel>/``, swapped in when the block ends without an
+    error and removed either way; the target is checked before (and again right before the swap).
+    Only the ``writer`` process (rank 0) touches the folders."""
+    folder = weights_dir / channel
+    check_ensemble_target(folder, overwrite=overwrite)
+    if writer:
+        _remove_stale_staging(weights_dir, channel)
+    staging = weights_dir / f".{channel}.staging-{os.getpid()}"
+    try:
+        yield staging
+        if writer:
+            check_ensemble_target(folder, overwrite=overwrite)  # nothing appeared there meanwhile
+            _swap_in(staging, folder)
+    finally:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: str | Path, members: int = 1,
                    resume: bool = False, progress: bool = True, overwrite: bool = False,
                    calibrate: bool = True) -> list[MemberResult]:
@@ -127,15 +205,10 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
     runs_dir, weights_dir = Path(runs_dir), Path(weights_dir)
     if members < 1:
         raise ConfigError(f"--members must be >= 1, got {members}")
-    folder = weights_dir / config.channel
-    check_ensemble_target(folder, overwrite=overwrite)
     writer = int(os.environ.get("RANK", "0")) == 0  # the process group starts in train_member
-    if writer:
-        _remove_stale_staging(weights_dir, config.channel)
-    data = build_data(config)
-    staging = weights_dir / f".{config.channel}.staging-{os.getpid()}"
     results = []
-    try:
+    with _staged_ensemble(weights_dir, config.channel, overwrite=overwrite, writer=writer) as staging:
+        data = build_data(config)
         for k in range(members):
             member_config = config.replace(seed=config.seed + k,
                                            init_weights=_member_init(config.init_weights, k))
@@ -153,12 +226,8 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
             _, validation = data
             if validation and calibrate:
                 recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
-            check_ensemble_target(folder, overwrite=overwrite)  # nothing appeared there meanwhile
-            _swap_in(staging, folder)
-            log.info("wrote the %d-member %s ensemble to %s", members, config.channel, folder)
-    finally:
-        if writer:
-            shutil.rmtree(staging, ignore_errors=True)
+    if writer:
+        log.info("wrote the %d-member %s ensemble to %s", members, config.channel, weights_dir / config.channel)
     shutdown_distributed()  # after rank 0 wrote the ensemble; then every rank's group ends cleanly
     return results
 

@@ -743,3 +743,39 @@ def test_a_validation_gate_must_use_the_prediction_and_a_correcting_one_gets_eac
     assert cases and all(c.field is not None and c.member_input is None for c in cases)
     _, cases = build_data(tiny(validation_gate=HALF_BLEND), validation_only=True)
     assert all(c.field is None for c in cases)
+
+
+def test_an_ensemble_assembled_from_chosen_checkpoints_names_them_and_loads(tmp_path):
+    """``--from-checkpoints``: member k holds the k-th checkpoint's weights (a last.pt of one run,
+    the best.pt of another), its training.json names the checkpoint, its step and the run's log
+    row, the gate is calibrated, and nothing is written over an ensemble without --overwrite."""
+    from fusecare.training.members import assemble_ensemble
+
+    config = tiny(steps=4, validate_every=2)
+    train_member(config, tmp_path / "a", progress=False)
+    train_member(config.replace(seed=1), tmp_path / "b", progress=False)
+    chosen = [tmp_path / "a" / "last.pt", tmp_path / "b" / "best.pt"]
+    config.save(tmp_path / "config.json")
+    assert _main("--config", tmp_path / "config.json", "--weights", tmp_path / "w", "--quiet",
+                 "--from-checkpoints", *chosen) == 0
+    folder = tmp_path / "w" / "nucleus"
+    ensemble = load_ensemble(folder)
+    for member, checkpoint in zip(ensemble.members, chosen):
+        weights = torch.load(checkpoint, weights_only=False)["model"]
+        assert all(torch.equal(weights[k], v) for k, v in member.state_dict().items())
+    record = _strict_json(folder / "member_0" / "training.json")
+    logged = list(csv.DictReader((tmp_path / "a" / "log.csv").open()))[-1]
+    assert record["checkpoint"] == str(chosen[0]) and record["step"] == 4
+    assert record["best"]["val_nssim_mean"] == pytest.approx(float(logged["val_nssim_mean"]))
+    manifest = _strict_json(folder / "manifest.json")
+    assert manifest["info"]["checkpoints"] == [str(c) for c in chosen] and manifest["gate"] is not None
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="--overwrite"):
+        assemble_ensemble(config, chosen[::-1], weights_dir=tmp_path / "w", calibrate=False, progress=False)
+    other = tiny(model={"first_filters": 8, "depth": 1})
+    with pytest.raises(ConfigError, match="its model"):
+        assemble_ensemble(other, chosen, weights_dir=tmp_path / "w2", calibrate=False, progress=False)
+    with pytest.raises(ConfigError, match="not a checkpoint in a run folder"):
+        assemble_ensemble(config, [tmp_path / "nothing.pt"], weights_dir=tmp_path / "w2", progress=False)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "w2" / "nucleus").exists()
