@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fusecare.config import strict_json
-from fusecare.errors import ConfigError, TrainingError
+from fusecare.errors import ConfigError, TrainingError, one_line
 from fusecare.restoration.ensemble import save_member, write_manifest
 from fusecare.restoration.model import CareUNet, ModelConfig
 from fusecare.training.calibration import recalibrate_gate
@@ -102,11 +102,17 @@ def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) ->
     if run_config.model != model:
         raise ConfigError(f"checkpoint {checkpoint}: its model {run_config.model.to_dict()} differs from the "
                           f"config's {model.to_dict()}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        weights = state["model"]
+        CareUNet(model).load_state_dict(weights)
+    except Exception as exc:  # not a torch file, not a run's checkpoint, or another network's weights
+        raise ConfigError(f"checkpoint {checkpoint}: not a readable checkpoint of this network "
+                          f"({one_line(exc)})") from None
     step = int(state.get("step", 0))
     logged = strict_json(state.get("metrics") or _logged_row(run_dir, step))
     check_trained(run_dir, {**logged, "step": step}, warm_started=bool(run_config.init_weights))
-    _save_checkpoint_member(member_dir, state["model"], run_config,
+    _save_checkpoint_member(member_dir, weights, run_config,
                             {"best": logged, "checkpoint": str(checkpoint), "step": step})
 
 
