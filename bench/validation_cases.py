@@ -6,8 +6,8 @@ used to choose checkpoints) with each checkpoint given, as training scores it (o
 ungated; members that read the corrected view get each case's ``member_input``), and through the
 config's ``validation_gate`` when it has one (a second column per checkpoint, ``gated``).
 
-    run=train/checkpoints/corrected/membrane
-    python bench/validation_cases.py train/configs/corrected_membrane.json $run/member_0/best.pt $run/member_0/last.pt
+    run=train/checkpoints/corrected_gated/membrane cfg=train/configs/corrected_gated_membrane.json
+    python bench/validation_cases.py $cfg $run/member_0/best.pt $run/member_0/last.pt
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ any data is read, and saved as runs/<...>/config.json and beside each member's w
 Nothing is lost: WEIGHTS/<channel>/ is written only when it is new or empty, unless --overwrite
 (then it is replaced as a whole, once the new ensemble is complete). Exit status 0 on success,
 2 for a usage error (missing or invalid config, --members < 1, an existing ensemble without
---overwrite, --calibrate-only without an ensemble, an untrained member), each one line.
+--overwrite, --calibrate-only without an ensemble, an untrained member, a --from-checkpoints file
+that is not a readable checkpoint of the config's network), each one line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,9 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing WEIGHTS/<channel>/ (once the new ensemble is complete)")
     run.add_argument("--resume", action="store_true", help="continue each member from its last.pt")
-    run.add_argument("--calibrate-only", action="store_true",
-                     help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
-    run.add_argument("--from-checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
+    instead = run.add_mutually_exclusive_group()  # what to do instead of training
+    instead.add_argument("--calibrate-only", action="store_true",
+                         help="no training: recalibrate the gate of WEIGHTS/<channel>/ on the config's validation data")
+    instead.add_argument("--from-checkpoints", type=Path, nargs="+", metavar="CHECKPOINT",
                      help="no training: write WEIGHTS/<channel>/ from these run checkpoints (best.pt or last.pt; "
                           "member k = the k-th), its gate calibrated on the config's validation")
     run.add_argument("--init-weights", help="member or ensemble folder to start from (see --describe)")
@@ -126,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("gate of %s: %s", args.weights / config.channel, gate.to_dict())
             return 0
         if args.from_checkpoints:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--from-checkpoints trains nothing: run it as one process, not under torchrun")
             assemble_ensemble(config, args.from_checkpoints, weights_dir=args.weights, overwrite=args.overwrite,
                               calibrate=not args.no_calibrate, progress=not args.quiet)
             return 0

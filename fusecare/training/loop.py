@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,24 +321,31 @@ def _initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
+    """Append one validation row to a run's log. A resumed log keeps its columns; when the row
+    brings new ones (a run resumed with a validation gate, say) the log is rewritten with them,
+    blank in its earlier rows, through a temporary file, so that a kill leaves the old log whole."""
     fields = ["step", "loss", "lr", "seconds", "val_loss", "val_mae", "val_nssim_mean", "val_nssim_min",
               *(["val_nssim_weighted"] if "val_nssim_weighted" in row else []),
               *(["val_nssim_gated", "val_nssim_gated_min"] if "val_nssim_gated" in row else [])]
-    if not new:  # a resumed log keeps its columns and gains the new ones, blank in earlier rows
+    rows: list[dict[str, str]] = []
+    logged: list[str] = []
+    if path.is_file():
         with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        logged = list(rows[0]) if rows else fields
+            reader = csv.DictReader(f)
+            rows, logged = list(reader), list(reader.fieldnames or [])
+    if logged:
         added = [name for name in fields if name not in logged]
         fields = logged + added
         if added:
             log.info("%s gains the columns %s (blank in its %d earlier rows)", path, added, len(rows))
-            with path.open("w", newline="") as f:
+            staged = path.with_name(path.name + ".tmp")
+            with staged.open("w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
-    with path.open("a", newline="") as f:
+            os.replace(staged, path)
+    with path.open("a" if logged else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
+        if not logged:  # a new (or empty) log
             writer.writeheader()
         writer.writerow(row)

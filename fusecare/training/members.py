@@ -42,15 +42,20 @@ def _finite_numbers(values: dict[str, Any]) -> bool:
 
 
 def check_trained(run_dir: Path, best: dict[str, Any], *, warm_started: bool = False) -> None:
-    """``TrainingError`` unless a run's best checkpoint is trained (step > 0, or step 0 of a warm
-    start) with finite metrics.
+    """``TrainingError`` unless a run's best checkpoint exists and is trained (``check_checkpoint``)."""
+    if not best or not (run_dir / CHECKPOINT_BEST).is_file():
+        raise TrainingError(f"{run_dir}: no best checkpoint (every validation was NaN?): nothing to export")
+    check_checkpoint(run_dir, best, warm_started=warm_started)
+
+
+def check_checkpoint(run_dir: Path, best: dict[str, Any], *, warm_started: bool = False) -> None:
+    """``TrainingError`` unless a checkpoint (its ``step`` and logged metrics in ``best``) is trained
+    (step > 0, or step 0 of a warm start) with finite metrics.
 
     Step 0 of a random start is the untrained network, which validation can prefer when training
     never improved on it (too few steps, a diverged loss); exporting it would ship random weights.
     Step 0 of a warm start is the network it started from, already trained.
     """
-    if not best or not (run_dir / CHECKPOINT_BEST).is_file():
-        raise TrainingError(f"{run_dir}: no best checkpoint (every validation was NaN?): nothing to export")
     if int(best.get("step", 0)) <= 0 and not warm_started:
         raise TrainingError(f"{run_dir}: the best checkpoint is step 0, the untrained network (training never "
                             "improved on it: more steps, another learning rate?); not exported")
@@ -82,19 +87,23 @@ def _save_checkpoint_member(member_dir: Path, weights: dict[str, torch.Tensor], 
 
 
 def _logged_row(run_dir: Path, step: int) -> dict[str, Any]:
-    """The ``log.csv`` row of ``step`` in a run folder (numbers parsed; blank cells dropped), or {}."""
+    """The ``log.csv`` row of ``step`` in a run folder (numbers parsed, the step an int; blank cells
+    dropped), or {}."""
     log_path = run_dir / LOG_NAME
     if not log_path.is_file():
         return {}
     with log_path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("step") == str(step)]
-    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+    row = {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+    return row | {"step": step} if row else {}
 
 
 def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) -> None:
-    """Any checkpoint of a run (``best.pt``, ``last.pt``) -> ``member_dir``, its ``training.json``
-    naming the checkpoint, its step and what the run logged at that step, with the run's own
-    config (``config.json`` beside it). ``ConfigError`` when the run's network is not ``model``."""
+    """Any checkpoint of a run (``best.pt``, ``last.pt``; its run folder need not hold a best.pt any
+    more) -> ``member_dir``, its ``training.json`` naming the checkpoint, its step and what the
+    run logged at that step (``logged``), with the run's own config (``config.json`` beside it).
+    ``ConfigError`` when it is not a readable checkpoint of ``model``; ``TrainingError`` when it is
+    untrained or diverged (``check_checkpoint``, non-finite weights)."""
     run_dir = checkpoint.parent
     if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
         raise ConfigError(f"checkpoint {checkpoint}: not a checkpoint in a run folder (with its config.json)")
@@ -111,9 +120,11 @@ def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) ->
                           f"({one_line(exc)})") from None
     step = int(state.get("step", 0))
     logged = strict_json(state.get("metrics") or _logged_row(run_dir, step))
-    check_trained(run_dir, {**logged, "step": step}, warm_started=bool(run_config.init_weights))
+    check_checkpoint(run_dir, {**logged, "step": step}, warm_started=bool(run_config.init_weights))
+    if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
+        raise TrainingError(f"checkpoint {checkpoint}: non-finite weights (a diverged run?); not exported")
     _save_checkpoint_member(member_dir, weights, run_config,
-                            {"best": logged, "checkpoint": str(checkpoint), "step": step})
+                            {"logged": logged, "checkpoint": str(checkpoint), "step": step})
 
 
 def assemble_ensemble(config: TrainConfig, checkpoints: Sequence[Path], *, weights_dir: str | Path,

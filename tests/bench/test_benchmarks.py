@@ -173,6 +173,7 @@ def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path
         [logged] = [row for row in csv.DictReader(log) if row["step"] == "2"]
     assert np.mean(columns["run:2"]) == pytest.approx(float(logged["val_nssim_mean"]), abs=1e-6)
     assert np.mean(columns["run:2 gated"]) == pytest.approx(float(logged["val_nssim_gated"]), abs=1e-6)
+    assert min(columns["run:2 gated"]) == pytest.approx(float(logged["val_nssim_gated_min"]), abs=1e-6)
 
 
 def test_field_parts_split_a_light_sheet_loss_from_detection(rng):

@@ -608,6 +608,21 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path, caplog, content, words):
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_from_checkpoints_is_one_line_exit_2_for_a_bad_file_and_excludes_calibrate_only(tmp_path, caplog, capsys):
+    config = tiny()
+    config.save(tmp_path / "config.json")
+    (tmp_path / "run").mkdir()
+    config.save(tmp_path / "run" / "config.json")
+    (tmp_path / "run" / "last.pt").write_text("not a torch file")
+    with caplog.at_level("ERROR", logger="fusecare"):
+        assert _main("--config", tmp_path / "config.json", "--weights", tmp_path / "w", "--quiet",
+                     "--from-checkpoints", tmp_path / "run" / "last.pt") == 2
+    assert "not a readable checkpoint of this network" in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        _main("--calibrate-only", "--from-checkpoints", tmp_path / "run" / "last.pt")
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_cli_calibrate_only_without_an_ensemble_is_exit_2(tmp_path, caplog):
     config = tmp_path / "c.json"
     config.write_text(json.dumps(TINY))
@@ -734,6 +749,28 @@ def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_pa
                      tmp_path / "half", resume=True, progress=False)
     assert "'blend': 1.0" in caplog.text and "the next validated checkpoint becomes the best" in caplog.text
     assert torch.load(tmp_path / "half" / "best.pt", weights_only=False)["step"] == 4
+    # a last.pt written before the settings were recorded is taken to share them: its best stands
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    del state["score_settings"]
+    torch.save(state | {"best_score": 10.0}, tmp_path / "run" / "last.pt")
+    train_member(config.replace(steps=6), tmp_path / "run", resume=True, progress=False)
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == best_step
+
+
+def test_a_log_without_rows_or_without_a_header_gets_a_consistent_one(tmp_path):
+    from fusecare.training.loop import _append_csv
+
+    row = {"step": 2, "loss": 0.1, "lr": 1e-3, "seconds": 1.0, "val_loss": 0.2, "val_mae": 0.1,
+           "val_nssim_mean": 0.3, "val_nssim_min": 0.1, "val_nssim_gated": 0.5, "val_nssim_gated_min": 0.4}
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("step,loss,lr,seconds,val_loss,val_mae,val_nssim_mean,val_nssim_min\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    for path in (header_only, empty):
+        _append_csv(path, row)
+        [logged] = list(csv.DictReader(path.open()))
+        assert logged["val_nssim_gated"] == "0.5" and logged["step"] == "2"
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_validation_gate_must_use_the_prediction_and_a_correcting_one_gets_each_field_once():
@@ -765,8 +802,16 @@ def test_an_ensemble_assembled_from_chosen_checkpoints_names_them_and_loads(tmp_
         assert all(torch.equal(weights[k], v) for k, v in member.state_dict().items())
     record = _strict_json(folder / "member_0" / "training.json")
     logged = list(csv.DictReader((tmp_path / "a" / "log.csv").open()))[-1]
-    assert record["checkpoint"] == str(chosen[0]) and record["step"] == 4
-    assert record["best"]["val_nssim_mean"] == pytest.approx(float(logged["val_nssim_mean"]))
+    assert record["checkpoint"] == str(chosen[0]) and record["step"] == record["logged"]["step"] == 4
+    assert record["logged"]["val_nssim_mean"] == pytest.approx(float(logged["val_nssim_mean"]))
+    # a last.pt whose run no longer keeps its best.pt (pruned) is still a checkpoint to assemble from
+    (tmp_path / "a" / "best.pt").unlink()
+    assemble_ensemble(config, chosen[:1], weights_dir=tmp_path / "w3", calibrate=False, progress=False)
+    state = torch.load(chosen[0], weights_only=False)
+    state["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "a" / "diverged.pt")
+    with pytest.raises(TrainingError, match="non-finite weights"):
+        assemble_ensemble(config, [tmp_path / "a" / "diverged.pt"], weights_dir=tmp_path / "w4", progress=False)
     manifest = _strict_json(folder / "manifest.json")
     assert manifest["info"]["checkpoints"] == [str(c) for c in chosen] and manifest["gate"] is not None
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
