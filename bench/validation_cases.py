@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.restoration.model import CareUNet  # noqa: E402
-from fusecare.scoring.metrics import score_ssim  # noqa: E402
 from fusecare.training.config import TrainConfig  # noqa: E402
-from fusecare.training.loop import _predict_volume, gated_validation_scores  # noqa: E402
+from fusecare.training.loop import member_case_scores  # noqa: E402
 from fusecare.training.sources import build_data  # noqa: E402
 
 
@@ -38,12 +37,11 @@ def case_scores(config: TrainConfig, checkpoints: list[Path]) -> tuple[list[str]
         model = CareUNet(config.model)
         model.load_state_dict(state["model"])
         model.eval()
-        predictions = [_predict_volume(model, c, torch.device("cpu")) for c in cases]
+        scores = [member_case_scores(model, c, config.validation_gate, torch.device("cpu")) for c in cases]
         name = f"{path.parent.name}:{state['step']}"
-        columns[name] = [score_ssim(c.target, p, c.source).n_ssim for c, p in zip(cases, predictions)]
+        columns[name] = [ungated for ungated, _ in scores]
         if config.validation_gate is not None:
-            columns[f"{name} gated"] = gated_validation_scores(cases, predictions, config.validation_gate,
-                                                               config.model.corrected_input)
+            columns[f"{name} gated"] = [gated for _, gated in scores]
     return [c.name for c in cases], columns
 
 

@@ -140,8 +140,10 @@ def corrected_input_candidates() -> list[GateConfig]:
 
 
 def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Sequence[GateConfig] | None = None,
-                        *, progress: bool = False, corrected_input: bool = False) -> list[GateCandidate]:
-    """N-SSIM of every case without a gate and with each candidate gate.
+                        *, progress: bool = False, corrected_input: bool = False,
+                        ungated: bool = True) -> list[GateCandidate]:
+    """N-SSIM of every case without a gate (first; ``ungated=False`` skips it, for a caller that
+    scored it already) and with each candidate gate.
 
     Per case, the target's normalisation, the input's SSIM and each smoothing of the mean, the
     spread and the input (and each consistency map) are computed once, not once per candidate,
@@ -188,7 +190,8 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
         return consistencies[key]
 
     results = []
-    for gate in tqdm((None, *candidates), desc="gate calibration", unit="gate", disable=not progress, leave=False):
+    gates: tuple[GateConfig | None, ...] = ((None,) if ungated else ()) + tuple(candidates)
+    for gate in tqdm(gates, desc="gate calibration", unit="gate", disable=not progress, leave=False):
         spread_sigma, fallback_sigma, prediction_sigma = (
             (gate.spread_sigma, gate.fallback_sigma, gate.prediction_sigma) if gate else (0.0, 0.0, 0.0))
         scores = []

@@ -99,13 +99,9 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
         out = model(x)
         result = {"val_loss": float(training_loss(out, y, loss=config.loss, ssim_weight=config.ssim_weight)),
                   "val_mae": float((out[:, :1] - y).abs().mean())}
-    scores, gated = [], []
-    for case in cases:  # one whole-volume prediction held at a time
-        prediction = _predict_volume(model, case, device)
-        scores.append(score_ssim(case.target, prediction, case.source).n_ssim)
-        if config.validation_gate is not None:
-            gated += gated_validation_scores([case], [prediction], config.validation_gate,
-                                             config.model.corrected_input)
+    per_case = [member_case_scores(model, case, config.validation_gate, device) for case in cases]
+    scores = [ungated for ungated, _ in per_case]
+    gated = [score for _, score in per_case if score is not None]
     if scores:
         result.update(val_nssim_mean=float(np.mean(scores)), val_nssim_min=float(np.min(scores)))
         if phantom_share is not None:
@@ -115,6 +111,18 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
                       val_nssim_gated_min=float(np.min(gated)))
     model.train()
     return result
+
+
+def member_case_scores(model: CareUNet, case: ValidationCase, gate: GateConfig | None, device: torch.device
+                ) -> tuple[float, float | None]:
+    """One validation case's N-SSIM for one member: ungated, and through ``gate`` (None without),
+    from one whole-volume prediction (held only while this case is scored)."""
+    prediction = _predict_volume(model, case, device)
+    ungated = score_ssim(case.target, prediction, case.source).n_ssim
+    if gate is None:
+        return ungated, None
+    [gated] = gated_validation_scores([case], [prediction], gate, model.config.corrected_input)
+    return ungated, gated
 
 
 def gated_validation_scores(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray], gate: GateConfig,
@@ -132,7 +140,8 @@ def gated_validation_scores(cases: Sequence[ValidationCase], predictions: Sequen
         mean = prediction / case.field if corrected_input else prediction
         members.append(ValidationPrediction(case.name, case.source, case.target, mean, np.zeros_like(mean),
                                             case.voxel_size_zyx, case.field))
-    return list(evaluate_candidates(members, [gate], corrected_input=corrected_input)[-1].n_ssim)
+    [result] = evaluate_candidates(members, [gate], corrected_input=corrected_input, ungated=False)
+    return list(result.n_ssim)
 
 
 CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"
