@@ -105,6 +105,9 @@ def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) ->
     ``ConfigError`` when it is not a readable checkpoint of ``model``; ``TrainingError`` when it is
     untrained or diverged (``check_checkpoint``, non-finite weights)."""
     run_dir = checkpoint.parent
+    if (run_dir / "training.json").is_file():
+        raise ConfigError(f"checkpoint {checkpoint}: an exported member, not a run's checkpoint (name the run's "
+                          "best.pt or last.pt; a member folder can start a run as init_weights)")
     if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
         raise ConfigError(f"checkpoint {checkpoint}: not a checkpoint in a run folder (with its config.json)")
     run_config = TrainConfig.load(run_dir / "config.json")

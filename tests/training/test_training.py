@@ -822,6 +822,8 @@ def test_an_ensemble_assembled_from_chosen_checkpoints_names_them_and_loads(tmp_
         assemble_ensemble(other, chosen, weights_dir=tmp_path / "w2", calibrate=False, progress=False)
     with pytest.raises(ConfigError, match="not a checkpoint in a run folder"):
         assemble_ensemble(config, [tmp_path / "nothing.pt"], weights_dir=tmp_path / "w2", progress=False)
+    with pytest.raises(ConfigError, match="an exported member, not a run's checkpoint"):
+        assemble_ensemble(config, [folder / "member_0" / "weights.pt"], weights_dir=tmp_path / "w2", progress=False)
     (tmp_path / "a" / "broken.pt").write_text("not a torch file")
     torch.save({"step": 4}, tmp_path / "a" / "no_model.pt")
     for name in ("broken.pt", "no_model.pt"):
