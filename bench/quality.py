@@ -30,7 +30,6 @@ from one acquisition, would not keep it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ from fusecare.restoration.gate import INPUT_ONLY, GateConfig  # noqa: E402
 from fusecare.training.calibration import (  # noqa: E402
     ValidationPrediction,
     evaluate_candidates,
-    predict_ensemble_volume,
     predict_validation,
 )
 from fusecare.training.pairs import load_split  # noqa: E402
@@ -167,9 +165,7 @@ def score_channel(channel: str, split: dict[str, list[Path]], args: argparse.Nam
              + phantom_cases(channel, args.phantoms, args.target))
     rows = []
     for case in cases:
-        prediction = predict_validation(case.name, case.source, case.target,
-                                        functools.partial(predict_ensemble_volume, ensemble),
-                                        case.voxel_size_zyx)
+        prediction = predict_validation(ensemble, case.name, case.source, case.target, case.voxel_size_zyx)
         # identity is the input-only gate (exactly 0), the Gaussian the smoothed-input one; the
         # last column is that Gaussian with the attenuation correction: what the correction
         # alone does, without the networks

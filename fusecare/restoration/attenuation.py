@@ -155,6 +155,10 @@ class AttenuationField:
         # the field takes the array over: shared by every core's region, it is never edited in place
         self.coarse.flags.writeable = False
 
+    def full(self) -> np.ndarray:
+        """The field over the whole volume (``region`` of every voxel): for volumes held whole."""
+        return self.region((slice(None),) * 3)
+
     def region(self, region: Region) -> np.ndarray:
         """The field over ``region`` of the full-resolution volume (float32, linear interpolation
         between the coarse grid's voxel centres); ``region`` is up to three slices (steps allowed),

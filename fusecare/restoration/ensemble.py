@@ -157,7 +157,7 @@ class Ensemble:
     def corrected_input(self) -> bool:
         """The members read the view times its attenuation field (``ModelConfig.corrected_input``;
         ``load_ensemble`` refuses members that disagree)."""
-        return any(getattr(m, "config", None) is not None and m.config.corrected_input for m in self.members)
+        return any(m.config.corrected_input for m in self.members)
 
     @property
     def receptive_field_radius(self) -> int:

@@ -2,8 +2,8 @@
 
 A few candidates (the input itself, the Gaussian-smoothed input, and a small grid over how much
 the gate trusts disagreeing members and region-wide intensity shifts), each without and with the
-attenuation correction (the field is estimated once per case, ``estimate_attenuation``, unless
-the case brings its own, ``ValidationPrediction.field``), are
+attenuation correction (the field is estimated once per case, ``view_field``, unless the case
+brings its own, ``ValidationPrediction.field``), are
 scored on every validation case. Two choice rules pick one of them: ``SAFE`` (among the candidates whose worst
 case is not below 0, the best mean N-SSIM; when none is safe, the best worst case) and ``MEAN``
 (the best mean). ``SAFE`` lets a single validation case veto every candidate that trusts the
@@ -22,7 +22,6 @@ manifest, so inference reads the gate with the members.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from fusecare.config import strict_json
 from fusecare.errors import WeightsError
 from fusecare.normalize import PercentileNorm
-from fusecare.restoration.attenuation import CorrectedView, estimate_attenuation, view_field
+from fusecare.restoration.attenuation import AttenuationField, CorrectedView, view_field
 from fusecare.restoration.ensemble import MANIFEST, Ensemble, load_ensemble, read_manifest, write_manifest
 from fusecare.restoration.gate import INPUT_ONLY, GateConfig, consistency_map, gated, smooth
 from fusecare.restoration.tiling import predict_normalised
@@ -165,8 +164,7 @@ def evaluate_candidates(cases: Sequence[ValidationPrediction], candidates: Seque
         """The case's attenuation field: its own, or estimated once."""
         if i not in fields:
             given = cases[i].field
-            fields[i] = (estimate_attenuation(x, cases[i].voxel_size_zyx).region((slice(None),) * 3)
-                         if given is None else given)
+            fields[i] = view_field(cases[i].source, cases[i].voxel_size_zyx).full() if given is None else given
         return fields[i]
 
     def attenuation(i: int, gate: GateConfig | None, x: np.ndarray) -> np.ndarray | None:
@@ -260,13 +258,14 @@ def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[G
     return Calibration(chosen, results, rule, estimates)
 
 
-def predict_validation(name: str, source: np.ndarray, target: np.ndarray,
-                       predict_volume: Callable[[np.ndarray, tuple[float, float, float]], np.ndarray],
+def predict_validation(ensemble: Ensemble, name: str, source: np.ndarray, target: np.ndarray,
                        voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> ValidationPrediction:
-    """Wrap an ensemble's whole-volume (2, Z, Y, X) prediction of ``source`` (``predict_volume``
-    gets the volume and its voxel size, e.g. ``predict_ensemble_volume``) for calibration."""
-    mean, spread = predict_volume(source, voxel_size_zyx)
-    return ValidationPrediction(name, source, target, mean, spread, voxel_size_zyx)
+    """An ensemble's whole-volume prediction of ``source`` for calibration (``predict_ensemble_volume``);
+    for members that read the corrected view, with the field they read, estimated once."""
+    attenuation = view_field(source, voxel_size_zyx) if ensemble.corrected_input else None
+    mean, spread = predict_ensemble_volume(ensemble, source, voxel_size_zyx, attenuation=attenuation)
+    return ValidationPrediction(name, source, target, mean, spread, voxel_size_zyx,
+                                None if attenuation is None else attenuation.full())
 
 
 @dataclass(frozen=True)
@@ -338,16 +337,18 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
 
 
 def predict_ensemble_volume(ensemble: Ensemble, volume: np.ndarray,
-                            voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+                            voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0), *,
+                            attenuation: AttenuationField | None = None) -> np.ndarray:
     """Normalised (2, Z, Y, X) mean and spread of an ensemble over a whole volume, in the view's
     own brightness: members that read the corrected view (``Ensemble.corrected_input``) are fed
-    it (the field estimated as inference estimates it, with the physical ``voxel_size_zyx``), and
-    their mean and spread are divided by the field, as inference does before the gate."""
+    it (``attenuation``, or the field estimated as inference estimates it, with the physical
+    ``voxel_size_zyx``), and their mean and spread are divided by the field, as inference does
+    before the gate."""
     norm = PercentileNorm.fit(volume)
     source, field = volume, None
     if ensemble.corrected_input:
-        attenuation = view_field(volume, voxel_size_zyx, norm)
-        source, field = CorrectedView(volume, attenuation, norm.low), attenuation.region((slice(None),) * 3)
+        attenuation = view_field(volume, voxel_size_zyx, norm) if attenuation is None else attenuation
+        source, field = CorrectedView(volume, attenuation, norm.low), attenuation.full()
     prediction = predict_normalised(source, ensemble.predict_block, margin=ensemble.margin, norm=norm,
                                     align=ensemble.alignment, device_type=ensemble.device.type)
     return prediction if field is None else prediction / field  # type: ignore[operator]
@@ -357,9 +358,7 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
                             progress: bool = False) -> Calibration:
     """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
     ensemble = load_ensemble(folder, device=device)
-    predictions = [predict_validation(c.name, c.source, c.target,
-                                      functools.partial(predict_ensemble_volume, ensemble), c.voxel_size_zyx)
-                   for c in cases]
+    predictions = [predict_validation(ensemble, c.name, c.source, c.target, c.voxel_size_zyx) for c in cases]
     corrected = ensemble.corrected_input
     calibration = calibrate_gate(predictions, corrected_input_candidates() if corrected else None,
                                  progress=progress, corrected_input=corrected)

@@ -100,8 +100,7 @@ def with_field(case: ValidationCase) -> ValidationCase:
     given the case (a validation case may be a centre crop, ``VALIDATION_CROP``; calibration and
     the benchmark estimate on the same case). Training patches carry the field of their whole
     simulated view, so on a cropped case the two differ by what the crop leaves out."""
-    field = view_field(case.source, case.voxel_size_zyx, PercentileNorm.fit(case.source))
-    return replace(case, field=field.region((slice(None),) * 3))
+    return replace(case, field=view_field(case.source, case.voxel_size_zyx).full())
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:
