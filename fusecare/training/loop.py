@@ -91,7 +91,7 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
                      ) -> dict[str, float]:
     """Validation loss and MAE on fixed patches, and N-SSIM per validation volume (also weighed by
     content, ``validation_score``, with the ``phantom_share`` training draws with), ungated and,
-    with ``config.validation_gate``, through that gate (``gated_validation_scores``; its mean
+    with ``config.validation_gate``, through that gate (``gated_validation_score``; its mean
     ``val_nssim_gated`` is weighed by content as ``val_nssim_weighted`` is, when there is a share)."""
     model.eval()
     with torch.inference_mode():
@@ -113,35 +113,31 @@ def score_validation(model: CareUNet, patches: tuple[torch.Tensor, torch.Tensor]
     return result
 
 
-def member_case_scores(model: CareUNet, case: ValidationCase, gate: GateConfig | None, device: torch.device
-                ) -> tuple[float, float | None]:
+def member_case_scores(model: CareUNet, case: ValidationCase, gate: GateConfig | None,
+                       device: torch.device) -> tuple[float, float | None]:
     """One validation case's N-SSIM for one member: ungated, and through ``gate`` (None without),
     from one whole-volume prediction (held only while this case is scored)."""
     prediction = _predict_volume(model, case, device)
     ungated = score_ssim(case.target, prediction, case.source).n_ssim
     if gate is None:
         return ungated, None
-    [gated] = gated_validation_scores([case], [prediction], gate, model.config.corrected_input)
-    return ungated, gated
+    return ungated, gated_validation_score(case, prediction, gate, model.config.corrected_input)
 
 
-def gated_validation_scores(cases: Sequence[ValidationCase], predictions: Sequence[np.ndarray], gate: GateConfig,
-                            corrected_input: bool) -> list[float]:
-    """N-SSIM of one member's whole-volume predictions through ``gate``, with the code calibration
+def gated_validation_score(case: ValidationCase, prediction: np.ndarray, gate: GateConfig,
+                           corrected_input: bool) -> float:
+    """N-SSIM of one member's whole-volume prediction through ``gate``, with the code calibration
     scores gates with (``evaluate_candidates``): no spread (one member); a member that reads the
     corrected view is divided by its case's field first, and the gate puts the field back, as
     inference does (``restore_volume`` makes such a member's gate correct attenuation)."""
     if corrected_input:
-        gate = gate.replace(correct_attenuation=True)
-    members = []
-    for case, prediction in zip(cases, predictions):
-        if corrected_input and case.field is None:
+        if case.field is None:
             raise ValueError(f"validation case {case.name}: a corrected-input member needs its field")
-        mean = prediction / case.field if corrected_input else prediction
-        members.append(ValidationPrediction(case.name, case.source, case.target, mean, np.zeros_like(mean),
-                                            case.voxel_size_zyx, case.field))
-    [result] = evaluate_candidates(members, [gate], corrected_input=corrected_input, ungated=False)
-    return list(result.n_ssim)
+        gate, prediction = gate.replace(correct_attenuation=True), prediction / case.field
+    member = ValidationPrediction(case.name, case.source, case.target, prediction, np.zeros_like(prediction),
+                                  case.voxel_size_zyx, case.field)
+    [result] = evaluate_candidates([member], [gate], corrected_input=corrected_input, ungated=False)
+    return result.n_ssim[0]
 
 
 CHECKPOINT_BEST, CHECKPOINT_LAST, LOG_NAME = "best.pt", "last.pt", "log.csv"

@@ -694,12 +694,12 @@ def test_a_corrected_input_member_is_validated_on_its_member_input():
 
 @pytest.mark.parametrize("corrected", [False, True])
 def test_a_gated_validation_scores_what_the_gate_makes_of_the_prediction(corrected):
-    """``gated_validation_scores`` against the gate's formula: half blend of the normalised view
+    """``gated_validation_score`` against the gate's formula: half blend of the normalised view
     and the prediction, and, for a member that reads the corrected view, of the view and the
     prediction divided by the case's field, the field multiplied back."""
     from fusecare.restoration.gate import GateConfig
     from fusecare.scoring.metrics import score_ssim
-    from fusecare.training.loop import gated_validation_scores
+    from fusecare.training.loop import gated_validation_score
     from fusecare.training.sources import ValidationCase, with_member_input
 
     rng = np.random.default_rng(4)
@@ -710,16 +710,16 @@ def test_a_gated_validation_scores_what_the_gate_makes_of_the_prediction(correct
     prediction = ndimage.gaussian_filter(case.member_input if corrected else x, 1.0)
     gate = GateConfig.from_dict(HALF_BLEND | {"correct_attenuation": corrected})
     expected = (0.5 * x + 0.5 * prediction / case.field) * case.field if corrected else 0.5 * x + 0.5 * prediction
-    [score] = gated_validation_scores([case], [prediction], gate, corrected)
+    score = gated_validation_score(case, prediction, gate, corrected)
     assert score == pytest.approx(score_ssim(target, expected, source).n_ssim, abs=1e-5)
     keep_all = gate.replace(blend=1.0)
-    [kept] = gated_validation_scores([case], [prediction], keep_all, corrected)
+    kept = gated_validation_score(case, prediction, keep_all, corrected)
     assert kept == pytest.approx(score_ssim(target, prediction, source).n_ssim, abs=1e-5)
     if corrected:  # as inference, a member that reads the corrected view always gets the field back
         uncorrecting = gate.replace(correct_attenuation=False)
-        assert gated_validation_scores([case], [prediction], uncorrecting, True) == pytest.approx([score], abs=1e-6)
+        assert gated_validation_score(case, prediction, uncorrecting, True) == pytest.approx(score, abs=1e-6)
         with pytest.raises(ValueError, match="needs its field"):
-            gated_validation_scores([ValidationCase("c", source, target)], [prediction], gate, True)
+            gated_validation_score(ValidationCase("c", source, target), prediction, gate, True)
 
 
 def test_checkpoints_are_chosen_on_the_gated_score_with_a_validation_gate(tmp_path, caplog):
