@@ -76,13 +76,13 @@ def export_member(run_dir: Path, member_dir: Path, config: TrainConfig) -> None:
     state = torch.load(run_dir / CHECKPOINT_BEST, map_location="cpu", weights_only=False)
     check_trained(run_dir, {**state.get("metrics", {}), "step": state.get("step", 0)},
                   warm_started=bool(config.init_weights))
-    _save_checkpoint_member(member_dir, state["model"], config, {"best": strict_json(state["metrics"])})
-
-
-def _save_checkpoint_member(member_dir: Path, weights: dict[str, torch.Tensor], config: TrainConfig,
-                            record: dict[str, Any]) -> None:
     model = CareUNet(config.model)
-    model.load_state_dict(weights)
+    model.load_state_dict(state["model"])
+    _save_trained_member(member_dir, model, config, {"best": strict_json(state["metrics"])})
+
+
+def _save_trained_member(member_dir: Path, model: CareUNet, config: TrainConfig, record: dict[str, Any]) -> None:
+    """A member folder with ``training.json``: the run's config and ``record`` (what chose it)."""
     save_member(member_dir, model, extra_files={"training.json": {"config": config.to_dict(), **record}})
 
 
@@ -117,7 +117,8 @@ def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) ->
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         weights = state["model"]
-        CareUNet(model).load_state_dict(weights)
+        network = CareUNet(model)
+        network.load_state_dict(weights)
     except Exception as exc:  # not a torch file, not a run's checkpoint, or another network's weights
         raise ConfigError(f"checkpoint {checkpoint}: not a readable checkpoint of this network "
                           f"({one_line(exc)})") from None
@@ -126,8 +127,8 @@ def export_checkpoint(checkpoint: Path, member_dir: Path, model: ModelConfig) ->
     check_checkpoint(run_dir, {**logged, "step": step}, warm_started=bool(run_config.init_weights))
     if not all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()):
         raise TrainingError(f"checkpoint {checkpoint}: non-finite weights (a diverged run?); not exported")
-    _save_checkpoint_member(member_dir, weights, run_config,
-                            {"logged": logged, "checkpoint": str(checkpoint), "step": step})
+    _save_trained_member(member_dir, network, run_config,
+                         {"logged": logged, "checkpoint": str(checkpoint), "step": step})
 
 
 def assemble_ensemble(config: TrainConfig, checkpoints: Sequence[Path], *, weights_dir: str | Path,
