@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,15 @@ from fusecare.training.loop import member_case_scores  # noqa: E402
 from fusecare.training.sources import build_data  # noqa: E402
 
 
+def column_name(path: Path, step: int, taken: Iterable[str]) -> str:
+    """``<member folder>:<step>``, or with the run folder in front when two runs' members share
+    that (member_0 of two runs at the same step); one checkpoint given twice is refused."""
+    for name in (f"{path.parent.name}:{step}", f"{path.parent.parent.name}/{path.parent.name}:{step}"):
+        if name not in taken:
+            return name
+    raise SystemExit(f"{path}: given twice (or two run folders of the same name); each column must be one checkpoint")
+
+
 def case_scores(config: TrainConfig, checkpoints: list[Path]) -> tuple[list[str], dict[str, list[float]]]:
     """Validation case names, and per checkpoint (``<member folder>:<step>``) each case's N-SSIM."""
     _, cases = build_data(config, validation_only=True)
@@ -38,7 +48,7 @@ def case_scores(config: TrainConfig, checkpoints: list[Path]) -> tuple[list[str]
         model.load_state_dict(state["model"])
         model.eval()
         scores = [member_case_scores(model, c, config.validation_gate, torch.device("cpu")) for c in cases]
-        name = f"{path.parent.name}:{state['step']}"
+        name = column_name(path, state["step"], columns)
         columns[name] = [ungated for ungated, _ in scores]
         if config.validation_gate is not None:
             columns[f"{name} gated"] = [gated for _, gated in scores]

@@ -176,6 +176,18 @@ def test_validation_cases_score_each_case_as_training_logged_their_mean(tmp_path
     assert min(columns["run:2 gated"]) == pytest.approx(float(logged["val_nssim_gated_min"]), abs=1e-6)
 
 
+def test_validation_cases_name_each_checkpoint_apart():
+    """Two runs' member_0 at the same step get two columns (the run folder in front), not one
+    overwriting the other; one checkpoint given twice is refused."""
+    import validation_cases
+
+    first = validation_cases.column_name(Path("a/member_0/best.pt"), 200, [])
+    second = validation_cases.column_name(Path("b/member_0/last.pt"), 200, [first])
+    assert (first, second) == ("member_0:200", "b/member_0:200")
+    with pytest.raises(SystemExit, match="given twice"):
+        validation_cases.column_name(Path("b/member_0/last.pt"), 200, [first, second])
+
+
 def test_field_parts_split_a_light_sheet_loss_from_detection(rng):
     """``bench/field_parts.py`` on a specimen dimmed along X only, against the undimmed specimen:
     the light-sheet part recovers what the full field does, the Z part finds no light-sheet loss

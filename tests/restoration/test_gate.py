@@ -195,3 +195,11 @@ def test_the_attenuation_correction_multiplies_the_gated_output(rng):
     assert GateConfig.from_dict(old_manifest).correct_attenuation is False
     assert GateConfig(blend=0.0, fallback_sigma=0.5, correct_attenuation=True).needs_prediction is False
     assert GateConfig(blend=0.25).needs_prediction
+
+
+def test_gate_radius_covers_each_kernel_as_scipy_truncates_it():
+    """Each kernel's radius as scipy rounds it (``int(4 sigma + 0.5)``), not 4 sigmas (1.0 here)."""
+    assert GateConfig(spread_sigma=0.125, fallback_sigma=0.125, consistency_scale=0.1,
+                      consistency_sigma=0.125).radius == 2
+    assert GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0).radius == 16
+    assert GateConfig().radius == 0

@@ -508,14 +508,6 @@ def test_deferred_gate_is_host_only(volume):
         restore_volume(volume, _members_torch, **TILING, gate=SMOOTHING_GATE, gate_slab=4, device=torch.device("cpu"))
 
 
-def test_gate_radius_covers_each_kernel_as_scipy_truncates_it():
-    """Each kernel's radius as scipy rounds it (``int(4 sigma + 0.5)``), not 4 sigmas (1.0 here)."""
-    assert GateConfig(spread_sigma=0.125, fallback_sigma=0.125, consistency_scale=0.1,
-                      consistency_sigma=0.125).radius == 2
-    assert GateConfig(spread_sigma=2.0, consistency_scale=0.02, consistency_sigma=4.0).radius == 16
-    assert GateConfig().radius == 0
-
-
 def test_a_cpu_case_with_a_smoothing_gate_defers_it(tmp_path, rng, monkeypatch):
     """Through ``restore_folder`` on CPU the plan reaches ``restore_volume``: a smoothing gate is
     deferred to z-slabs (with ``--tile``, whose cores stay as asked), and the output is the gate

@@ -179,9 +179,10 @@ def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _torchrun(tmp_path: Path, config: Path, nproc: int, *extra: str, port: int = 29517) -> subprocess.CompletedProcess:
+def _torchrun(tmp_path: Path, config: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    # --standalone lets the rendezvous take a free port: a fixed one failed when another run held it
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return subprocess.run(
         [sys.executable, *(launcher if nproc > 1 else []), "-m", "train", "--config", config,
          "--runs", tmp_path / "runs", "--weights", tmp_path / "w", "--quiet", *extra],
