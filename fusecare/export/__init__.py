@@ -1,4 +1,5 @@
-"""Export: the shipped ensembles packaged for other tools (``python -m fusecare.export``).
+"""Export: ensembles packaged for other tools (``python -m fusecare.export``); members that read the
+attenuation-corrected view, as both shipped ensembles do, are refused.
 
 ``bioimageio`` writes and tests a BioImage Model Zoo package per channel; ``zoo_arch`` is the
 network's architecture as that package carries it, self-contained (it imports nothing from
