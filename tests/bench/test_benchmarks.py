@@ -212,3 +212,59 @@ def test_every_benchmark_script_imports(script):
     import importlib
 
     importlib.import_module(script)
+
+
+def test_ship_decision_rule_needs_a_higher_mean_and_a_worst_case_not_lower():
+    """``bench/ship_decision.py``'s rule: a higher leave-one-volume-out mean alone does not ship
+    (session 14's membrane contender: 0.715 against 0.690 with a lower worst case); among those
+    that pass, the highest mean ships; none passing keeps the shipped ensemble."""
+    import ship_decision as sd
+
+    shipped = sd.Estimate(0.690, 0.447, {})
+    lower_worst = sd.Estimate(0.715, 0.398, {})
+    assert not sd.passes(lower_worst, shipped) and sd.decide(shipped, {"a": lower_worst}) is None
+    both = {"a": sd.Estimate(0.693, 0.450, {}), "b": sd.Estimate(0.700, 0.447, {}), "c": lower_worst}
+    assert sd.decide(shipped, both) == "b"
+    assert sd.decide(shipped, {"same": sd.Estimate(0.690, 0.447, {})}) is None  # not higher: kept
+
+
+def test_ship_decision_estimates_each_ensemble_on_one_validation_without_writing(tmp_path):
+    """End to end on tiny random ensembles and two validation phantoms: each estimate is the
+    calibration's leave-one-volume-out (per volume the mean of its held-out cases), the manifests
+    are left as they were, and the table names the decision."""
+    import ship_decision as sd
+    from conftest import make_tiny_ensemble
+
+    from fusecare.training.calibration import calibrate_ensemble_gate
+    from fusecare.training.config import TrainConfig
+    from fusecare.training.sources import build_data
+
+    shipped = make_tiny_ensemble(tmp_path / "a", "nucleus")
+    contender = make_tiny_ensemble(tmp_path / "b", "nucleus", members=1)
+    before = (shipped / "manifest.json").read_bytes()
+    config = TrainConfig.from_dict({"model": {"first_filters": 4}, "phantoms": 1, "phantom_shape": [12, 32, 32],
+                                    "validation_phantoms": 2, "device": "cpu"})
+    _, cases = build_data(config, validation_only=True)
+    estimates = {str(f): sd.estimate(f, config, cases) for f in (shipped, contender)}
+    assert (shipped / "manifest.json").read_bytes() == before
+    calibration = calibrate_ensemble_gate(shipped, cases)
+    cv = calibration.cross_validation[calibration.rule.name]
+    got = estimates[str(shipped)]
+    assert got.mean == pytest.approx(cv.mean) and got.worst == pytest.approx(cv.worst)
+    assert set(got.per_volume) == {"validation phantom 0", "validation phantom 1"}
+    assert got.per_volume["validation phantom 0"] == pytest.approx(np.mean(cv.folds[0][2]))
+    chosen = sd.decide(got, {str(contender): estimates[str(contender)]})
+    lines = sd.table(str(shipped), estimates, chosen)
+    assert lines[-1] == f"decision: {chosen or 'keep ' + str(shipped)}" and "shipped now" in lines[1]
+
+
+def test_ship_decision_refuses_a_folder_without_an_ensemble_before_building_validation(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "ship_decision.py"
+    config = tmp_path / "c.json"
+    config.write_text('{"validation_files": ["/nowhere/never_read.tif"]}')
+    result = subprocess.run([sys.executable, script, config, "--shipped", tmp_path, "--contender", tmp_path / "x"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"{tmp_path}: no ensemble there (no manifest.json)" in result.stderr
+    assert "Traceback" not in result.stderr
