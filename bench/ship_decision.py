@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fusecare.errors import FuseCareError  # noqa: E402
 from fusecare.restoration.ensemble import MANIFEST  # noqa: E402
 from fusecare.training.calibration import calibrate_ensemble_gate  # noqa: E402
 from fusecare.training.config import TrainConfig  # noqa: E402
-from fusecare.training.sources import build_data  # noqa: E402
+from fusecare.training.sources import ValidationCase, build_data  # noqa: E402
 
 log = logging.getLogger("fusecare")
 
@@ -61,11 +62,9 @@ def decide(shipped: Estimate, contenders: dict[str, Estimate]) -> str | None:
     return max(passing, key=lambda name: passing[name].mean) if passing else None
 
 
-def estimate(folder: Path, config: TrainConfig, cases: list | None = None) -> Estimate:
-    """Calibrate ``folder``'s gate on the config's validation (read-only) and return the chosen
-    rule's leave-one-volume-out estimate."""
-    if cases is None:
-        _, cases = build_data(config, validation_only=True)
+def estimate(folder: Path, cases: Sequence[ValidationCase]) -> Estimate:
+    """Calibrate ``folder``'s gate on ``cases`` (read-only: ``calibrate_ensemble_gate`` writes
+    nothing) and return the chosen rule's leave-one-volume-out estimate."""
     calibration = calibrate_ensemble_gate(folder, cases)
     cv = calibration.cross_validation[calibration.rule.name]
     if cv is None:
@@ -104,7 +103,7 @@ def main() -> None:
         config = TrainConfig.load(args.config)
         _, cases = build_data(config, validation_only=True)
         log.info("%d validation cases from %s", len(cases), args.config)
-        estimates = {str(folder): estimate(folder, config, cases) for folder in [args.shipped, *args.contender]}
+        estimates = {str(folder): estimate(folder, cases) for folder in [args.shipped, *args.contender]}
     except FuseCareError as error:  # a missing ensemble or volume, a bad config: one line, exit 2
         print(f"ship_decision: {error}", file=sys.stderr)
         raise SystemExit(2) from None

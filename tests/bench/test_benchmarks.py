@@ -245,7 +245,7 @@ def test_ship_decision_estimates_each_ensemble_on_one_validation_without_writing
     config = TrainConfig.from_dict({"model": {"first_filters": 4}, "phantoms": 1, "phantom_shape": [12, 32, 32],
                                     "validation_phantoms": 2, "device": "cpu"})
     _, cases = build_data(config, validation_only=True)
-    estimates = {str(f): sd.estimate(f, config, cases) for f in (shipped, contender)}
+    estimates = {str(f): sd.estimate(f, cases) for f in (shipped, contender)}
     assert (shipped / "manifest.json").read_bytes() == before
     calibration = calibrate_ensemble_gate(shipped, cases)
     cv = calibration.cross_validation[calibration.rule.name]
