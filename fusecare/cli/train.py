@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
         config = merged_config(args)
         if args.calibrate_only:
             _, validation = build_data(config, validation_only=True)
-            gate = recalibrate_gate(args.weights / config.channel, validation, device=config.device,
-                                    progress=not args.quiet)
+            gate = recalibrate_gate(args.weights / config.channel, validation, channel=config.channel,
+                                    device=config.device, progress=not args.quiet)
             log.info("gate of %s: %s", args.weights / config.channel, gate.to_dict())
             return 0
         if args.from_checkpoints:

@@ -463,8 +463,12 @@ class EnsembleCache:
     def get(self, channel: str) -> Ensemble:
         if channel not in self._loaded:
             try:
-                self._loaded[channel] = load_ensemble(self.weights_dir / channel, device=self.device,
-                                                      fp16=self.fp16)
+                ensemble = load_ensemble(self.weights_dir / channel, device=self.device, fp16=self.fp16)
+                if ensemble.channel != channel:
+                    log.warning("%s: its manifest says %s, yet it restores the %s cases (its gate was "
+                                "calibrated for %s content)", self.weights_dir / channel, ensemble.channel,
+                                channel, ensemble.channel)
+                self._loaded[channel] = ensemble
             except FuseCareError as exc:
                 self._loaded[channel] = exc
         entry = self._loaded[channel]

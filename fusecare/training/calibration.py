@@ -259,10 +259,15 @@ def calibrate_gate(cases: Sequence[ValidationPrediction], candidates: Sequence[G
 
 
 def predict_validation(ensemble: Ensemble, name: str, source: np.ndarray, target: np.ndarray,
-                       voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> ValidationPrediction:
+                       voxel_size_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0), *,
+                       attenuation: AttenuationField | None = None) -> ValidationPrediction:
     """An ensemble's whole-volume prediction of ``source`` for calibration (``predict_ensemble_volume``);
-    for members that read the corrected view, with the field they read, estimated once."""
-    attenuation = view_field(source, voxel_size_zyx) if ensemble.corrected_input else None
+    members that read the corrected view read it through ``attenuation`` (a validation case's own
+    estimate, ``ValidationCase.attenuation``), else through one estimated here, once."""
+    if not ensemble.corrected_input:
+        attenuation = None
+    elif attenuation is None:
+        attenuation = view_field(source, voxel_size_zyx)
     mean, spread = predict_ensemble_volume(ensemble, source, voxel_size_zyx, attenuation=attenuation)
     return ValidationPrediction(name, source, target, mean, spread, voxel_size_zyx,
                                 None if attenuation is None else attenuation.full())
@@ -310,10 +315,13 @@ def choose_rule(names: Sequence[str], table: Sequence[GateCandidate]
 # --------------------------------------------------------------------------- a saved ensemble
 
 
-def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, device: str = "cpu",
+def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, channel: str, device: str = "cpu",
                      info: dict[str, Any] | None = None, progress: bool = False) -> GateConfig:
     """Calibrate an ensemble's gate and rewrite its manifest with the gate and the whole table.
 
+    ``channel`` is the channel whose validation ``validation`` is: the manifest records it, since a
+    gate belongs to the channel it was calibrated for (members copied from another channel's
+    ensemble, as the shipped nucleus members are, take the new channel with their new gate).
     ``WeightsError`` when ``folder`` holds no ensemble (no readable manifest).
     """
     if not (folder / MANIFEST).is_file():
@@ -326,7 +334,10 @@ def recalibrate_gate(folder: Path, validation: Sequence[ValidationCase], *, devi
         if cv is not None:
             log.info("leave-one-volume-out N-SSIM of the %r rule: mean %.4f, worst %.4f", name, cv.mean, cv.worst)
     cv = calibration.cross_validation[calibration.rule.name]
-    write_manifest(folder, str(manifest.get("channel", folder.name)), gate=calibration.gate, info=strict_json({
+    if manifest.get("channel", channel) != channel:
+        log.info("%s: manifest channel %s -> %s (the gate is calibrated on the %s validation)",
+                 folder, manifest["channel"], channel, channel)
+    write_manifest(folder, channel, gate=calibration.gate, info=strict_json({
         **info, "gate_cases": [v.name for v in validation], "gate_rule": calibration.rule.name,
         "gate_calibration": [c.to_dict() for c in calibration.table],
         "gate_cross_validation": None if cv is None else [
@@ -358,7 +369,8 @@ def calibrate_ensemble_gate(folder: Path, cases: Sequence[ValidationCase], *, de
                             progress: bool = False) -> Calibration:
     """Calibrate the do-no-harm gate of a saved ensemble on validation volumes; logs the table."""
     ensemble = load_ensemble(folder, device=device)
-    predictions = [predict_validation(ensemble, c.name, c.source, c.target, c.voxel_size_zyx) for c in cases]
+    predictions = [predict_validation(ensemble, c.name, c.source, c.target, c.voxel_size_zyx,
+                                      attenuation=c.attenuation) for c in cases]
     corrected = ensemble.corrected_input
     calibration = calibrate_gate(predictions, corrected_input_candidates() if corrected else None,
                                  progress=progress, corrected_input=corrected)

@@ -147,7 +147,8 @@ def assemble_ensemble(config: TrainConfig, checkpoints: Sequence[Path], *, weigh
         write_manifest(staging, config.channel, info=info)
         if calibrate:
             _, validation = build_data(config, validation_only=True)
-            recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
+            recalibrate_gate(staging, validation, channel=config.channel, device=config.device, info=info,
+                             progress=progress)
     folder = Path(weights_dir) / config.channel
     log.info("wrote the %d-member %s ensemble to %s", len(checkpoints), config.channel, folder)
     return folder
@@ -246,7 +247,8 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
             write_manifest(staging, config.channel, info=info)
             _, validation = data
             if validation and calibrate:
-                recalibrate_gate(staging, validation, device=config.device, info=info, progress=progress)
+                recalibrate_gate(staging, validation, channel=config.channel, device=config.device, info=info,
+                                 progress=progress)
     if writer:
         log.info("wrote the %d-member %s ensemble to %s", members, config.channel, weights_dir / config.channel)
     shutdown_distributed()  # after rank 0 wrote the ensemble; then every rank's group ends cleanly

@@ -20,7 +20,7 @@ from fusecare.constants import NUCLEUS
 from fusecare.errors import InputError
 from fusecare.io import CaseInfo, inspect_case, list_cases, open_volume, opened_volume, read_case
 from fusecare.normalize import PercentileNorm
-from fusecare.restoration.attenuation import view_field
+from fusecare.restoration.attenuation import AttenuationField, view_field
 from fusecare.training.config import TrainConfig
 from fusecare.training.pairs import PairPatches, check_clean_volume, discover_fmc_pairs, split_by_study
 from fusecare.training.phantoms import PHANTOM_VOXEL_SIZE_ZYX, membrane_phantom, nuclei_phantom
@@ -93,6 +93,9 @@ class ValidationCase:
     """The view's attenuation field (``with_field``), for members that read the corrected view or a
     ``TrainConfig.validation_gate`` that corrects attenuation: a gated validation divides the
     former's prediction by it before the gate, as inference does, and the gate multiplies it back."""
+    attenuation: AttenuationField | None = None
+    """The estimate ``field`` was made from (``with_field``): calibration feeds it to members that
+    read the corrected view (``CorrectedView``) instead of estimating it again."""
 
 
 def with_field(case: ValidationCase) -> ValidationCase:
@@ -100,7 +103,8 @@ def with_field(case: ValidationCase) -> ValidationCase:
     given the case (a validation case may be a centre crop, ``VALIDATION_CROP``; calibration and
     the benchmark estimate on the same case). Training patches carry the field of their whole
     simulated view, so on a cropped case the two differ by what the crop leaves out."""
-    return replace(case, field=view_field(case.source, case.voxel_size_zyx).full())
+    attenuation = view_field(case.source, case.voxel_size_zyx)
+    return replace(case, field=attenuation.full(), attenuation=attenuation)
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:

@@ -540,6 +540,28 @@ def test_a_cpu_case_with_a_smoothing_gate_defers_it(tmp_path, rng, monkeypatch):
     assert np.abs(tifffile.imread(tmp_path / "out" / "a.tif").astype(int) - per_core.astype(int)).max() <= 1
 
 
+def test_an_ensemble_whose_manifest_names_another_channel_is_loaded_with_a_warning(tmp_path, caplog):
+    """A gate belongs to the channel it was calibrated for: a folder of one channel holding an
+    ensemble whose manifest names the other is used (the folder decides) and said once."""
+    from conftest import make_tiny_ensemble
+
+    from fusecare.restoration.ensemble import read_manifest, write_manifest
+    from fusecare.restoration.pipeline import EnsembleCache
+
+    folder = make_tiny_ensemble(tmp_path / "weights", "nucleus")
+    cache = EnsembleCache(tmp_path / "weights", torch.device("cpu"))
+    with caplog.at_level(logging.WARNING):
+        assert cache.get("nucleus").channel == "nucleus"
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    write_manifest(folder, "membrane", gate=read_manifest(folder).get("gate"))
+    cache = EnsembleCache(tmp_path / "weights", torch.device("cpu"))
+    with caplog.at_level(logging.WARNING):
+        cache.get("nucleus")
+        cache.get("nucleus")
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "its manifest says membrane, yet it restores the nucleus cases" in line
+
+
 # --------------------------------------------------------------------------- the attenuation correction
 
 

@@ -236,3 +236,32 @@ def test_corrected_input_ensembles_choose_among_gates_that_put_the_field_back():
     candidates = corrected_input_candidates()
     assert candidates[0] == INPUT_ONLY and len(candidates) == 35
     assert all(gate.correct_attenuation for gate in candidates[1:])
+
+
+def test_calibration_reads_a_case_through_its_own_field_estimate_without_estimating_again(tmp_path, rng,
+                                                                                           monkeypatch):
+    """A validation case that carries its field (``with_field``, as ``build_data`` makes them for
+    members that read the corrected view) is predicted through that estimate, not a second one,
+    and calibrates to the same table as a case without it."""
+    from conftest import beer_lambert, blob_specimen, make_tiny_ensemble
+
+    from fusecare.training import calibration
+    from fusecare.training.sources import ValidationCase, with_field
+
+    clean = blob_specimen(rng, (16, 48, 48), (2, 4, 4)).astype(np.float32)
+    views = [(1000 + 8000 * beer_lambert(clean, 2, k == 0, 0.1, 0.5) + 50 * rng.standard_normal(clean.shape)
+              ).astype(np.float32) for k in range(2)]
+    plain = [ValidationCase(f"v{k} (simulated, seed {k})", view, clean, voxel_size_zyx=(1.0, 0.5, 0.5))
+             for k, view in enumerate(views)]
+    carried = [with_field(c) for c in plain]
+    folder = make_tiny_ensemble(tmp_path, "membrane", corrected_input=True)
+    estimates = []
+    real = calibration.view_field
+    monkeypatch.setattr(calibration, "view_field", lambda *a, **k: estimates.append(1) or real(*a, **k))
+    fresh = calibration.calibrate_ensemble_gate(folder, plain)
+    assert len(estimates) == 2
+    reused = calibration.calibrate_ensemble_gate(folder, carried)
+    assert len(estimates) == 2  # no estimate beyond the cases' own
+    scores = [np.array([c.n_ssim for c in calibrated.table]) for calibrated in (fresh, reused)]
+    assert np.isfinite(scores[0]).all()
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-6)

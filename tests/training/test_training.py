@@ -284,6 +284,24 @@ def test_calibrate_only_rewrites_the_gate_without_training(tmp_path):
     assert manifest["info"]["gate_rule_cross_validation"] == {"safe": None, "mean": None}
     assert len(manifest["info"]["gate_calibration"]) == 69  # ungated + 68 candidates
     assert (tmp_path / "w" / "nucleus" / "member_0" / "weights.pt").read_bytes() == weights_before
+    assert manifest["channel"] == "nucleus"
+
+
+def test_calibrate_only_gives_copied_members_the_channel_of_their_new_gate(tmp_path):
+    """Members copied from another channel's ensemble (the shipped nucleus ensemble is a copy of
+    membrane members) take the channel their gate is calibrated for."""
+    from conftest import make_tiny_ensemble
+
+    from fusecare.restoration.ensemble import write_manifest
+    from train.train import main
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(TINY))
+    folder = make_tiny_ensemble(tmp_path / "w", "nucleus", members=1)
+    write_manifest(folder, "membrane")
+    assert main(["--config", str(config), "--weights", str(tmp_path / "w"), "--calibrate-only", "--quiet"]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["channel"] == "nucleus" and manifest["gate"] is not None
 
 
 def test_command_line_options_override_the_config_file(tmp_path):
@@ -439,8 +457,7 @@ def test_zoomed_training_views_keep_the_patch_shape_and_vary_the_structure_size(
 def test_generalise_configs_train_and_validate_only_on_their_split(shared_data):
     """The held-out protocol holds only if the shipped recipe never touches a test volume."""
     split = load_split(REPO / "train" / "splits" / "heldout.json", shared_data)
-    recipes = {p: TrainConfig.load(p) for p in sorted((REPO / "train" / "configs").glob("*.json"))
-               if not p.name.startswith("shipped_")}
+    recipes = {p: TrainConfig.load(p) for p in sorted((REPO / "train" / "configs").glob("*.json"))}
     assert {config.channel for config in recipes.values()} == {"membrane", "nucleus"}
     for path, config in recipes.items():
         channel = config.channel
