@@ -5,9 +5,12 @@
 # can stop at any point and resume (also on another machine: the run folder is committed).
 # One thread by default (OMP_NUM_THREADS), so it can run in the background while you work.
 # RECIPE names the configs (train/configs/RECIPE_{membrane,nucleus}.json) and the default run
-# folder (train/checkpoints/RECIPE). The default, fused_gauss_lowlr, is the shipped recipe: both
-# channels learn from the membrane volumes (the nucleus recipe starts from the membrane ensemble this
-# recipe writes, train/checkpoints/fused_gauss_lowlr/weights/membrane).
+# folder (train/checkpoints/RECIPE). The default, corrected_gated, is the recipe of the shipped
+# membrane members: members that read the attenuation-corrected view, both channels learning from
+# the membrane volumes, checkpoints chosen through the safety net (the shipped nucleus members are
+# that recipe's start: no trained checkpoint beat it on the nucleus validation). Its committed run
+# folder resumes where session 14 stopped. How the shipped ensembles were assembled from its
+# checkpoints: train/shipped.json, scripts/reproduce_shipped.py.
 # Recipes of one channel only (fused_gauss, fused, generalise, ...) need CHANNELS=membrane.
 # CHANNELS (default "membrane nucleus") picks the channels: two runs, one per channel, use two cores.
 # usage: [RECIPE=fused] [CHANNELS=membrane] scripts/train_generalise.sh [FINAL_STEPS] [PHASE]
@@ -16,7 +19,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 final="${1:-3000}"
 phase="${2:-200}"
 python="${PYTHON:-.venv/bin/python}"
-recipe="${RECIPE:-fused_gauss_lowlr}"
+recipe="${RECIPE:-corrected_gated}"
 runs="${RUNS:-train/checkpoints/$recipe}"
 channels="${CHANNELS:-membrane nucleus}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
