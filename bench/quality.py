@@ -11,6 +11,7 @@ extra rows. The Gaussian's sigma is tuned on the training volumes only.
     python bench/quality.py                                   # model_weights/, CPU
     python bench/quality.py --weights train/checkpoints/fused/weights --views 2
     python bench/quality.py --json out/quality.json           # rows and summary for the model card
+    python bench/quality.py --rows docs/quality/session15_nucleus_fused.json   # summarise stored rows
 
 Columns: identity (copying the input: 0 by construction), gaussian (tuned sigma), ensemble
 (ungated mean of the members), gated (with the ensemble's calibrated safety net, as inference
@@ -198,6 +199,22 @@ def summary_header() -> str:
     return f"{'channel':<9}{'content':<24}{'n':>4}" + "".join(f"{c:>{_summary_width(c)}}" for c in COLUMNS)
 
 
+def volume_of_case(case: str) -> str:
+    """The volume a row's case is a view of (``"a.tif view 20000"`` -> ``"a.tif"``)."""
+    return case.split(" view ")[0]
+
+
+def volume_standard_error(rows: list[dict], column: str) -> float | None:
+    """Standard error of a column's mean across volumes: the spread of the per-volume means over
+    the square root of their number. Views of one volume share its content, so the volume, not
+    the view, is the unit of a held-out estimate. None with fewer than 2 volumes."""
+    by_volume: dict[str, list[float]] = {}
+    for row in rows:
+        by_volume.setdefault(volume_of_case(row["case"]), []).append(row[column])
+    means = [float(np.mean(v)) for v in by_volume.values()]
+    return None if len(means) < 2 else float(np.std(means, ddof=1) / np.sqrt(len(means)))
+
+
 def summarise(result: dict) -> list[str]:
     lines = []
     for group, label in GROUPS.items():
@@ -212,7 +229,9 @@ def summarise(result: dict) -> list[str]:
             gated_mean, gauss_mean, worst = table[:, 3].mean(), table[:, 1].mean(), table[:, 3].min()
             ratio = gated_mean / gauss_mean if gauss_mean > 0 else None  # no ratio to a baseline <= 0
             result["heldout"] = {"gated_mean": gated_mean, "gaussian_mean": gauss_mean, "ratio": ratio,
-                                 "worst": worst, "ensemble_mean": table[:, 2].mean(), "n": len(rows)}
+                                 "worst": worst, "ensemble_mean": table[:, 2].mean(), "n": len(rows),
+                                 "gated_volume_se": volume_standard_error(rows, "gated"),
+                                 "volumes": len({volume_of_case(r["case"]) for r in rows})}
     return lines
 
 
@@ -231,29 +250,39 @@ def main() -> None:
                         "detection blur and part of the view's noise, as real fused volumes do")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write the rows and summaries here")
+    parser.add_argument("--rows", type=Path,
+                        help="summarise the rows of an earlier --json file instead of scoring (no data needed)")
     args = parser.parse_args()
-    if not (args.data / "README.md").is_file():
-        sys.exit(f"real volumes not found in {args.data}")
-    split = load_split(args.split, args.data)
-    print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>{_width(c)}}" for c in COLUMNS)
-          + f"  {'light':<9}named")
-    results = [score_channel(channel, split[channel], args) for channel in args.channels]
+    if args.rows is not None:
+        try:
+            results = json.loads(args.rows.read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            sys.exit(f"{args.rows}: not a bench/quality.py --json file ({exc})")
+    else:
+        if not (args.data / "README.md").is_file():
+            sys.exit(f"real volumes not found in {args.data}")
+        split = load_split(args.split, args.data)
+        print(f"{'channel':<9}{'case':<46}{'content':<10}" + "".join(f"{c:>{_width(c)}}" for c in COLUMNS)
+              + f"  {'light':<9}named")
+        results = [score_channel(channel, split[channel], args) for channel in args.channels]
     print("\nsummary: mean N-SSIM (worst case in brackets)")
     print(summary_header())
     for result in results:
         print("\n".join(summarise(result)))
     print("\neach real volume's own light loss (the estimate on the clean volume; its simulated targets keep it)")
     for result in results:
-        for name, loss in result["own_light_loss"].items():
+        for name, loss in result.get("own_light_loss", {}).items():
             print(f"{result['channel']:<9}{name:<36}light from {loss['named']:<9}{loss['rate']:.3f}/um, detection from "
                   f"{loss['detection']} {loss['detection_rate']:.3f}/um, largest gain {loss['max_gain']:.2f}")
     for result in results:
         h = result["heldout"]
         ratio = f"{h['ratio']:.2f}x" if h["ratio"] is not None else "n/a (Gaussian <= 0)"
-        print(f"{result['channel']}: held-out gated {h['gated_mean']:.3f}, {ratio} the tuned Gaussian's "
+        se = h["gated_volume_se"]
+        spread = "" if se is None else f" (standard error {se:.3f} across its {h['volumes']} volumes)"
+        print(f"{result['channel']}: held-out gated {h['gated_mean']:.3f}{spread}, {ratio} the tuned Gaussian's "
               f"{h['gaussian_mean']:.3f} (sigma {result['sigma']}; targets >= 0.15 and >= 1.5x), worst "
               f"{h['worst']:.3f} (target >= 0); gate {result['gate']}")
-    if args.json:
+    if args.json and args.rows is None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"split": str(args.split), "weights": str(args.weights),
                                          "target": args.target,

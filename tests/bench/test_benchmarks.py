@@ -128,6 +128,39 @@ def test_summary_gives_held_out_mean_worst_and_ratio_under_aligned_headers():
     assert result["heldout"]["ratio"] is None  # no ratio to a baseline <= 0
 
 
+def test_held_out_standard_error_treats_the_volume_as_the_unit():
+    """Views of one volume share its content: the standard error is that of the per-volume means."""
+    rows = [{"case": f"{volume}.tif view {seed}", "gated": value}
+            for volume, values in {"a": (0.1, 0.3), "b": (0.5, 0.5), "c": (-0.2, 0.0)}.items()
+            for seed, value in zip((20000, 20001), values)]
+    means = [0.2, 0.5, -0.1]
+    assert quality.volume_standard_error(rows, "gated") == pytest.approx(np.std(means, ddof=1) / np.sqrt(3))
+    assert quality.volume_standard_error(rows[:2], "gated") is None  # one volume: no spread to estimate
+    result = {"channel": "nucleus", "rows": [dict(r, group="test", **dict.fromkeys(
+        ("identity", "gaussian", "ensemble", "gaussian_corrected"), 0.0)) for r in rows]}
+    quality.summarise(result)
+    assert result["heldout"]["volumes"] == 3
+    assert result["heldout"]["gated_volume_se"] == pytest.approx(quality.volume_standard_error(rows, "gated"))
+
+
+def test_rows_of_an_earlier_run_are_summarised_without_data(tmp_path):
+    import json
+    import subprocess
+
+    rows = [{"case": f"{v}.tif view 20000", "group": "test", "identity": 0.0, "gaussian": 0.1, "ensemble": 0.2,
+             "gated": g, "gaussian_corrected": 0.2} for v, g in (("a", 0.3), ("b", -0.1))]
+    stored = tmp_path / "q.json"
+    stored.write_text(json.dumps({"results": [{"channel": "membrane", "sigma": 0.45, "gate": None, "rows": rows}]}))
+    bench = Path(quality.__file__)
+    done = subprocess.run([sys.executable, str(bench), "--rows", str(stored), "--data", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "membrane: held-out gated 0.100 (standard error 0.200 across its 2 volumes), 1.00x" in done.stdout
+    bad = subprocess.run([sys.executable, str(bench), "--rows", str(bench)], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "not a bench/quality.py --json file" in bad.stderr
+
+
 def test_score_channel_labels_every_row_and_reads_own_loss_of_test_and_train(tmp_path, rng, capsys):
     """The whole channel loop on two tiny volumes with the shipped weights: every row names its
     view's light and the estimate's face, and the own-light-loss table covers test and train."""
