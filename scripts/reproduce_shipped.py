@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.errors import ConfigError, FuseCareError  # noqa: E402
-from fusecare.restoration.ensemble import MANIFEST, read_manifest  # noqa: E402
+from fusecare.restoration.ensemble import MANIFEST, read_manifest, write_manifest  # noqa: E402
 from train.train import main as train_main  # noqa: E402
 
 RECIPES = REPO / "train" / "shipped.json"
@@ -62,8 +62,13 @@ class Comparison:
 
 def load_recipes(path: Path = RECIPES) -> dict[str, dict]:
     """``train/shipped.json`` without its ``_about``, every named file checked to exist."""
-    recipes = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    try:
+        recipes = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a recipe file ({exc})") from None
     for channel, recipe in recipes.items():
+        if not isinstance(recipe, dict) or "config" not in recipe:
+            raise ConfigError(f"{path}: {channel}: no 'config'")
         if ("from_checkpoints" in recipe) == ("members_of" in recipe):
             raise ConfigError(f"{path}: {channel}: give exactly one of 'from_checkpoints' and 'members_of'")
         named = [recipe["config"], *recipe.get("from_checkpoints", []), *filter(None, [recipe.get("members_of")])]
@@ -88,7 +93,9 @@ def rebuild(channel: str, recipe: dict, out: Path, *, calibrate: bool, overwrite
                 raise ConfigError(f"{folder} exists: pass --overwrite to replace it")
             shutil.rmtree(folder)
         shutil.copytree(REPO / recipe["members_of"], folder)
-        if not calibrate:
+        if not calibrate:  # the copied gate was calibrated for the other ensemble's channel: drop it
+            write_manifest(folder, channel, info={"members_of": recipe["members_of"]})
+            log.info("%s: members only, no gate (--no-calibrate)", folder)
             return
         argv = [*common, "--calibrate-only"]
     with contextlib.chdir(REPO):
@@ -173,14 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_compare and args.out.resolve() == args.compare.resolve():
             raise ConfigError("--out is the folder to compare with: pass --no-compare to rebuild it in place")
         calibrate = not args.no_calibrate
+        missing = [c for c in channels if not args.no_compare and not (args.compare / c / MANIFEST).is_file()]
+        if missing:  # before any rebuild: a calibration takes minutes
+            raise ConfigError(f"no ensemble to compare with in {', '.join(str(args.compare / c) for c in missing)}")
         for channel in channels:
             log.info("rebuilding %s into %s", channel, args.out / channel)
             rebuild(channel, recipes[channel], args.out, calibrate=calibrate, overwrite=args.overwrite)
         if args.no_compare:
             return 0
-        for channel in channels:
-            if not (args.compare / channel / MANIFEST).is_file():
-                raise ConfigError(f"no ensemble to compare with in {args.compare / channel}")
         rows = [compare(c, args.out / c, args.compare / c, calibrated=calibrate) for c in channels]
     except FuseCareError as exc:
         log.error("%s", exc)

@@ -30,8 +30,10 @@ for (( steps = phase; steps <= final; steps += phase )); do
     done
 done
 # Calibrate each final ensemble's safety net on the validation volumes (checkpoints were chosen
-# there too); ship with: cp -r "$runs/weights/<channel>" model_weights/ (after comparing, on the
-# validation numbers the manifest records, with what model_weights/ holds now).
+# there too). Ship only by the ship rule (python bench/ship_decision.py CONFIG --shipped
+# model_weights/<channel> --contender "$runs/weights/<channel>"), then copy the winner into
+# model_weights/ and record how it was made in train/shipped.json (python
+# scripts/reproduce_shipped.py must then rebuild it).
 for channel in $channels; do
     "$python" -m train --config "train/configs/${recipe}_${channel}.json" --weights "$runs/weights" \
         --calibrate-only --quiet

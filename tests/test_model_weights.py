@@ -3,7 +3,8 @@
 Every manifest loads and verifies its checksums, every member runs on a small block, and
 ``inference.py`` on the bundled samples scores the N-SSIM the README states, within a stated
 tolerance. The expected figures live in ONE place, ``tests/data/shipped_expectations.json``:
-update it with the README when the weights are retrained.
+update it with the README when the weights are retrained. That the shipped members are the
+committed checkpoints ``train/shipped.json`` names is ``tests/test_reproduce_shipped.py``'s.
 """
 
 from __future__ import annotations
@@ -97,25 +98,6 @@ def test_samples_score_the_readme_figures(sample_outputs, channel):
         np.testing.assert_array_equal(pred, source)
     else:
         assert not np.array_equal(pred, source)
-
-
-def test_shared_members_are_the_same_files():
-    """Channels whose recipe (``train/shipped.json``) copies another ensemble's members hold its
-    weights and configs byte for byte (the model card states it); their gates are their own."""
-    recipes = json.loads((REPO / "train" / "shipped.json").read_text())
-    copied = {channel: r["members_of"] for channel, r in recipes.items()
-              if not channel.startswith("_") and "members_of" in r}
-    for channel, source in copied.items():
-        ours, theirs = verified_files(WEIGHTS / channel), verified_files(REPO / source)
-        shared = {f: h for f, h in theirs.items() if not f.endswith("training.json")}
-        assert shared and {f: ours.get(f) for f in shared} == shared
-
-
-def verified_files(folder: Path) -> dict[str, str]:
-    """The manifest's file hashes, once the files on disk are checked against them."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    verify_manifest(folder, manifest)
-    return manifest["files"]
 
 
 def test_input_only_gates_are_the_expected_ones(shipped_channel, shipped):

@@ -34,6 +34,14 @@ def test_the_shipped_members_rebuild_from_the_committed_checkpoints(tmp_path, ca
         assert f"| {channel} | not calibrated | equal | not calibrated |" in table
     assert script.main(["--no-calibrate", "--out", str(tmp_path / "w")]) == 2  # exists: needs --overwrite
     assert script.main(["--no-calibrate", "--out", str(tmp_path / "w"), "--overwrite"]) == 0
+    copied = read_manifest(tmp_path / "w" / "nucleus")  # members only: not the other channel's gate
+    assert copied["channel"] == "nucleus" and copied["gate"] is None
+
+
+def test_a_missing_ensemble_to_compare_with_stops_before_any_rebuild(tmp_path, caplog):
+    out = tmp_path / "w"
+    assert _script().main(["--out", str(out), "--compare", str(tmp_path / "none")]) == 2
+    assert "no ensemble to compare with" in caplog.text and not out.exists()
 
 
 def test_a_changed_tensor_or_gate_is_reported(tmp_path, capsys):
@@ -64,23 +72,28 @@ def test_a_changed_tensor_or_gate_is_reported(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("recipe", "message"), [
-    ({"config": "train/configs/corrected_nucleus.json"}, "exactly one of"),
-    ({"config": "train/configs/corrected_nucleus.json", "members_of": "no/such/folder"}, "missing no/such/folder"),
+    ({"nucleus": {"config": "train/configs/corrected_nucleus.json"}}, "exactly one of"),
+    ({"nucleus": {"config": "train/configs/corrected_nucleus.json", "members_of": "no/such/folder"}},
+     "missing no/such/folder"),
+    ({"nucleus": {"members_of": "train/checkpoints/corrected/weights/membrane"}}, "nucleus: no 'config'"),
+    (None, "not a recipe file"),
 ])
 def test_a_bad_recipe_is_one_line_exit_2(tmp_path, caplog, recipe, message):
     recipes = tmp_path / "shipped.json"
-    recipes.write_text(json.dumps({"nucleus": recipe}))
+    if recipe is not None:
+        recipes.write_text(json.dumps(recipe))
     assert _script().main(["--recipes", str(recipes), "--no-calibrate", "--out", str(tmp_path / "w")]) == 2
-    assert message in caplog.text
+    [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message in error and "\n" not in error
 
 
-def test_train_generalise_defaults_to_a_recipe_of_both_channels_whose_configs_load():
-    """``scripts/train_generalise.sh`` with no RECIPE runs the shipped members' recipe."""
+def test_train_generalise_defaults_to_the_shipped_membrane_recipe_whose_configs_load():
+    """``scripts/train_generalise.sh`` with no RECIPE runs the recipe the shipped membrane members
+    came from (``train/shipped.json``), and its configs of both channels load."""
     from fusecare.training.config import TrainConfig
 
     script = (REPO / "scripts" / "train_generalise.sh").read_text()
     [recipe] = re.findall(r'recipe="\$\{RECIPE:-(\w+)\}"', script)
     for channel in ("membrane", "nucleus"):
         assert TrainConfig.load(REPO / "train" / "configs" / f"{recipe}_{channel}.json").channel == channel
-    assert {r["config"] for r in _script().load_recipes().values()} & {
-        f"train/configs/{recipe}_membrane.json"}
+    assert _script().load_recipes()["membrane"]["config"] == f"train/configs/{recipe}_membrane.json"
