@@ -337,7 +337,21 @@ def inspect_case(path: str | Path) -> CaseInfo:
         meta = parse_meta(_raw_metadata(tif), path=path, page=tif.pages[0])
         if series_shape != shape:
             meta = dataclasses.replace(meta, stored_shape=series_shape, stored_axes=str(series.axes))
+        _check_pixel_data_in_file(series, path)
         return CaseInfo(path=path, shape=shape, dtype=np.dtype(series.dtype), meta=meta)
+
+
+def _check_pixel_data_in_file(series: tifffile.TiffPageSeries, path: Path) -> None:
+    """``InputError`` when the header points at pixel data past the end of the file (a copy or
+    download cut short): found here, from the header, instead of when the pixels are read."""
+    if series.dataoffset is not None:  # contiguous: one block
+        end = series.dataoffset + series.nbytes
+    else:
+        end = max((offset + count for page in series.pages if page is not None
+                   for offset, count in zip(page.dataoffsets, page.databytecounts)), default=0)
+    size = path.stat().st_size
+    if end > size:
+        raise InputError(f"{path.name}: truncated TIFF: its pixel data ends at byte {end}, the file has {size}")
 
 
 def read_case(path: str | Path, *, info: CaseInfo | None = None) -> Case:

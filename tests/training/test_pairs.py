@@ -241,3 +241,31 @@ def test_unreadable_file_is_one_failed_line_and_its_pair_is_left_out(tmp_path, c
     assert len(errors) == 2
     assert errors[0].startswith("FAILED image_2_nucleus_angle.tif: ") and "\n" not in errors[0]
     assert errors[1].startswith("FAILED image_3_nucleus_fused.tif: broken symbolic link")
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"], ids=["contiguous", "compressed"])
+def test_a_file_cut_inside_its_pixels_is_one_failed_line_before_any_pixel_is_read(tmp_path, caplog, compression):
+    """A copy cut short keeps a readable header: the header's own offsets find it, so the pair is
+    left out at discovery instead of stopping training when its pixels are first read."""
+    import logging
+
+    import tifffile
+
+    volume = np.arange(8 * 32 * 32, dtype=np.uint16).reshape(8, 32, 32)
+    for i in (1, 2):
+        for kind in ("angle", "fused"):
+            write_fmc_tif(tmp_path / f"image_{i}_nucleus_{kind}.tif", volume)
+    cut = tmp_path / "image_2_nucleus_fused.tif"
+    tifffile.imwrite(cut, volume, compression=compression, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(cut) as tif:  # cut 100 bytes before the pixels' end, header kept
+        series = tif.series[0]
+        end = (series.dataoffset + series.nbytes if series.dataoffset is not None
+               else max(o + c for p in series.pages for o, c in zip(p.dataoffsets, p.databytecounts)))
+        first_ifd_end = tif.pages[0].offset + 200
+    assert end - 100 > first_ifd_end
+    cut.write_bytes(cut.read_bytes()[:end - 100])
+    with caplog.at_level(logging.ERROR):
+        pairs = discover_fmc_pairs(tmp_path)
+    assert [p.case_id for p in pairs] == [1]
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("FAILED image_2_nucleus_fused.tif: truncated TIFF") and "\n" not in error
