@@ -200,8 +200,12 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
-    def describe(cls) -> str:
-        """One line per field: name, default, range and documentation (for --help texts)."""
+    def describe(cls, prefix: str = "", _listed: dict[type, str] | None = None) -> str:
+        """One line per field: name, default, range and documentation (for --help texts). The
+        fields of a nested config follow its line, named ``field.subfield``; a nested type met
+        again (``simulator`` and ``validation_simulator``) points at its first listing."""
+        listed = {} if _listed is None else _listed
+        hints = typing.get_type_hints(cls)
         lines = []
         for f in dataclasses.fields(cls):
             m = f.metadata
@@ -210,10 +214,25 @@ class Config:
             )
             if m.get("choices") is not None:
                 bounds = f"one of {list(m['choices'])}"
+            nested = _nested_config(hints[f.name])
+            default = f"a {nested.__name__}" if nested is not None and f.default is not None else repr(f.default)
             lines.append(
-                f"{f.name} (default {f.default!r}{'; ' + bounds if bounds else ''}): {m.get('doc', '')}"
+                f"{prefix}{f.name} (default {default}{'; ' + bounds if bounds else ''}): {m.get('doc', '')}"
             )
+            if nested is None:
+                continue
+            if nested in listed:
+                lines.append(f"{prefix}{f.name}.* : the fields of {listed[nested]}.* ({nested.__name__})")
+            else:
+                listed[nested] = f"{prefix}{f.name}"
+                lines.append(nested.describe(prefix=f"{prefix}{f.name}.", _listed=listed))
         return "\n".join(lines)
+
+
+def _nested_config(hint: Any) -> type[Config] | None:
+    """The ``Config`` subclass a field holds (``X`` or ``X | None``), else None."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return next((a for a in args if isinstance(a, type) and issubclass(a, Config)), None)
 
 
 def strict_json(value: Any) -> Any:

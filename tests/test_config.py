@@ -74,6 +74,21 @@ class Outer(Config):
     seed: int = param(0, doc="a seed", ge=0)
 
 
+class Twice(Config):
+    first: Example = param(Example(), doc="one")
+    second: Example | None = param(None, doc="another")
+
+
+def test_describe_lists_nested_fields_once_with_their_ranges():
+    text = Outer.describe()
+    assert "inner (default a Example): a nested config" in text
+    assert "inner.count (default 2; ge 1, le 5): a count" in text
+    assert "seed (default 0; ge 0): a seed" in text
+    twice = Twice.describe()
+    assert "first.count (default 2; ge 1, le 5)" in twice and "second.count" not in twice
+    assert "second (default None): another" in twice and "second.* : the fields of first.*" in twice
+
+
 def test_nested_configs_validate_and_round_trip(tmp_path):
     path = tmp_path / "outer.json"
     Outer(inner=Example(count=4)).save(path)
