@@ -1,9 +1,9 @@
 """Train a CARE ensemble for one channel; ``fusecare train``, also ``python -m train``.
 
-    fusecare train --config configs/nucleus.json --members 2 --weights model_weights --runs runs/
-    python -m train --channel nucleus --fmc-dir /data/fmc --validation-studies 5 --members 4
-    torchrun --nproc_per_node 4 -m train --config configs/nucleus.json        # DDP, one GPU each
-    fusecare train --config configs/nucleus.json --from-checkpoints runs/a/member_0/last.pt runs/b/member_1/best.pt
+    fusecare train --config train/configs/corrected_nucleus.json --members 2 --weights my_weights --runs runs/
+    python -m train --channel nucleus --fmc-dir /data/fmc --validation-studies 5 --members 4 --weights fmc_weights
+    torchrun --nproc_per_node 4 -m train --config my_nucleus.json        # DDP, one GPU each
+    fusecare train --config my_nucleus.json --from-checkpoints runs/a/member_0/last.pt runs/b/member_1/best.pt
 
 Command-line options override the config file's values; the merged config is validated before
 any data is read, and saved as runs/<...>/config.json and beside each member's weights.

@@ -257,7 +257,11 @@ def load_ensemble(ensemble_dir: str | Path, *, device: torch.device | str = "cpu
     """Verify the manifest's checksums, then load every member onto ``device``."""
     ensemble_dir = Path(ensemble_dir)
     if not ensemble_dir.is_dir():
-        raise WeightsError(f"no weights folder {ensemble_dir}")
+        hint = ""
+        if (ensemble_dir.parent / MANIFEST).is_file():  # --weights named one channel's folder
+            hint = (f" ({ensemble_dir.parent} is itself an ensemble: pass the folder above it, which holds "
+                    "nucleus/ and membrane/)")
+        raise WeightsError(f"no weights folder {ensemble_dir}{hint}")
     manifest = read_manifest(ensemble_dir)
     verify_manifest(ensemble_dir, manifest)
     device = resolve_device(device) if isinstance(device, str) else device

@@ -249,6 +249,11 @@ def train_ensemble(config: TrainConfig, *, runs_dir: str | Path, weights_dir: st
             if validation and calibrate:
                 recalibrate_gate(staging, validation, channel=config.channel, device=config.device, info=info,
                                  progress=progress)
+            elif calibrate:
+                log.warning("no validation case, so no safety net: inference will write this %s ensemble's "
+                            "raw mean, with no gate and no attenuation correction (hold out studies with "
+                            "--validation-studies, or give validation_files or validation_phantoms)",
+                            config.channel)
     if writer:
         log.info("wrote the %d-member %s ensemble to %s", members, config.channel, weights_dir / config.channel)
     shutdown_distributed()  # after rank 0 wrote the ensemble; then every rank's group ends cleanly

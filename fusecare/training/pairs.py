@@ -104,6 +104,9 @@ def split_by_study(pairs: Sequence[FmcPair], validation_studies: Sequence[int]
     validation = [p for p in pairs if p.study in held]
     if held and not validation:
         studies = sorted({p.study for p in pairs if p.study is not None})
+        if not studies:
+            raise InputError(f"no pair of validation studies {sorted(held)}: no file names its study "
+                             "(the 'study' key of the TIFF metadata, as the Fuse My Cells files do)")
         raise InputError(f"no pair of validation studies {sorted(held)}; studies present: {studies}")
     if not train:
         raise InputError("every pair is in a validation study: nothing left to train on")

@@ -267,3 +267,11 @@ def test_members_that_disagree_on_reading_the_corrected_view_are_refused(tmp_pat
     (folder / "member_0" / "config.json").write_text(json.dumps({**config, "corrected_input": True}))
     write_manifest(folder, "membrane")
     assert load_ensemble(folder).corrected_input
+
+
+def test_a_weights_folder_one_level_too_deep_is_named_with_the_fix(tmp_path):
+    folder = make_tiny_ensemble(tmp_path / "w", "membrane")
+    with pytest.raises(WeightsError, match=r"is itself an ensemble: pass the folder above it"):
+        load_ensemble(folder / "membrane")
+    with pytest.raises(WeightsError, match=r"^no weights folder \S+$"):
+        load_ensemble(tmp_path / "w" / "nucleus")

@@ -76,6 +76,14 @@ def test_split_holds_whole_studies_out(tmp_path):
         split_by_study(discover_fmc_pairs(tmp_path), [5])
 
 
+def test_validation_studies_without_any_study_in_the_metadata_name_the_key(tmp_path):
+    for i in range(2):
+        for kind in ("angle", "fused"):
+            write_fmc_tif(tmp_path / f"image_{i}_nucleus_{kind}.tif", np.ones((4, 16, 16), np.uint16), study=None)
+    with pytest.raises(InputError, match=r"\[3\]: no file names its study \(the 'study' key of the TIFF metadata"):
+        split_by_study(discover_fmc_pairs(tmp_path), [3])
+
+
 def test_foreground_blocks_equal_a_direct_block_maximum(rng):
     target = rng.random((10, 21, 19)).astype(np.float32) ** 8
     blocks = foreground_blocks(target, (4, 8, 8))

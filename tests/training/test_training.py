@@ -547,6 +547,23 @@ def test_overwrite_writes_a_complete_ensemble_without_stale_members(tmp_path, fa
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["nucleus"]  # no staging folder left
 
 
+def test_an_ensemble_without_validation_is_written_with_a_warning_that_it_has_no_safety_net(
+        tmp_path, fake_training, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
+                       members=1, progress=False)
+    assert _strict_json(tmp_path / "w" / "nucleus" / "manifest.json")["gate"] is None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("no validation case, so no safety net")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # asked for: no warning
+        train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs2", weights_dir=tmp_path / "w2",
+                       members=1, progress=False, calibrate=False)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_new_empty_folder_is_written_without_overwrite(tmp_path, fake_training):
     (tmp_path / "w" / "nucleus").mkdir(parents=True)
     train_ensemble(tiny(validation_phantoms=0), runs_dir=tmp_path / "runs", weights_dir=tmp_path / "w",
