@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fusecare.cli import configure_logging  # noqa: E402
 from fusecare.errors import ConfigError, FuseCareError  # noqa: E402
 from fusecare.restoration.ensemble import MANIFEST, read_manifest, write_manifest  # noqa: E402
 from train.train import main as train_main  # noqa: E402
@@ -82,7 +83,7 @@ def rebuild(channel: str, recipe: dict, out: Path, *, calibrate: bool, overwrite
     """``out/<channel>/`` by the recipe's ``python -m train`` command, run from the repository
     (so the manifest records the checkpoints as the recipe names them, relative to it)."""
     out = out.resolve()
-    common = ["--config", recipe["config"], "--weights", str(out), "--quiet"]
+    common = ["--config", recipe["config"], "--weights", str(out)]
     if "from_checkpoints" in recipe:
         argv = [*common, "--from-checkpoints", *recipe["from_checkpoints"]]
         argv += ["--overwrite"] * overwrite + ["--no-calibrate"] * (not calibrate)
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     try:
         recipes = load_recipes(args.recipes)
         channels = args.channels or sorted(recipes)

@@ -111,6 +111,7 @@ LEVELS: dict[str, str] = {
     # e2e: a command run as a user runs it (subprocesses, the container contract, shipped weights)
     "test_cli": "e2e", "test_container": "e2e", "test_fuzz": "e2e", "test_gpu_check": "e2e",
     "test_inference": "e2e", "test_model_weights": "e2e", "test_lint": "e2e",
+    "test_reproduce_shipped": "e2e", "test_train_generalise": "e2e",
     # integration: several modules together (a case end to end in memory, training, scoring, export)
     "test_calibration": "integration", "test_pairs": "integration", "test_ensemble": "integration",
     "test_evaluate": "integration", "test_bioimageio": "integration", "test_report": "integration",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 import sys
 
@@ -85,15 +84,3 @@ def test_a_bad_recipe_is_one_line_exit_2(tmp_path, caplog, recipe, message):
     assert _script().main(["--recipes", str(recipes), "--no-calibrate", "--out", str(tmp_path / "w")]) == 2
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert message in error and "\n" not in error
-
-
-def test_train_generalise_defaults_to_the_shipped_membrane_recipe_whose_configs_load():
-    """``scripts/train_generalise.sh`` with no RECIPE runs the recipe the shipped membrane members
-    came from (``train/shipped.json``), and its configs of both channels load."""
-    from fusecare.training.config import TrainConfig
-
-    script = (REPO / "scripts" / "train_generalise.sh").read_text()
-    [recipe] = re.findall(r'recipe="\$\{RECIPE:-(\w+)\}"', script)
-    for channel in ("membrane", "nucleus"):
-        assert TrainConfig.load(REPO / "train" / "configs" / f"{recipe}_{channel}.json").channel == channel
-    assert _script().load_recipes()["membrane"]["config"] == f"train/configs/{recipe}_membrane.json"
