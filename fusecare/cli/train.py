@@ -142,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     for k, r in enumerate(results):
-        log.info("member %d: best %s after %d steps in %.0f s", k, r.best, r.steps, r.seconds)
+        best = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in r.best.items())
+        log.info("member %d: best checkpoint (%s) after %d steps in %.0f s", k, best, r.steps, r.seconds)
     return 0
 
 

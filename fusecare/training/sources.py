@@ -170,6 +170,8 @@ def build_data(config: TrainConfig, *, validation_only: bool = False
     if config.fmc_dir:
         pairs = discover_fmc_pairs(config.fmc_dir, channel=config.channel)
         train, held = split_by_study(pairs, config.validation_studies)
+        log.info("%s: %d %s pair(s), %d for training and %d for validation (studies %s)", config.fmc_dir,
+                 len(pairs), config.channel, len(train), len(held), sorted(set(config.validation_studies)) or "none")
         for p in [] if validation_only else train:
             view = open_volume(p.angle.path, info=p.angle, memmap=True)
             field = view_field(view, p.angle.meta.voxel_size.zyx) if config.model.corrected_input else None
