@@ -53,12 +53,13 @@ class FmcPair:
 def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> list[FmcPair]:
     """All FMC pairs of a folder (optionally of one channel), validated from their headers.
 
-    Files that do not follow the FMC naming are ignored with a warning; an unpaired angle or
-    fused file, or a shape mismatch between the two, raises ``InputError`` naming them. The
-    metadata of angle and fused may disagree (a known quirk of nucleus ids 213..399): only
-    shapes are compared. A file that cannot be read (damaged header, broken link, ...) is one
-    ``FAILED <file>: <reason>`` line and its pair is left out: one bad file among hundreds
-    must not stop a training run (the readers' one rule, see ``io.reading``).
+    Files that do not follow the FMC naming are ignored with a warning. A pair that cannot train
+    (an angle or fused file without its partner, a file that cannot be read: damaged header,
+    pixels past the end of the file, broken link, ...; angle and fused of different shapes) is
+    one ``FAILED <file>: <reason>`` line and is left out: one bad file among hundreds must not
+    stop a training run (the readers' one rule, see ``io.reading``). ``InputError`` when no pair
+    is left. The metadata of angle and fused may disagree (a known quirk of nucleus ids
+    213..399): only shapes are compared.
     """
     found: dict[tuple[int, str], dict[str, Path]] = {}
     for path in tiff_files(folder, kind="FMC folder"):
@@ -75,7 +76,8 @@ def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> lis
         if set(kinds) != {"angle", "fused"}:
             (only,) = kinds.values()
             missing = "fused" if "angle" in kinds else "angle"
-            raise InputError(f"{only.name} has no {missing} partner in {folder}")
+            log.error("FAILED %s: has no %s partner in %s; left out", only.name, missing, folder)
+            continue
         infos: dict[str, CaseInfo] = {}
         for kind in ("angle", "fused"):
             try:
@@ -87,8 +89,9 @@ def discover_fmc_pairs(folder: str | Path, *, channel: str | None = None) -> lis
             continue
         angle, fused = infos["angle"], infos["fused"]
         if angle.shape != fused.shape:
-            raise InputError(f"shape mismatch: {angle.path.name} is {angle.shape}, "
-                             f"{fused.path.name} is {fused.shape}")
+            log.error("FAILED %s: shape mismatch: %s is %s, %s is %s; pair %d (%s) left out", angle.path.name,
+                      angle.path.name, angle.shape, fused.path.name, fused.shape, case_id, ch)
+            continue
         pairs.append(FmcPair(case_id, ch, angle, fused))
     if not pairs:
         raise InputError(f"no FMC pair (image_<id>_<channel>_angle/fused.tif) in {folder}"

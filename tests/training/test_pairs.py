@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -39,18 +40,30 @@ def test_pairs_are_found_by_name_and_filtered_by_channel(tmp_path):
     assert [p.case_id for p in discover_fmc_pairs(tmp_path, channel="nucleus")] == [0, 12]
 
 
-def test_unpaired_file_is_named(tmp_path):
+def test_unpaired_file_is_one_failed_line_and_left_out(tmp_path, caplog):
+    import logging
+
     _pair(tmp_path, 0, "nucleus", 1)
     write_fmc_tif(tmp_path / "image_3_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
-    with pytest.raises(InputError, match="image_3_nucleus_angle.tif has no fused partner"):
+    with caplog.at_level(logging.ERROR):
+        assert [p.case_id for p in discover_fmc_pairs(tmp_path)] == [0]
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("FAILED image_3_nucleus_angle.tif: has no fused partner")
+    (tmp_path / "image_0_nucleus_fused.tif").unlink()  # nothing left: an error naming the folder
+    with pytest.raises(InputError, match="no FMC pair"):
         discover_fmc_pairs(tmp_path)
 
 
-def test_shape_mismatch_names_both_files(tmp_path):
+def test_shape_mismatch_names_both_files_and_leaves_the_pair_out(tmp_path, caplog):
+    import logging
+
     _pair(tmp_path, 7, "membrane", 1, shape=(4, 16, 16), fused_shape=(4, 16, 12))
-    with pytest.raises(InputError, match=r"image_7_membrane_angle.tif is \(4, 16, 16\), "
-                                         r"image_7_membrane_fused.tif is \(4, 16, 12\)"):
-        discover_fmc_pairs(tmp_path)
+    _pair(tmp_path, 8, "membrane", 1)
+    with caplog.at_level(logging.ERROR):
+        assert [p.case_id for p in discover_fmc_pairs(tmp_path)] == [8]
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert re.search(r"image_7_membrane_angle.tif is \(4, 16, 16\), image_7_membrane_fused.tif is \(4, 16, 12\)",
+                     error)
 
 
 def test_metadata_disagreement_alone_is_accepted(tmp_path):

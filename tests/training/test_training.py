@@ -175,7 +175,8 @@ def test_cli_refuses_bad_config_and_bad_fmc_folder_before_training(tmp_path):
     write_fmc_tif(fmc / "image_4_nucleus_angle.tif", np.ones((4, 8, 8), np.uint16))
     config.write_text(json.dumps({**TINY, "phantoms": 0, "fmc_dir": str(fmc)}))
     result = _run_train("--config", config, "--runs", tmp_path / "runs", "--weights", tmp_path / "w")
-    assert result.returncode == 2 and "image_4_nucleus_angle.tif has no fused partner" in result.stderr
+    assert result.returncode == 2 and "FAILED image_4_nucleus_angle.tif: has no fused partner" in result.stderr
+    assert "no FMC pair" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
