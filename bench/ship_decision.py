@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fusecare.cli import configure_logging  # noqa: E402
 from fusecare.errors import FuseCareError  # noqa: E402
 from fusecare.restoration.ensemble import MANIFEST  # noqa: E402
 from fusecare.training.calibration import calibrate_ensemble_gate  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--shipped", type=Path, required=True, help="the ensemble folder shipped now")
     parser.add_argument("--contender", type=Path, nargs="+", required=True, help="ensemble folders to compare")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
+    configure_logging()
     for folder in [args.shipped, *args.contender]:  # before minutes of simulating validation views
         if not (folder / MANIFEST).is_file():
             print(f"ship_decision: {folder}: no ensemble there (no {MANIFEST})", file=sys.stderr)

@@ -3,7 +3,7 @@ r"""Rebuild the shipped ensembles from committed checkpoints and compare them wi
 Each shipped ``model_weights/<channel>/`` is an ensemble assembled from checkpoints kept under
 ``train/checkpoints/`` and a gate calibrated on its recipe's validation; ``train/shipped.json``
 says which, per channel. This script runs exactly those steps (the ``python -m train`` commands
-the model card names) into ``--out``, then compares, member by member and tensor by tensor, with
+the model card names) into ``--out``, then compares, member file by member file (sha256), with
 ``--compare`` (the shipped folder), and the gate and the channel it is for with the manifest's;
 the leave-one-volume-out estimates are printed side by side (their last digits may move with the
 thread count). Exit 1 when a member, a gate or its channel differs, 2 on a bad recipe or a
@@ -28,14 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fusecare.cli import configure_logging  # noqa: E402
 from fusecare.errors import ConfigError, FuseCareError  # noqa: E402
-from fusecare.restoration.ensemble import MANIFEST, read_manifest, write_manifest  # noqa: E402
+from fusecare.restoration.ensemble import MANIFEST, read_manifest, verify_manifest, write_manifest  # noqa: E402
 from train.train import main as train_main  # noqa: E402
 
 RECIPES = REPO / "train" / "shipped.json"
@@ -112,21 +110,18 @@ def _estimate(manifest: dict) -> tuple[float, float] | None:
     return None if cv is None else (cv["mean"], cv["worst"])
 
 
+def member_files(folder: Path) -> dict[str, str]:
+    """The sha256 the manifest records for each member file (checked against the files), but
+    ``training.json``, which only says where a member came from."""
+    manifest = read_manifest(folder)
+    verify_manifest(folder, manifest)
+    return {name: digest for name, digest in manifest["files"].items() if not name.endswith("training.json")}
+
+
 def members_equal(ours: Path, theirs: Path) -> bool:
-    """Same member names, configs, and every weight tensor equal (not file bytes: a checkpoint's
-    zip container may differ while its numbers do not)."""
-    mine, shipped = read_manifest(ours), read_manifest(theirs)
-    if mine["members"] != shipped["members"]:
-        return False
-    for member in mine["members"]:
-        configs = [json.loads((f / member / "config.json").read_text()) for f in (ours, theirs)]
-        if configs[0] != configs[1]:
-            return False
-        a, b = (torch.load(f / member / "weights.pt", map_location="cpu", weights_only=True)
-                for f in (ours, theirs))
-        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
-            return False
-    return True
+    """Same members, byte for byte: every config and weights file of each (torch.save of the same
+    tensors writes the same bytes with the pinned torch)."""
+    return member_files(ours) == member_files(theirs)
 
 
 def compare(channel: str, ours: Path, theirs: Path, *, calibrated: bool) -> Comparison:

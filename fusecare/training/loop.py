@@ -130,12 +130,13 @@ def gated_validation_score(case: ValidationCase, prediction: np.ndarray, gate: G
     scores gates with (``evaluate_candidates``): no spread (one member); a member that reads the
     corrected view is divided by its case's field first, and the gate puts the field back, as
     inference does (``restore_volume`` makes such a member's gate correct attenuation)."""
+    field = case.field
     if corrected_input:
-        if case.field is None:
+        if field is None:
             raise ValueError(f"validation case {case.name}: a corrected-input member needs its field")
-        gate, prediction = gate.replace(correct_attenuation=True), prediction / case.field
+        gate, prediction = gate.replace(correct_attenuation=True), prediction / field
     member = ValidationPrediction(case.name, case.source, case.target, prediction, np.zeros_like(prediction),
-                                  case.voxel_size_zyx, case.field)
+                                  case.voxel_size_zyx, field)
     [result] = evaluate_candidates([member], [gate], corrected_input=corrected_input, ungated=False)
     return result.n_ssim[0]
 

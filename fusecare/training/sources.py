@@ -89,13 +89,17 @@ class ValidationCase:
     member_input: np.ndarray | None = None
     """What members with ``ModelConfig.corrected_input`` read: the challenge-normalised ``source``
     times its attenuation field (``with_member_input``); None for members that read the view."""
-    field: np.ndarray | None = None
-    """The view's attenuation field (``with_field``), for members that read the corrected view or a
-    ``TrainConfig.validation_gate`` that corrects attenuation: a gated validation divides the
-    former's prediction by it before the gate, as inference does, and the gate multiplies it back."""
     attenuation: AttenuationField | None = None
-    """The estimate ``field`` was made from (``with_field``): calibration feeds it to members that
-    read the corrected view (``CorrectedView``) instead of estimating it again."""
+    """The view's attenuation estimate (``with_field``), for members that read the corrected view
+    (calibration feeds it to them, ``CorrectedView``, instead of estimating it again) or a
+    ``TrainConfig.validation_gate`` that corrects attenuation."""
+
+    @property
+    def field(self) -> np.ndarray | None:
+        """``attenuation`` over the whole case (interpolated from its coarse grid when asked): a
+        gated validation divides the prediction of members that read the corrected view by it
+        before the gate, as inference does, and the gate multiplies it back."""
+        return None if self.attenuation is None else self.attenuation.full()
 
 
 def with_field(case: ValidationCase) -> ValidationCase:
@@ -103,14 +107,13 @@ def with_field(case: ValidationCase) -> ValidationCase:
     given the case (a validation case may be a centre crop, ``VALIDATION_CROP``; calibration and
     the benchmark estimate on the same case). Training patches carry the field of their whole
     simulated view, so on a cropped case the two differ by what the crop leaves out."""
-    attenuation = view_field(case.source, case.voxel_size_zyx)
-    return replace(case, field=attenuation.full(), attenuation=attenuation)
+    return replace(case, attenuation=view_field(case.source, case.voxel_size_zyx))
 
 
 def with_member_input(case: ValidationCase) -> ValidationCase:
     """``case`` with its ``field`` (``with_field``) and its ``member_input``, the normalised view
     times that field."""
-    case = case if case.field is not None else with_field(case)
+    case = case if case.attenuation is not None else with_field(case)
     return replace(case, member_input=PercentileNorm.fit(case.source).forward(case.source) * case.field)
 
 
